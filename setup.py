@@ -1,0 +1,66 @@
+"""Generates the gRPC stubs from protos/ as part of every build (wheel, sdist or editable)."""
+
+from pathlib import Path
+
+from setuptools import Command, setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).parent
+PROTO_ROOT = ROOT / "protos"
+OUTPUT_ROOT = ROOT / "src"
+PACKAGES = {
+    "onnxserve": "src/onnxserve",
+    "onnxserve.v1": "src/onnxserve/v1",
+    "onnxserve.server": "server",
+    "onnxserve.server.tasks": "server/tasks",
+    "onnxserve.client": "client",
+    "onnxserve.export": "export",
+}
+
+
+def compile_protos() -> None:
+    from grpc_tools import protoc  # a build requirement, see pyproject.toml
+
+    include = Path(protoc.__file__).parent / "_proto"
+    sources = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.glob("onnxserve/v1/*.proto"))
+    args = [
+        "grpc_tools.protoc",
+        f"-I{PROTO_ROOT}",
+        f"-I{include}",
+        f"--python_out={OUTPUT_ROOT}",
+        f"--pyi_out={OUTPUT_ROOT}",
+        f"--grpc_python_out={OUTPUT_ROOT}",
+        *sources,
+    ]
+    if protoc.main(args) != 0:
+        raise RuntimeError("protoc failed on " + " ".join(sources))
+    (OUTPUT_ROOT / "onnxserve" / "v1" / "__init__.py").write_text(
+        '"""Generated from protos/onnxserve/v1 by `make protos`; never edit by hand."""\n'
+    )
+
+
+class BuildProtos(Command):
+    description = "generate the Python gRPC stubs from protos/"
+    user_options: list = []
+
+    def initialize_options(self) -> None:
+        pass
+
+    def finalize_options(self) -> None:
+        pass
+
+    def run(self) -> None:
+        compile_protos()
+
+
+class BuildPyWithProtos(build_py):
+    def run(self) -> None:
+        compile_protos()
+        super().run()
+
+
+setup(
+    packages=list(PACKAGES),
+    package_dir=PACKAGES,
+    cmdclass={"build_protos": BuildProtos, "build_py": BuildPyWithProtos},
+)

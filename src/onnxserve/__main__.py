@@ -1,0 +1,3 @@
+from onnxserve.cli import main
+
+main()
