@@ -11,7 +11,6 @@ from onnx.external_data_helper import uses_external_data
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 
-
 def _uses_external_data(source: Path) -> bool:
     # Exporters move weights out of the protobuf (2 GiB limit) for big models; keep it that way.
     graph = onnx.load(str(source), load_external_data=False).graph
