@@ -1,6 +1,7 @@
 """Generates the gRPC stubs from protos/ as part of every build (wheel, sdist or editable)."""
 
 from pathlib import Path
+from typing import ClassVar
 
 from setuptools import Command, setup
 from setuptools.command.build_py import build_py
@@ -41,7 +42,7 @@ def compile_protos() -> None:
 
 class BuildProtos(Command):
     description = "generate the Python gRPC stubs from protos/"
-    user_options: list = []
+    user_options: ClassVar[list] = []
 
     def initialize_options(self) -> None:
         pass

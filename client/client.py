@@ -1,0 +1,237 @@
+"""Typed Python clients over the generated stubs: `Client` (blocking) and `AsyncClient` (asyncio).
+
+Both share one set of typed methods; each client supplies how a call is made. Errors reach the
+caller as `grpc.RpcError` (`grpc.aio.AioRpcError` for AsyncClient), status code and details intact."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any
+
+import grpc
+from google.protobuf.message import Message
+from onnxserve.client.results import (
+    Answer,
+    Classification,
+    Encoding,
+    Entity,
+    GeneratedSequence,
+    MaskCandidate,
+    Metadata,
+    ModelInfo,
+    Response,
+    StreamChunk,
+)
+
+from onnxserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, models_pb2, models_pb2_grpc
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+def _enum(enum: Any, prefix: str, name: str | None) -> int:
+    """"mean" -> POOLING_MEAN; None -> the UNSPECIFIED default."""
+    if name is None:
+        return 0
+    try:
+        return enum.Value(prefix + name.upper())
+    except ValueError:
+        choices = [v.name.removeprefix(prefix).lower() for v in enum.DESCRIPTOR.values if v.number]
+        raise ValueError(f"unknown value {name!r}; choose one of {choices}") from None
+
+
+def _response(message: Message, results: list) -> Response:
+    return Response(results, Metadata.from_proto(message.metadata))
+
+
+def _generation_parameters(options: dict[str, Any]) -> inference_pb2.GenerationParameters:
+    """Only the options given are set, so the server applies its defaults to the rest."""
+    return inference_pb2.GenerationParameters(**{k: v for k, v in options.items() if v is not None})
+
+
+class _Methods:
+    """The typed methods; `_unary` and `_stream` are the client's transport."""
+
+    def __init__(self, channel: Any, timeout: float | None) -> None:
+        self.channel = channel
+        self.timeout = timeout
+        self.inference = inference_pb2_grpc.InferenceStub(channel)
+        self.models = models_pb2_grpc.ModelsStub(channel)
+
+    def _unary(self, method: Callable, request: Message, parse: Callable[[Any], Any]) -> Any:
+        raise NotImplementedError
+
+    def _stream(self, method: Callable, request: Message, parse: Callable[[Any], Any]) -> Any:
+        raise NotImplementedError
+
+    def encode(
+        self, model: str, texts: Sequence[str], pooling: str | None = None, normalize: bool = False,
+        truncate: bool | None = None, version: int = 0,
+    ) -> Response[list[float]]:
+        request = inference_pb2.EncodeRequest(
+            model=model, version=version, texts=texts, normalize=normalize, truncate=truncate,
+            pooling=_enum(common_pb2.Pooling, "POOLING_", pooling),
+        )
+        return self._unary(
+            self.inference.Encode, request, lambda r: _response(r, [list(e.values) for e in r.embeddings])
+        )
+
+    def classify(
+        self, model: str, texts: Sequence[str], text_pairs: Sequence[str] | None = None, top_k: int = 0,
+        candidate_labels: Sequence[str] | None = None, hypothesis_template: str = "",
+        multi_label: bool = False, truncate: bool | None = None, version: int = 0,
+    ) -> Response[Classification]:
+        request = inference_pb2.ClassifyRequest(
+            model=model, version=version, texts=texts, text_pairs=text_pairs or [], top_k=top_k,
+            candidate_labels=candidate_labels or [], hypothesis_template=hypothesis_template,
+            multi_label=multi_label, truncate=truncate,
+        )
+        return self._unary(
+            self.inference.Classify, request,
+            lambda r: _response(r, [Classification.from_proto(c) for c in r.results]),
+        )
+
+    def tag_tokens(
+        self, model: str, texts: Sequence[str], aggregation: str = "simple",
+        ignore_labels: Sequence[str] | None = None, version: int = 0,
+    ) -> Response[list[Entity]]:
+        request = inference_pb2.TagTokensRequest(
+            model=model, version=version, texts=texts, ignore_labels=ignore_labels or [],
+            aggregation_strategy=_enum(inference_pb2.AggregationStrategy, "AGGREGATION_STRATEGY_", aggregation),
+        )
+        return self._unary(
+            self.inference.TagTokens, request,
+            lambda r: _response(r, [[Entity.from_proto(e) for e in t.entities] for t in r.results]),
+        )
+
+    def answer(
+        self, model: str, questions: Sequence[str], contexts: Sequence[str], top_k: int = 1,
+        doc_stride: int = 0, max_answer_len: int = 0, max_seq_len: int = 0, max_question_len: int = 0,
+        handle_impossible_answer: bool = False, version: int = 0,
+    ) -> Response[list[Answer]]:
+        request = inference_pb2.AnswerRequest(
+            model=model, version=version, questions=questions, contexts=contexts, top_k=top_k,
+            doc_stride=doc_stride, max_answer_len=max_answer_len, max_seq_len=max_seq_len,
+            max_question_len=max_question_len, handle_impossible_answer=handle_impossible_answer,
+        )
+        return self._unary(
+            self.inference.Answer, request,
+            lambda r: _response(r, [[Answer.from_proto(a) for a in x.answers] for x in r.results]),
+        )
+
+    def fill_mask(
+        self, model: str, texts: Sequence[str], top_k: int = 5, targets: Sequence[str] | None = None,
+        version: int = 0,
+    ) -> Response[list[list[MaskCandidate]]]:
+        request = inference_pb2.FillMaskRequest(
+            model=model, version=version, texts=texts, top_k=top_k, targets=targets or []
+        )
+        return self._unary(
+            self.inference.FillMask, request,
+            lambda r: _response(
+                r, [[[MaskCandidate.from_proto(c) for c in m.candidates] for m in x.masks] for x in r.results]
+            ),
+        )
+
+    def generate(
+        self, model: str, prompts: Sequence[str], version: int = 0, **parameters: Any
+    ) -> Response[GeneratedSequence]:
+        """`parameters` are GenerationParameters' fields: max_new_tokens, do_sample, temperature,
+        top_k, top_p, seed, repetition_penalty, stop, return_full_text, num_beams, length_penalty,
+        early_stopping, no_repeat_ngram_size."""
+        request = inference_pb2.GenerateRequest(
+            model=model, version=version, prompts=prompts, parameters=_generation_parameters(parameters)
+        )
+        return self._unary(
+            self.inference.Generate, request,
+            lambda r: _response(r, [GeneratedSequence.from_proto(s) for s in r.results]),
+        )
+
+    def generate_stream(self, model: str, prompt: str, version: int = 0, **parameters: Any) -> Any:
+        """An iterator (async iterator for AsyncClient) of StreamChunk, each with its `text` piece."""
+        request = inference_pb2.GenerateStreamRequest(
+            model=model, version=version, prompt=prompt, parameters=_generation_parameters(parameters)
+        )
+        return self._stream(self.inference.GenerateStream, request, StreamChunk.from_proto)
+
+    def tokenize(
+        self, model: str, texts: Sequence[str], text_pairs: Sequence[str] | None = None,
+        add_special_tokens: bool | None = None, truncation: bool | None = None, max_length: int = 0,
+        padding: str | None = None, version: int = 0,
+    ) -> Response[Encoding]:
+        request = inference_pb2.TokenizeRequest(
+            model=model, version=version, texts=texts, text_pairs=text_pairs or [],
+            add_special_tokens=add_special_tokens, truncation=truncation, max_length=max_length,
+            padding=_enum(inference_pb2.Padding, "PADDING_", padding),
+        )
+        return self._unary(
+            self.inference.Tokenize, request, lambda r: _response(r, [Encoding.from_proto(e) for e in r.encodings])
+        )
+
+    def detokenize(
+        self, model: str, sequences: Sequence[Sequence[int]], skip_special_tokens: bool | None = None,
+        version: int = 0,
+    ) -> Response[str]:
+        request = inference_pb2.DetokenizeRequest(
+            model=model, version=version, skip_special_tokens=skip_special_tokens,
+            sequences=[inference_pb2.TokenIds(ids=s) for s in sequences],
+        )
+        return self._unary(self.inference.Detokenize, request, lambda r: _response(r, list(r.texts)))
+
+    def list_models(self) -> list[ModelInfo]:
+        return self._unary(
+            self.models.ListModels, models_pb2.ListModelsRequest(),
+            lambda r: [ModelInfo.from_proto(m) for m in r.models],
+        )
+
+    def get_model(self, model: str, version: int = 0) -> ModelInfo:
+        return self._unary(
+            self.models.GetModel, models_pb2.GetModelRequest(model=model, version=version), ModelInfo.from_proto
+        )
+
+
+class Client(_Methods):
+    """Blocking client. `Client("host:port")`, or pass a ready `grpc.Channel`."""
+
+    def __init__(self, target: str | grpc.Channel = DEFAULT_TARGET, timeout: float | None = None) -> None:
+        channel = grpc.insecure_channel(target) if isinstance(target, str) else target
+        super().__init__(channel, timeout)
+
+    def _unary(self, method: Callable, request: Message, parse: Callable[[Any], Any]) -> Any:
+        return parse(method(request, timeout=self.timeout))
+
+    def _stream(self, method: Callable, request: Message, parse: Callable[[Any], Any]) -> Iterator[Any]:
+        for message in method(request, timeout=self.timeout):
+            yield parse(message)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+class AsyncClient(_Methods):
+    """asyncio client: every method is awaited; generate_stream is an async iterator."""
+
+    def __init__(self, target: str | grpc.aio.Channel = DEFAULT_TARGET, timeout: float | None = None) -> None:
+        channel = grpc.aio.insecure_channel(target) if isinstance(target, str) else target
+        super().__init__(channel, timeout)
+
+    async def _unary(self, method: Callable, request: Message, parse: Callable[[Any], Any]) -> Any:
+        return parse(await method(request, timeout=self.timeout))
+
+    async def _stream(self, method: Callable, request: Message, parse: Callable[[Any], Any]) -> AsyncIterator[Any]:
+        async for message in method(request, timeout=self.timeout):
+            yield parse(message)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()

@@ -1,0 +1,143 @@
+"""Loading one model version: its variant, sessions, tokenizer and pipeline."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from onnxserve.server.batching import BatchRunner
+from onnxserve.server.config import ModelSettings
+from onnxserve.server.errors import InvalidArgument, ModelLoadError, Unimplemented
+from onnxserve.server.runtime import Session, SessionSettings
+from onnxserve.server.tasks import PIPELINES, TASK_RPCS
+from onnxserve.server.tasks.base import ModelResources, Pipeline
+from onnxserve.server.tokenization import TextTokenizer
+
+from onnxserve.repository import TOKENIZER_FILE, RepositoryError, read_manifest
+from onnxserve.v1 import common_pb2, manifest_pb2, models_pb2
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {
+    "fp32": common_pb2.PRECISION_FP32,
+    "fp16": common_pb2.PRECISION_FP16,
+    "int8": common_pb2.PRECISION_INT8,
+}
+
+
+def choose_variant(manifest: manifest_pb2.Manifest, precision: str, device: str) -> manifest_pb2.Variant:
+    """The variant to serve. `auto` follows the device: fp16 on CUDA, int8 on the CPU (int8 does
+    not help on the CUDA provider), falling back to fp32 when the preferred one was not exported."""
+    variants = {v.precision: v for v in manifest.variants}
+    if precision != "auto":
+        wanted = PRECISIONS.get(precision)
+        if wanted is None:
+            raise ModelLoadError(f"unknown precision {precision!r}: use auto, fp32, fp16 or int8")
+        if wanted not in variants:
+            held = ", ".join(common_pb2.Precision.Name(p) for p in variants) or "none"
+            raise ModelLoadError(f"precision {precision} was asked for but the repository holds {held}")
+        return variants[wanted]
+    preferred = common_pb2.PRECISION_FP16 if device == "cuda" else common_pb2.PRECISION_INT8
+    for candidate in (preferred, common_pb2.PRECISION_FP32, *variants):
+        if candidate in variants:
+            return variants[candidate]
+    raise ModelLoadError("the manifest lists no variants")
+
+
+@dataclass
+class LoadedModel:
+    """A model version in the server: READY with its pipeline, or FAILED with a reason."""
+
+    name: str
+    version: int
+    directory: Path
+    manifest: manifest_pb2.Manifest | None = None
+    precision: int = common_pb2.PRECISION_UNSPECIFIED
+    execution_provider: str = ""
+    tokenizer: TextTokenizer | None = None
+    pipeline: Pipeline | None = None
+    runner: BatchRunner | None = None
+    settings: ModelSettings = field(default_factory=ModelSettings)
+    state: int = models_pb2.MODEL_STATE_LOADING
+    reason: str = ""
+
+    @property
+    def task(self) -> int:
+        return self.manifest.task if self.manifest else common_pb2.TASK_UNSPECIFIED
+
+    def pipeline_for(self, rpc: str) -> Pipeline:
+        """The pipeline serving `rpc`, or a clear refusal naming what the model does serve."""
+        if self.pipeline is not None and rpc in self.pipeline.rpcs:
+            return self.pipeline
+        task_name = common_pb2.Task.Name(self.task)
+        if rpc in TASK_RPCS.get(self.task, ()):
+            raise Unimplemented(f"{rpc} on {task_name} models is not served by this release yet")
+        served = [*sorted(TASK_RPCS.get(self.task, ())), "Tokenize", "Detokenize"]
+        raise InvalidArgument(
+            f"model {self.name!r} is a {task_name} model and does not serve {rpc}; "
+            f"it serves {', '.join(served)}"
+        )
+
+
+def load_model(
+    name: str,
+    version: int,
+    directory: Path,
+    device: str,
+    settings: ModelSettings,
+    executor: Executor,
+) -> LoadedModel:
+    """Loads a version; a failure is kept in the returned model's state, never raised."""
+    model = LoadedModel(name=name, version=version, directory=directory, settings=settings)
+    try:
+        _load_into(model, device, executor)
+    except (ModelLoadError, RepositoryError, OSError) as error:
+        model.state, model.reason = models_pb2.MODEL_STATE_FAILED, str(error)
+        log.error("model %s version %d failed to load: %s", name, version, error)
+        return model
+    model.state = models_pb2.MODEL_STATE_READY
+    log.info(
+        "model %s version %d ready: %s, %s on %s",
+        name,
+        version,
+        common_pb2.Task.Name(model.task),
+        common_pb2.Precision.Name(model.precision),
+        model.execution_provider,
+    )
+    return model
+
+
+def _load_into(model: LoadedModel, device: str, executor: Executor) -> None:
+    manifest = read_manifest(model.directory)
+    model.manifest = manifest
+    variant = choose_variant(manifest, model.settings.precision, device)
+    session_settings = SessionSettings(
+        device=device,
+        intra_op_threads=model.settings.intra_op_threads,
+        inter_op_threads=model.settings.inter_op_threads,
+    )
+    sessions = {f.role: Session(_inside(model.directory, f.path), session_settings) for f in variant.files}
+    tokenizer_path = model.directory / TOKENIZER_FILE
+    if not tokenizer_path.is_file():
+        raise ModelLoadError(f"{tokenizer_path} is missing")
+    model.tokenizer = TextTokenizer(tokenizer_path, manifest)
+    model.precision = variant.precision
+    model.execution_provider = next(iter(sessions.values())).provider
+    pipeline_class = PIPELINES.get(manifest.task)
+    if pipeline_class is not None:
+        model.pipeline = pipeline_class(ModelResources(manifest, model.tokenizer, sessions))
+        forward = getattr(model.pipeline, "forward", None)
+        if forward is not None:
+            model.runner = BatchRunner(
+                forward, model.settings.max_batch_size, model.settings.max_batch_tokens, executor
+            )
+
+
+def _inside(directory: Path, relative: str) -> Path:
+    """Resolves a manifest's file name, refusing paths that leave the version folder."""
+    path = (directory / relative).resolve()
+    if directory.resolve() not in path.parents:
+        raise ModelLoadError(f"manifest file {relative!r} points outside its version folder")
+    return path

@@ -1,0 +1,90 @@
+"""ONNX Runtime sessions: choosing the execution provider and running a graph on a batch."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from onnxserve.server.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+@cache
+def cuda_device_count() -> int:
+    """GPUs the CUDA driver can see. onnxruntime-gpu lists the CUDA provider as available on any
+    machine, then silently runs on the CPU when there is no driver or device, so ask the driver."""
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
+def resolve_device(device: str) -> str:
+    """Maps --device auto|cpu|cuda to "cpu" or "cuda"; asking for CUDA without a GPU fails."""
+    usable = CUDA in ort.get_available_providers() and cuda_device_count() > 0
+    if device == "auto":
+        return "cuda" if usable else "cpu"
+    if device == "cuda" and not usable:
+        raise ModelLoadError(
+            "--device cuda was asked for, but no usable GPU was found "
+            "(no CUDA driver or device, or onnxruntime-gpu lacks the CUDA provider)"
+        )
+    if device not in ("cpu", "cuda"):
+        raise ModelLoadError(f"unknown device {device!r}: use auto, cpu or cuda")
+    return device
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """How sessions are created. One session runs one batch at a time on `intra_op_threads`
+    threads; parallel inter-op execution only fights the intra-op pool on small graphs."""
+
+    device: str = "cpu"
+    intra_op_threads: int = 0
+    inter_op_threads: int = 1
+    gpu_device_id: int = 0
+
+
+class Session:
+    """One ONNX graph in an InferenceSession, fed only the inputs it declares."""
+
+    def __init__(self, path: Path, settings: SessionSettings) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = settings.intra_op_threads
+        options.inter_op_num_threads = settings.inter_op_threads
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers: list = [CPU]
+        if settings.device == "cuda":
+            providers = [(CUDA, {"device_id": settings.gpu_device_id}), CPU]
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as error:  # onnxruntime raises its own untyped exceptions
+            raise ModelLoadError(f"cannot load {path.name}: {error}") from error
+        self.provider = self.session.get_providers()[0]
+        if settings.device == "cuda" and self.provider != CUDA:
+            raise ModelLoadError(f"{path.name}: CUDA was asked for but the session runs on {self.provider}")
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        # Outputs whose second axis is symbolic follow the input's tokens (per-token outputs);
+        # the others have one row per sequence.
+        self.per_token_outputs = {
+            o.name for o in self.session.get_outputs() if len(o.shape) >= 2 and isinstance(o.shape[1], str)
+        }
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = self.session.run(self.output_names, {n: feeds[n] for n in self.input_names})
+        return dict(zip(self.output_names, outputs, strict=True))

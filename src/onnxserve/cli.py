@@ -1,0 +1,256 @@
+"""The `onnxserve` command: export, serve, and one subcommand per RPC."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+# --- export and serve ---------------------------------------------------------------------------
+
+
+def _export(args: argparse.Namespace) -> None:
+    from onnxserve.export.exporter import ExportError, export_model  # torch only for this command
+
+    try:
+        path = export_model(
+            args.source, Path(args.repository), name=args.name, task=args.task,
+            precisions=args.precision or ("fp32", "fp16", "int8"), force=args.force,
+        )
+    except ExportError as error:
+        console.print(f"[red]export failed:[/red] {error}")
+        raise SystemExit(1) from error
+    console.print(f"exported to [bold]{path}[/bold]")
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from onnxserve.server.app import serve
+    from onnxserve.server.config import ModelSettings, ServerSettings
+    from onnxserve.server.errors import ModelLoadError
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = ServerSettings(
+        repository=Path(args.repository), host=args.host, port=args.port, device=args.device,
+        models=ModelSettings(
+            precision=args.precision, max_batch_size=args.max_batch_size,
+            max_batch_tokens=args.max_batch_tokens, intra_op_threads=args.threads,
+        ),
+    )
+    try:
+        asyncio.run(serve(settings))
+    except ModelLoadError as error:
+        console.print(f"[red]cannot serve:[/red] {error}")
+        raise SystemExit(1) from error
+
+
+# --- RPC subcommands ----------------------------------------------------------------------------
+
+
+def _print(args: argparse.Namespace, value: Any, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """JSON with --json (the results as plain objects), else a table."""
+    if args.json:
+        print(json.dumps(_plain(value), ensure_ascii=False, indent=2))
+        return
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*(f"{cell:.4f}" if isinstance(cell, float) else str(cell) for cell in row))
+    console.print(table)
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {k: _plain(v) for k, v in dataclasses.asdict(value).items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _encode(client: Any, args: argparse.Namespace) -> None:
+    response = client.encode(model=args.model, texts=args.texts, pooling=args.pooling, normalize=args.normalize)
+    rows = [
+        (t, len(v), ", ".join(f"{x:.4f}" for x in v[:4]) + ", ...")
+        for t, v in zip(args.texts, response, strict=True)
+    ]
+    _print(args, response, ("text", "dim", "embedding"), rows)
+
+
+def _classify(client: Any, args: argparse.Namespace) -> None:
+    response = client.classify(
+        model=args.model, texts=args.texts, text_pairs=args.pair, top_k=args.top_k,
+        candidate_labels=args.candidate_labels, hypothesis_template=args.hypothesis_template or "",
+        multi_label=args.multi_label,
+    )
+    rows = [(t, x.label, x.score) for t, r in zip(args.texts, response, strict=True) for x in r.labels]
+    _print(args, response, ("text", "label", "score"), rows)
+
+
+def _tokenize(client: Any, args: argparse.Namespace) -> None:
+    response = client.tokenize(model=args.model, texts=args.texts, text_pairs=args.pair)
+    rows = [(t, " ".join(e.tokens), " ".join(map(str, e.input_ids))) for t, e in zip(args.texts, response, strict=True)]
+    _print(args, response, ("text", "tokens", "input_ids"), rows)
+
+
+def _detokenize(client: Any, args: argparse.Namespace) -> None:
+    response = client.detokenize(model=args.model, sequences=[args.ids])
+    _print(args, response, ("text",), [(t,) for t in response])
+
+
+def _tag(client: Any, args: argparse.Namespace) -> None:
+    response = client.tag_tokens(model=args.model, texts=args.texts, aggregation=args.aggregation)
+    rows = [(e.entity_group or e.entity, e.word, e.score, e.start, e.end) for r in response for e in r]
+    _print(args, response, ("entity", "word", "score", "start", "end"), rows)
+
+
+def _answer(client: Any, args: argparse.Namespace) -> None:
+    response = client.answer(model=args.model, questions=[args.question], contexts=[args.context], top_k=args.top_k)
+    rows = [(a.answer, a.score, a.start, a.end) for r in response for a in r]
+    _print(args, response, ("answer", "score", "start", "end"), rows)
+
+
+def _fill_mask(client: Any, args: argparse.Namespace) -> None:
+    response = client.fill_mask(model=args.model, texts=args.texts, top_k=args.top_k, targets=args.targets)
+    rows = [(c.token_str, c.score, c.sequence) for r in response for mask in r for c in mask]
+    _print(args, response, ("token_str", "score", "sequence"), rows)
+
+
+def _generate(client: Any, args: argparse.Namespace) -> None:
+    parameters = {
+        "max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample, "temperature": args.temperature,
+        "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed, "num_beams": args.num_beams,
+        "stop": args.stop or None,
+    }
+    chunks = []
+    for chunk in client.generate_stream(model=args.model, prompt=args.prompt, **parameters):
+        chunks.append(chunk)
+        if not args.json:
+            print(chunk.text, end="", flush=True)
+    if args.json:
+        print(json.dumps(_plain(chunks), ensure_ascii=False, indent=2))
+    else:
+        print(f"\n[{chunks[-1].finish_reason}]" if chunks else "")
+
+
+def _models(client: Any, args: argparse.Namespace) -> None:
+    models = client.list_models()
+    rows = [(m.name, m.version, m.task, m.precision, m.execution_provider, m.state) for m in models]
+    _print(args, models, ("name", "version", "task", "precision", "provider", "state"), rows)
+
+
+def _model(client: Any, args: argparse.Namespace) -> None:
+    info = client.get_model(model=args.model, version=args.version)
+    _print(args, info, ("field", "value"), dataclasses.asdict(info).items())
+
+
+def _client_command(handler: Callable[[Any, argparse.Namespace], None]) -> Callable[[argparse.Namespace], None]:
+    def run(args: argparse.Namespace) -> None:
+        from onnxserve.client import Client
+
+        with Client(args.target, timeout=args.timeout) as client:
+            try:
+                handler(client, args)
+            except grpc.RpcError as error:
+                console.print(f"[red]{error.code().name}:[/red] {error.details()}")
+                raise SystemExit(1) from error
+
+    return run
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="onnxserve", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    export = commands.add_parser("export", help="export a checkpoint to ONNX into a model repository")
+    export.add_argument("source", help="a local checkpoint directory or a Hugging Face Hub id")
+    export.add_argument("--repository", required=True, help="the model repository directory")
+    export.add_argument("--name", help="the model's name in the repository (default: the source's)")
+    export.add_argument("--task", help="the task (default: detected from config.architectures)")
+    export.add_argument("--precision", action="append", choices=("fp32", "fp16", "int8"),
+                        help="a precision to export; repeat for several (default: all three)")
+    export.add_argument("--force", action="store_true", help="write variants that miss their gates")
+    export.set_defaults(run=_export)
+
+    serve = commands.add_parser("serve", help="serve a model repository over gRPC")
+    serve.add_argument("--repository", required=True)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=50051)
+    serve.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    serve.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "int8"))
+    serve.add_argument("--max-batch-size", type=int, default=32)
+    serve.add_argument("--max-batch-tokens", type=int, default=16384)
+    serve.add_argument("--threads", type=int, default=0, help="intra-op threads per session (0: ONNX Runtime's)")
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(run=_serve)
+
+    def rpc(name: str, handler: Callable, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--target", default=os.environ.get("ONNXSERVE_TARGET", "127.0.0.1:50051"))
+        sub.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+        sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        sub.add_argument("--model", required=name not in ("models",), default=None)
+        sub.set_defaults(run=_client_command(handler))
+        return sub
+
+    sub = rpc("encode", _encode, "sentence embeddings")
+    sub.add_argument("texts", nargs="+")
+    sub.add_argument("--pooling", choices=("mean", "cls", "last_token"))
+    sub.add_argument("--normalize", action="store_true")
+    sub = rpc("classify", _classify, "classify texts (or pairs, zero-shot, multiple choice)")
+    sub.add_argument("texts", nargs="+")
+    sub.add_argument("--pair", action="append", help="second segment; once per text")
+    sub.add_argument("--top-k", type=int, default=0)
+    sub.add_argument("--candidate-labels", nargs="+")
+    sub.add_argument("--hypothesis-template")
+    sub.add_argument("--multi-label", action="store_true")
+    sub = rpc("tokenize", _tokenize, "tokenize texts with the model's tokenizer")
+    sub.add_argument("texts", nargs="+")
+    sub.add_argument("--pair", action="append")
+    sub = rpc("detokenize", _detokenize, "turn token ids into text")
+    sub.add_argument("ids", nargs="+", type=int)
+    sub = rpc("tag", _tag, "named entities (token classification)")
+    sub.add_argument("texts", nargs="+")
+    sub.add_argument("--aggregation", default="simple", choices=("none", "simple", "first", "average", "max"))
+    sub = rpc("answer", _answer, "extractive question answering")
+    sub.add_argument("--question", required=True)
+    sub.add_argument("--context", required=True)
+    sub.add_argument("--top-k", type=int, default=1)
+    sub = rpc("fill-mask", _fill_mask, "predict masked tokens")
+    sub.add_argument("texts", nargs="+")
+    sub.add_argument("--top-k", type=int, default=5)
+    sub.add_argument("--targets", nargs="+")
+    sub = rpc("generate", _generate, "generate text, printed as it streams")
+    sub.add_argument("prompt")
+    sub.add_argument("--max-new-tokens", type=int)
+    sub.add_argument("--do-sample", action="store_true")
+    sub.add_argument("--temperature", type=float)
+    sub.add_argument("--top-k", type=int)
+    sub.add_argument("--top-p", type=float)
+    sub.add_argument("--seed", type=int)
+    sub.add_argument("--num-beams", type=int)
+    sub.add_argument("--stop", action="append")
+    rpc("models", _models, "list the served models")
+    sub = rpc("model", _model, "describe one model")
+    sub.add_argument("--version", type=int, default=0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
