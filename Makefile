@@ -41,4 +41,4 @@ bench: install
 	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build src/onnxserve/v1 $(REPOSITORY)
+	rm -rf $(VENV) build src/onnxserve/v1 src/onnxserve/kserve_v2 $(REPOSITORY)

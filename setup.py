@@ -12,6 +12,7 @@ OUTPUT_ROOT = ROOT / "src"
 PACKAGES = {
     "onnxserve": "src/onnxserve",
     "onnxserve.v1": "src/onnxserve/v1",
+    "onnxserve.kserve_v2": "src/onnxserve/kserve_v2",
     "onnxserve.server": "server",
     "onnxserve.server.tasks": "server/tasks",
     "onnxserve.client": "client",
@@ -19,25 +20,31 @@ PACKAGES = {
 }
 
 
+# Generated package -> its folder under protos/. Each folder is mapped onto its package's path,
+# so KServe's proto (package `inference`) imports as onnxserve.kserve_v2, not as a top-level module.
+STUB_PACKAGES = {"onnxserve/v1": "onnxserve/v1", "onnxserve/kserve_v2": "kserve"}
+
+
 def compile_protos() -> None:
     from grpc_tools import protoc  # a build requirement, see pyproject.toml
 
     include = Path(protoc.__file__).parent / "_proto"
-    sources = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.glob("onnxserve/v1/*.proto"))
-    args = [
-        "grpc_tools.protoc",
-        f"-I{PROTO_ROOT}",
-        f"-I{include}",
-        f"--python_out={OUTPUT_ROOT}",
-        f"--pyi_out={OUTPUT_ROOT}",
-        f"--grpc_python_out={OUTPUT_ROOT}",
-        *sources,
-    ]
-    if protoc.main(args) != 0:
-        raise RuntimeError("protoc failed on " + " ".join(sources))
-    (OUTPUT_ROOT / "onnxserve" / "v1" / "__init__.py").write_text(
-        '"""Generated from protos/onnxserve/v1 by `make protos`; never edit by hand."""\n'
-    )
+    for package, folder in STUB_PACKAGES.items():
+        sources = sorted(f"{package}/{p.name}" for p in (PROTO_ROOT / folder).glob("*.proto"))
+        args = [
+            "grpc_tools.protoc",
+            f"-I{package}={PROTO_ROOT / folder}",
+            f"-I{include}",
+            f"--python_out={OUTPUT_ROOT}",
+            f"--pyi_out={OUTPUT_ROOT}",
+            f"--grpc_python_out={OUTPUT_ROOT}",
+            *sources,
+        ]
+        if protoc.main(args) != 0:
+            raise RuntimeError("protoc failed on " + " ".join(sources))
+        (OUTPUT_ROOT / package / "__init__.py").write_text(
+            f'"""Generated from protos/{folder} by `make protos`; never edit by hand."""\n'
+        )
 
 
 class BuildProtos(Command):

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -33,17 +35,24 @@ def test_subpackages_live_under_onnxserve():
     assert run_python("import server").returncode != 0, "a bare top-level `server` must not be importable"
 
 
-def test_generated_stubs_match_the_protos(tmp_path):
+# Generated package -> its folder under protos/, as setup.py's STUB_PACKAGES maps them.
+STUB_PACKAGES = {"onnxserve/v1": "onnxserve/v1", "onnxserve/kserve_v2": "kserve"}
+
+
+@pytest.mark.parametrize("package", STUB_PACKAGES)
+def test_generated_stubs_match_the_protos(tmp_path, package):
     """The stubs are generated at build time; regenerating now must give the same code."""
     from grpc_tools import protoc
 
-    import onnxserve.v1
+    import onnxserve
 
+    folder = ROOT / "protos" / STUB_PACKAGES[package]
     include = Path(protoc.__file__).parent / "_proto"
-    sources = sorted(str(p.relative_to(ROOT / "protos")) for p in (ROOT / "protos").glob("onnxserve/v1/*.proto"))
-    assert protoc.main(["protoc", f"-I{ROOT / 'protos'}", f"-I{include}", f"--python_out={tmp_path}", *sources]) == 0
-    installed = Path(onnxserve.v1.__file__).parent
-    for fresh in (tmp_path / "onnxserve" / "v1").glob("*_pb2.py"):
+    sources = sorted(f"{package}/{p.name}" for p in folder.glob("*.proto"))
+    assert sources, f"no .proto files in {folder}"
+    assert protoc.main(["protoc", f"-I{package}={folder}", f"-I{include}", f"--python_out={tmp_path}", *sources]) == 0
+    installed = Path(onnxserve.__file__).parent.parent / package
+    for fresh in (tmp_path / package).glob("*_pb2.py"):
         assert fresh.read_text() == (installed / fresh.name).read_text(), f"{fresh.name} is stale: run make protos"
 
 
