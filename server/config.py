@@ -1,8 +1,11 @@
-"""Server settings: what `onnxserve serve` takes."""
+"""Server settings: what `onnxserve serve` takes. These dataclasses are the one definition of
+every setting: config_loader.py derives the TOML keys, ONNXSERVE_* variables and CLI flags
+from their fields, so a field added here is configurable everywhere."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -11,10 +14,12 @@ class ModelSettings:
     """How each model is served."""
 
     precision: str = "auto"  # auto, fp32, fp16 or int8
+    device: str = ""  # "" follows the server's device; auto, cpu or cuda for this model alone
     max_batch_size: int = 32
     max_batch_tokens: int = 16384
     intra_op_threads: int = 0  # 0: ONNX Runtime's default, one per physical core
     inter_op_threads: int = 1
+    warmup: bool = True  # run the model once at load, before it takes traffic
 
 
 @dataclass(frozen=True)
@@ -24,4 +29,23 @@ class ServerSettings:
     port: int = 50051
     device: str = "auto"  # auto, cpu or cuda
     models: ModelSettings = ModelSettings()
-    shutdown_grace_s: float = 10.0
+    # Per-model settings by model name, complete (the defaults above refined by the model's table).
+    model_overrides: Mapping[str, ModelSettings] = field(default_factory=dict)
+    shutdown_grace_s: float = 10.0  # how long in-flight calls may take to finish on SIGTERM
+    drain_delay_s: float = 0.0  # NOT_SERVING but still answering, so load balancers move away first
+    max_connection_age_s: float = 0.0  # gRPC A9; 0: connections live forever
+    max_connection_age_grace_s: float = 0.0  # 0: gRPC's default (no limit)
+    max_receive_message_bytes: int = 4 * 1024 * 1024
+    max_send_message_bytes: int = 64 * 1024 * 1024
+    poll_interval_s: float = 5.0  # how often the repository is checked for changes; 0: never
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None  # the Prometheus endpoint; None: no endpoint, 0: any free port
+    log_level: str = "info"
+    log_format: str = "text"  # text or json
+    tls_cert: Path | None = None  # PEM certificate chain; with tls_key, the server speaks TLS
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # PEM CA bundle; set, every client must present a certificate
+    auth_tokens: tuple[str, ...] = ()  # accepted bearer tokens; empty: no authentication
+
+    def model_settings(self, name: str) -> ModelSettings:
+        return self.model_overrides.get(name, self.models)
