@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from onnxserve.server.tasks.base import Pipeline
 from onnxserve.server.tasks.feature_extraction import FeatureExtractionPipeline
+from onnxserve.server.tasks.fill_mask import FillMaskPipeline
+from onnxserve.server.tasks.multiple_choice import MultipleChoicePipeline
+from onnxserve.server.tasks.question_answering import QuestionAnsweringPipeline
 from onnxserve.server.tasks.text_classification import TextClassificationPipeline
+from onnxserve.server.tasks.token_classification import TokenClassificationPipeline
 
 from onnxserve.v1 import common_pb2
 
@@ -24,4 +28,8 @@ TASK_RPCS: dict[int, frozenset[str]] = {
 PIPELINES: dict[int, type[Pipeline]] = {
     common_pb2.TASK_FEATURE_EXTRACTION: FeatureExtractionPipeline,
     common_pb2.TASK_TEXT_CLASSIFICATION: TextClassificationPipeline,
+    common_pb2.TASK_TOKEN_CLASSIFICATION: TokenClassificationPipeline,
+    common_pb2.TASK_QUESTION_ANSWERING: QuestionAnsweringPipeline,
+    common_pb2.TASK_FILL_MASK: FillMaskPipeline,
+    common_pb2.TASK_MULTIPLE_CHOICE: MultipleChoicePipeline,
 }
