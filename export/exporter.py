@@ -1,0 +1,248 @@
+"""`onnxserve export`: a transformers checkpoint to a validated, versioned model-repository entry.
+
+The flow: read the checkpoint (config, fast tokenizer, task) -> optimum's ONNX exporter -> graph
+optimization (fp32) -> fp16 and int8 variants derived from it -> each variant validated against
+PyTorch and gated -> tokenizer, generation config and manifest written beside the ONNX files ->
+the hidden staging folder renamed to the next version number.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from onnxserve.export.checkpoint import Checkpoint, load_config, load_tokenizer, open_source
+from onnxserve.export.errors import ExportError
+from onnxserve.export.manifest import describe_model, now_rfc3339
+from onnxserve.export.optimize import can_fuse, fuse, opset, optimize_basic, to_fp16
+from onnxserve.export.progress import Steps, quiet
+from onnxserve.export.quantize import quantize_int8
+from onnxserve.export.tasks import TaskSpec, check_exportable, detect_task, task_spec
+from onnxserve.export.validate import NotRunnable, Validator
+from onnxserve.export.writer import publish, sha256, staging
+from transformers import GenerationConfig, PretrainedConfig, PreTrainedTokenizerFast
+
+from onnxserve.repository import TOKENIZER_FILE, RepositoryError, validate_model_name
+from onnxserve.v1 import common_pb2, manifest_pb2
+
+__all__ = ["DEFAULT_PRECISIONS", "ExportError", "export_model"]
+
+PRECISIONS = {
+    "fp32": common_pb2.PRECISION_FP32,
+    "fp16": common_pb2.PRECISION_FP16,
+    "int8": common_pb2.PRECISION_INT8,
+}
+DEFAULT_PRECISIONS = tuple(PRECISIONS)
+GENERATION_CONFIG_FILE = "generation_config.json"
+
+
+@dataclass
+class _Model:
+    """What the export reads from the checkpoint before converting anything."""
+
+    checkpoint: Checkpoint
+    spec: TaskSpec
+    config: PretrainedConfig
+    tokenizer: PreTrainedTokenizerFast
+    generation: GenerationConfig | None
+    manifest: manifest_pb2.Manifest  # the fields that describe the model
+
+
+@dataclass
+class _Variant:
+    precision: str
+    graphs: dict[str, Path]  # role -> ONNX file in the staging folder
+    recipe: str
+    validation: manifest_pb2.Validation = field(default_factory=manifest_pb2.Validation)
+
+
+def export_model(
+    source: str,
+    repository: Path,
+    *,
+    name: str | None = None,
+    task: str | None = None,
+    precisions: Sequence[str] = DEFAULT_PRECISIONS,
+    force: bool = False,
+    show_progress: bool = True,
+) -> Path:
+    """Exports SOURCE (a checkpoint folder, a Hub id or a .gguf file) into REPOSITORY/NAME as the
+    next version; returns the version folder. Variants that miss their validation gates are an
+    ExportError (nothing is written) unless `force`, which writes them marked as failed."""
+    wanted = _check_precisions(precisions)
+    if name is not None:
+        _check_name(name)
+    if task is not None:
+        task_spec(task)  # an unknown task fails before any loading
+    with Steps(show_progress) as steps, ExitStack() as stack:
+        with steps.step(f"reading {source}"), quiet():
+            checkpoint = stack.enter_context(open_source(source))
+            model = _read(checkpoint, task)
+        model_dir = Path(repository) / _check_name(name or checkpoint.default_name)
+        stage = stack.enter_context(staging(model_dir))
+        variants = _make_variants(model, stage, wanted, steps)
+        _validate(model, variants, steps, force)
+        with steps.step("writing the version"):
+            return _write(model, stage, variants)
+
+
+def _check_precisions(precisions: Sequence[str]) -> list[str]:
+    unknown = sorted(set(precisions) - PRECISIONS.keys())
+    if unknown or not precisions:
+        raise ExportError(f"unknown precision {', '.join(unknown) or '(none)'}: use {', '.join(PRECISIONS)}")
+    return [p for p in PRECISIONS if p in precisions]
+
+
+def _check_name(name: str) -> str:
+    try:
+        return validate_model_name(name)
+    except RepositoryError as error:
+        raise ExportError(str(error)) from error
+
+
+def _read(checkpoint: Checkpoint, task: str | None) -> _Model:
+    config = load_config(checkpoint.path)
+    spec = task_spec(task or detect_task(checkpoint.path, config))
+    check_exportable(config, spec)
+    tokenizer = load_tokenizer(checkpoint.path)
+    generation = None
+    if spec.generative:
+        generation = (
+            GenerationConfig.from_pretrained(checkpoint.path)
+            if (checkpoint.path / GENERATION_CONFIG_FILE).is_file()
+            else GenerationConfig.from_model_config(config)
+        )
+    manifest = describe_model(checkpoint, spec, config, tokenizer, generation)
+    return _Model(checkpoint, spec, config, tokenizer, generation, manifest)
+
+
+def _make_variants(model: _Model, stage: Path, wanted: list[str], steps: Steps) -> list[_Variant]:
+    """The wanted variants' files, in the staging folder. fp32 is always made, as fp16 derives from
+    it, and removed at the end when it is not wanted. int8 derives from the graph before fusion:
+    the quantizer needs standard ops to infer types, and ONNX Runtime fuses the quantized graph
+    itself when it loads it."""
+    work = stage / "optimum"
+    with steps.step(f"exporting {model.spec.name} with optimum"), quiet():
+        _run_optimum(model, work)
+    fp32 = _Variant("fp32", {role: stage / f"{role}.fp32.onnx" for role in model.spec.graphs}, "")
+    with steps.step("optimizing the graph (fp32)"):
+        exported = {role: work / file for role, file in model.spec.graphs.items()}
+        fused = can_fuse(model.config.model_type)
+        plain = {role: work / f"{role}.plain.onnx" for role in exported} if fused else fp32.graphs
+        fp32.recipe = plain_recipe = _convert(optimize_basic, exported, plain)
+        if fused:
+            fp32.recipe += "; " + _convert(fuse, plain, fp32.graphs)
+    variants = [fp32]
+    derived = {"fp16": (to_fp16, fp32.graphs, fp32.recipe), "int8": (quantize_int8, plain, plain_recipe)}
+    for precision, (converter, sources, prior) in derived.items():
+        if precision in wanted:
+            with steps.step(f"making the {precision} variant"):
+                graphs = {role: stage / f"{role}.{precision}.onnx" for role in fp32.graphs}
+                variants.append(_Variant(precision, graphs, f"{prior}; {_convert(converter, sources, graphs)}"))
+    shutil.rmtree(work)
+    if "fp32" not in wanted:
+        _remove(fp32)
+    return [variant for variant in variants if variant.precision in wanted]
+
+
+def _convert(converter: Callable[[Path, Path], str], sources: dict[str, Path], targets: dict[str, Path]) -> str:
+    """Converts each role's graph; returns the recipe (one converter, so one recipe for all roles)."""
+    recipes = [converter(sources[role], targets[role]) for role in sources]
+    return recipes[0]
+
+
+def _remove(variant: _Variant) -> None:
+    for graph in variant.graphs.values():
+        for path in (graph, graph.with_name(f"{graph.name}.data")):  # .data: external weights
+            path.unlink(missing_ok=True)
+
+
+def _run_optimum(model: _Model, output: Path) -> None:
+    from optimum.exporters.onnx import main_export
+
+    try:
+        main_export(
+            str(model.checkpoint.path),
+            output,
+            task=model.spec.optimum_task,
+            library_name="transformers",  # sentence-transformers folders: the bare transformer
+            device="cpu",
+            do_validation=False,  # validated below against PyTorch, variant by variant
+        )
+    except (ValueError, KeyError, RuntimeError, OSError) as error:
+        raise ExportError(f"optimum's ONNX exporter failed on {model.checkpoint.source}: {error}") from error
+    missing = [file for file in model.spec.graphs.values() if not (output / file).is_file()]
+    if missing:
+        raise ExportError(f"optimum's ONNX exporter wrote no {', '.join(missing)} for {model.spec.name}")
+
+
+def _validate(model: _Model, variants: list[_Variant], steps: Steps, force: bool) -> None:
+    """Fills each variant's validation; refuses (unless `force`) variants that miss their gates.
+    A variant ONNX Runtime cannot run here (fp16 of some graphs on a CPU-only machine) is left
+    out with a warning, or written unvalidated under `force`."""
+    with steps.step("computing the PyTorch reference"), quiet():
+        validator = Validator(model.spec, model.checkpoint.path, model.config, model.tokenizer, model.manifest.pooling)
+    for variant in list(variants):
+        with steps.step(f"validating {variant.precision} against PyTorch"):
+            try:
+                variant.validation = validator.validate(variant.graphs, variant.precision)
+            except NotRunnable as error:
+                _not_runnable(variant, variants, str(error), steps, force)
+    if not variants:
+        raise ExportError("no variant could be validated on this machine; nothing was written")
+    failed = [v for v in variants if not v.validation.passed and v.validation.samples]
+    if failed and not force:
+        raise ExportError(
+            "\n".join(_gate_report(v) for v in failed) + "\nnothing was written (force writes failing variants)"
+        )
+    for variant in failed:
+        steps.warn(_gate_report(variant) + "; written anyway (force)")
+
+
+def _not_runnable(variant: _Variant, variants: list[_Variant], reason: str, steps: Steps, force: bool) -> None:
+    if force:
+        variant.validation.failures.append(f"not validated: {reason}")
+        steps.warn(f"the {variant.precision} variant is written unvalidated (force): {reason}")
+        return
+    variants.remove(variant)
+    _remove(variant)
+    steps.warn(
+        f"the {variant.precision} variant is left out: {reason}. Export on a machine that runs it "
+        "(a CUDA GPU for fp16), or pass force to write it unvalidated"
+    )
+
+
+def _gate_report(variant: _Variant) -> str:
+    figures = variant.validation
+    return f"the {variant.precision} variant missed its validation gates over {figures.samples} samples: " + "; ".join(
+        figures.failures
+    )
+
+
+def _write(model: _Model, stage: Path, variants: list[_Variant]) -> Path:
+    model.tokenizer.backend_tokenizer.save(str(stage / TOKENIZER_FILE))
+    if model.generation is not None:
+        original = model.checkpoint.path / GENERATION_CONFIG_FILE
+        if original.is_file():
+            shutil.copyfile(original, stage / GENERATION_CONFIG_FILE)
+        else:
+            model.generation.save_pretrained(stage)
+    manifest = manifest_pb2.Manifest()
+    manifest.CopyFrom(model.manifest)
+    manifest.name = stage.parent.name
+    manifest.opset = opset(next(iter(variants[0].graphs.values())))
+    for variant in variants:
+        manifest.variants.add(
+            precision=PRECISIONS[variant.precision],
+            files=[
+                manifest_pb2.ModelFile(role=role, path=graph.name, sha256=sha256(graph))
+                for role, graph in variant.graphs.items()
+            ],
+            recipe=variant.recipe,
+            validation=variant.validation,
+        )
+    manifest.created_at = now_rfc3339()
+    return publish(stage, manifest)
