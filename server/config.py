@@ -15,10 +15,16 @@ class ModelSettings:
 
     precision: str = "auto"  # auto, fp32, fp16 or int8
     device: str = ""  # "" follows the server's device; auto, cpu or cuda for this model alone
+    # Dynamic batching: one run merges requests, up to max_batch_size sequences and
+    # max_batch_tokens padded tokens (rows x longest row); a request over either is split.
     max_batch_size: int = 32
     max_batch_tokens: int = 16384
-    intra_op_threads: int = 0  # 0: ONNX Runtime's default, one per physical core
-    inter_op_threads: int = 1
+    # How long an idle model holds a run that could still grow; 0 runs at once (runs still merge
+    # whatever arrives while the previous run is busy).
+    max_queue_delay_ms: float = 0.0
+    max_queue_size: int = 1024  # requests waiting per model; one more is refused (RESOURCE_EXHAUSTED)
+    intra_op_threads: int = 0  # 0: one per CPU this process may use (affinity and cgroup quota)
+    inter_op_threads: int = 1  # graphs run sequentially: parallel operators only fight the intra-op pool
     warmup: bool = True  # run the model once at load, before it takes traffic
 
 

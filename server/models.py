@@ -7,7 +7,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from onnxserve.server.batching import BatchRunner
+from onnxserve.server.batching import BatchRunner, merges_safely
 from onnxserve.server.config import ModelSettings
 from onnxserve.server.errors import InvalidArgument, ModelLoadError, Unimplemented
 from onnxserve.server.runtime import Session, SessionSettings
@@ -130,9 +130,8 @@ def _load_into(model: LoadedModel, device: str, executor: Executor) -> None:
         model.pipeline = pipeline_class(ModelResources(manifest, model.tokenizer, sessions))
         forward = getattr(model.pipeline, "forward", None)
         if forward is not None:
-            model.runner = BatchRunner(
-                forward, model.settings.max_batch_size, model.settings.max_batch_tokens, executor
-            )
+            merge = merges_safely(model.name, forward, model.tokenizer)
+            model.runner = BatchRunner(model.name, forward, model.settings, merge_requests=merge)
 
 
 def _inside(directory: Path, relative: str) -> Path:

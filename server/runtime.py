@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -47,6 +48,17 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota. ONNX
+    Runtime's own default counts the host's physical cores, which oversubscribes a container."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+    except (OSError, ValueError):
+        return cpus
+    return cpus if quota == "max" else max(1, min(cpus, int(quota) // int(period)))
+
+
 @dataclass(frozen=True)
 class SessionSettings:
     """How sessions are created. One session runs one batch at a time on `intra_op_threads`
@@ -63,7 +75,7 @@ class Session:
 
     def __init__(self, path: Path, settings: SessionSettings) -> None:
         options = ort.SessionOptions()
-        options.intra_op_num_threads = settings.intra_op_threads
+        options.intra_op_num_threads = settings.intra_op_threads or available_cpus()
         options.inter_op_num_threads = settings.inter_op_threads
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

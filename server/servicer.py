@@ -80,7 +80,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def _blocking(self, work: Callable[[], Any]) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, work)
 
-    async def _run_encoder(self, rpc: str, request: Any) -> Message:
+    async def _run_encoder(self, rpc: str, request: Any, context: grpc.aio.ServicerContext) -> Message:
         """preprocess -> forward (batched) -> postprocess, for the encoder pipelines."""
         started = time.perf_counter_ns()
         model = self.registry.resolve(request.model, request.version)
@@ -88,7 +88,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         timings = Timings()
         prepared = await self._blocking(lambda: timings.timed("tokenization", lambda: pipeline.preprocess(request)))
         timings.tokens = sum(len(s.ids) for s in prepared.sequences)
-        outputs = await model.runner.infer(prepared.sequences, timings)
+        # The time left lets the batcher drop the request if its deadline passes in the queue.
+        outputs = await model.runner.infer(prepared.sequences, timings, context.time_remaining())
         response = await self._blocking(
             lambda: timings.timed("postprocess", lambda: pipeline.postprocess(request, prepared, outputs))
         )
@@ -97,23 +98,23 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     @guarded
     async def Encode(self, request: inference_pb2.EncodeRequest, context: grpc.aio.ServicerContext) -> Message:
-        return await self._run_encoder("Encode", request)
+        return await self._run_encoder("Encode", request, context)
 
     @guarded
     async def Classify(self, request: inference_pb2.ClassifyRequest, context: grpc.aio.ServicerContext) -> Message:
-        return await self._run_encoder("Classify", request)
+        return await self._run_encoder("Classify", request, context)
 
     @guarded
     async def TagTokens(self, request: inference_pb2.TagTokensRequest, context: grpc.aio.ServicerContext) -> Message:
-        return await self._run_encoder("TagTokens", request)
+        return await self._run_encoder("TagTokens", request, context)
 
     @guarded
     async def Answer(self, request: inference_pb2.AnswerRequest, context: grpc.aio.ServicerContext) -> Message:
-        return await self._run_encoder("Answer", request)
+        return await self._run_encoder("Answer", request, context)
 
     @guarded
     async def FillMask(self, request: inference_pb2.FillMaskRequest, context: grpc.aio.ServicerContext) -> Message:
-        return await self._run_encoder("FillMask", request)
+        return await self._run_encoder("FillMask", request, context)
 
     @guarded
     async def Generate(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> Message:
