@@ -1,8 +1,10 @@
-"""Assembles and runs the gRPC server: the typed services, health and reflection."""
+"""Assembles and runs the gRPC server: the typed services, health and reflection, the model
+lifecycle, metrics, TLS and auth; and the graceful shutdown on SIGTERM."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -12,9 +14,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from onnxserve.server.config import ServerSettings
+from onnxserve.server.lifecycle import ModelLifecycle
+from onnxserve.server.metrics import Metrics
+from onnxserve.server.models import LoadedModel
 from onnxserve.server.registry import ModelRegistry
-from onnxserve.server.runtime import resolve_device
+from onnxserve.server.security import TokenAuthInterceptor, server_credentials
 from onnxserve.server.servicer import InferenceServicer, ModelsServicer
+from onnxserve.server.telemetry import TelemetryInterceptor
 
 from onnxserve.v1 import inference_pb2, inference_pb2_grpc, models_pb2, models_pb2_grpc
 
@@ -26,20 +32,42 @@ SERVICE_NAMES = (
 )
 
 
+def channel_options(settings: ServerSettings) -> list[tuple[str, int]]:
+    """Message size limits (gRPC answers RESOURCE_EXHAUSTED past them, naming both sizes) and
+    the connection age of gRPC A9, which makes clients reconnect and so spread over new replicas."""
+    options = [
+        ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
+        ("grpc.max_send_message_length", settings.max_send_message_bytes),
+    ]
+    if settings.max_connection_age_s > 0:
+        options.append(("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)))
+    if settings.max_connection_age_grace_s > 0:
+        options.append(("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * 1000)))
+    return options
+
+
 class OnnxServer:
-    """A running server: its gRPC server, registry and health state."""
+    """A running server: its gRPC server, registry, model lifecycle, metrics and health state."""
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.executor = ThreadPoolExecutor(max_workers=max(4, os.cpu_count() or 1), thread_name_prefix="onnxserve")
-        self.registry = ModelRegistry(settings, resolve_device(settings.device), self.executor)
+        self.registry = ModelRegistry()
+        self.metrics = Metrics(self.registry.models) if settings.metrics_port is not None else None
+        self.lifecycle = ModelLifecycle(
+            settings, self.registry, self.executor, on_change=self._publish_health, on_ready=self._observe_runs
+        )
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server()
+        self.server: grpc.aio.Server | None = None
         self.port = 0
+        self.metrics_port: int | None = None
+        self._published: set[str] = set()
 
     async def start(self) -> int:
         """Loads the repository, then opens the port; returns the port bound."""
-        await asyncio.get_running_loop().run_in_executor(self.executor, self.registry.load_repository)
+        await self.lifecycle.sync()
+        # Made here, not in __init__: a grpc.aio server belongs to the loop it was created on.
+        self.server = self._grpc_server()
         inference_pb2_grpc.add_InferenceServicer_to_server(
             InferenceServicer(self.registry, self.executor), self.server
         )
@@ -48,13 +76,35 @@ class OnnxServer:
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
-        self.port = self.server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
-        if self.port == 0:
-            raise OSError(f"cannot bind {self.settings.host}:{self.settings.port}")
+        self.port = self._bind(self.server)
         await self.server.start()
+        if self.metrics is not None:
+            self.metrics_port = self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
         await self._publish_health()
+        self.lifecycle.start_polling()
         log.info("serving on %s:%d", self.settings.host, self.port)
         return self.port
+
+    def _grpc_server(self) -> grpc.aio.Server:
+        interceptors: list[grpc.aio.ServerInterceptor] = [TelemetryInterceptor(self.metrics, self.registry.holds)]
+        if self.settings.auth_tokens:
+            interceptors.append(TokenAuthInterceptor(self.settings.auth_tokens))
+        return grpc.aio.server(interceptors=interceptors, options=channel_options(self.settings))
+
+    def _bind(self, server: grpc.aio.Server) -> int:
+        address = f"{self.settings.host}:{self.settings.port}"
+        credentials = server_credentials(self.settings)
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+        if port == 0:
+            raise OSError(f"cannot bind {address}")
+        return port
+
+    def _observe_runs(self, model: LoadedModel) -> None:
+        if self.metrics is not None and model.runner is not None:
+            model.runner.on_run = functools.partial(self.metrics.observe_batch, model.name)
 
     async def _publish_health(self) -> None:
         """Overall and per-service health, plus one entry per model name."""
@@ -62,14 +112,25 @@ class OnnxServer:
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, serving)
-        for model in self.registry.models():
-            ready = self.registry.get(model.name).state == models_pb2.MODEL_STATE_READY
-            await self.health.set(model.name, serving if ready else not_serving)
+        names = self.registry.names()
+        for name in self._published - names:  # unloaded
+            await self.health.set(name, not_serving)
+        for name in names:
+            ready = self.registry.get(name).state == models_pb2.MODEL_STATE_READY
+            await self.health.set(name, serving if ready else not_serving)
+        self._published = names
 
     async def stop(self) -> None:
-        """Turns health NOT_SERVING first so load balancers drain, then lets calls finish."""
+        """Turns health NOT_SERVING first, so that load balancers move traffic away (for
+        drain_delay_s, while calls are still taken); then refuses new calls and gives those in
+        flight shutdown_grace_s to finish before cancelling them."""
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(self.settings.shutdown_grace_s)
+        await asyncio.sleep(self.settings.drain_delay_s)
+        if self.server is not None:
+            await self.server.stop(self.settings.shutdown_grace_s)
+        await self.lifecycle.stop()
+        if self.metrics is not None:
+            self.metrics.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
@@ -83,5 +144,5 @@ async def serve(settings: ServerSettings) -> None:
         loop.add_signal_handler(signum, stopping.set)
     print(f"onnxserve listening on {settings.host}:{server.port}", flush=True)
     await stopping.wait()
-    log.info("shutting down")
+    log.info("shutting down: finishing the calls in flight (at most %.0f s)", settings.shutdown_grace_s)
     await server.stop()

@@ -1,62 +1,103 @@
-"""The models the server holds, by name and version."""
+"""The models the server holds, by name and version, and the calls in flight on each."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from concurrent.futures import Executor
+from collections import Counter
+from collections.abc import Iterator
 
-from onnxserve.server.config import ServerSettings
-from onnxserve.server.errors import NotFound, Unavailable
-from onnxserve.server.models import LoadedModel, load_model
+from onnxserve.server.errors import InvalidArgument, NotFound, Unavailable
+from onnxserve.server.models import LoadedModel
 
-from onnxserve.repository import model_dirs, version_dirs
+from onnxserve.repository import RepositoryError, validate_model_name
 from onnxserve.v1 import models_pb2
 
 log = logging.getLogger(__name__)
+READY = models_pb2.MODEL_STATE_READY
 
 
 class ModelRegistry:
-    def __init__(self, settings: ServerSettings, device: str, executor: Executor) -> None:
-        self.settings = settings
-        self.device = device
-        self.executor = executor
+    """Changed only on the event loop (or before serving starts). Every change swaps in a new
+    mapping instead of editing one: a new version takes the traffic in one step, and readers on
+    other threads (a metrics scrape) always see a consistent snapshot."""
+
+    def __init__(self) -> None:
         self._models: dict[str, dict[int, LoadedModel]] = {}
+        self._in_flight: Counter[int] = Counter()  # by id() of the model, held while it is counted
 
-    def load_repository(self) -> None:
-        """Loads the latest complete version of every model in the repository."""
-        for name, directory in model_dirs(self.settings.repository).items():
-            versions = version_dirs(directory)
-            if not versions:
-                log.warning("model folder %s holds no complete version; skipped", directory)
-                continue
-            latest = max(versions)
-            self.add(load_model(name, latest, versions[latest], self.device, self.settings.models, self.executor))
+    def put(self, model: LoadedModel) -> list[LoadedModel]:
+        """Adds a loaded version. A READY one takes all of its model's traffic at once; the versions
+        it replaces are returned, to be unloaded once drained. A FAILED one is kept for its reason
+        beside the version still serving, but never replaces a READY one of the same number."""
+        versions = self._models.get(model.name, {})
+        if model.state == READY:
+            replaced = [m for m in versions.values() if m is not model]
+            self._models = {**self._models, model.name: {model.version: model}}
+            return replaced
+        current = versions.get(model.version)
+        if current is not None and current.state == READY:
+            log.error("model %s version %d stays on its loaded copy: %s", model.name, model.version, model.reason)
+            return []
+        self._models = {**self._models, model.name: {**versions, model.version: model}}
+        return [current] if current is not None else []
 
-    def add(self, model: LoadedModel) -> None:
-        self._models.setdefault(model.name, {})[model.version] = model
+    def remove(self, name: str) -> list[LoadedModel]:
+        """Stops routing to a model; returns its versions, to be unloaded once drained."""
+        models = {**self._models}
+        removed = models.pop(name, {})
+        self._models = models
+        return list(removed.values())
+
+    def names(self) -> set[str]:
+        return set(self._models)
+
+    def holds(self, name: str) -> bool:
+        return name in self._models
 
     def models(self) -> list[LoadedModel]:
-        return [self._models[name][v] for name in sorted(self._models) for v in sorted(self._models[name])]
+        models = self._models
+        return [models[name][v] for name in sorted(models) for v in sorted(models[name])]
 
     def get(self, name: str, version: int = 0) -> LoadedModel:
-        """The model version in any state; version 0 is the latest. Unknown ones are NOT_FOUND."""
+        """The model version in any state; version 0 is the latest ready one. Names that could not
+        be a model folder are INVALID_ARGUMENT; unknown ones NOT_FOUND."""
+        try:
+            validate_model_name(name)
+        except RepositoryError as error:
+            raise InvalidArgument(str(error)) from None
         versions = self._models.get(name)
         if not versions:
             known = ", ".join(sorted(self._models)) or "none"
             raise NotFound(f"model {name!r} is not served; the models are: {known}")
         if version == 0:
-            ready = [v for v, m in versions.items() if m.state == models_pb2.MODEL_STATE_READY]
+            ready = [v for v, m in versions.items() if m.state == READY]
             return versions[max(ready or versions)]
         if version not in versions:
-            raise NotFound(
-                f"model {name!r} has no version {version}; loaded versions: {sorted(versions)}"
-            )
+            raise NotFound(f"model {name!r} has no version {version}; loaded versions: {sorted(versions)}")
         return versions[version]
 
     def resolve(self, name: str, version: int = 0) -> LoadedModel:
         """The model version to run a request on; it must be READY."""
         model = self.get(name, version)
-        if model.state != models_pb2.MODEL_STATE_READY:
+        if model.state != READY:
             state = models_pb2.ModelState.Name(model.state)
             raise Unavailable(f"model {name!r} version {model.version} is {state}: {model.reason}")
         return model
+
+    @contextlib.contextmanager
+    def lease(self, name: str, version: int = 0) -> Iterator[LoadedModel]:
+        """`resolve`, with the call counted in flight on the model until the block ends, so that a
+        replaced version is unloaded only after the calls it took have finished."""
+        model = self.resolve(name, version)
+        key = id(model)
+        self._in_flight[key] += 1
+        try:
+            yield model
+        finally:
+            self._in_flight[key] -= 1
+            if not self._in_flight[key]:
+                del self._in_flight[key]
+
+    def in_flight(self, model: LoadedModel) -> int:
+        return self._in_flight[id(model)]
