@@ -145,6 +145,8 @@ class BatchRunner:
         self._arrived = asyncio.Event()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"onnxserve-run-{name}")
         self._task: asyncio.Task | None = None
+        #: Called after each run with its rows and padded tokens; the server's metrics hook.
+        self.on_run: Callable[[int, int], None] | None = None
 
     @property
     def waiting(self) -> int:
@@ -279,6 +281,8 @@ class BatchRunner:
                     request.done.set_exception(error)
             return
         elapsed = time.perf_counter_ns() - started
+        if self.on_run is not None:
+            self.on_run(len(items), len(items) * max(item.length for item in items))
         for request in requests:
             request.timings.inference_ns += elapsed
             request.timings.batch_size = max(request.timings.batch_size, len(items))
