@@ -17,6 +17,8 @@ from onnxserve.server.models import LoadedModel
 from onnxserve.server.registry import ModelRegistry
 from onnxserve.server.tasks import tokenization
 from onnxserve.server.tasks.base import EncoderPipeline, Timings
+from onnxserve.server.tasks.generation import pipeline as generation_pipeline
+from onnxserve.server.tasks.generation.pipeline import GenerationPipeline
 
 from onnxserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, models_pb2, models_pb2_grpc
 
@@ -118,17 +120,28 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     @guarded
     async def Generate(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> Message:
+        started = time.perf_counter_ns()
         model = self.registry.resolve(request.model, request.version)
-        model.pipeline_for("Generate")
-        raise NotImplementedError  # unreachable: no generation pipeline is registered yet
+        pipeline: GenerationPipeline = model.pipeline_for("Generate")  # type: ignore[assignment]
+        timings = Timings()
+        generation = await self._blocking(lambda: pipeline.start(request.prompts, request.parameters, timings))
+        response = await generation_pipeline.run(generation, self.executor)
+        fill_metadata(response.metadata, model, timings, started)
+        return response
 
     @guarded_stream
     async def GenerateStream(
         self, request: inference_pb2.GenerateStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Message]:
+        started = time.perf_counter_ns()
         model = self.registry.resolve(request.model, request.version)
-        model.pipeline_for("GenerateStream")
-        yield inference_pb2.GenerateStreamResponse()  # unreachable until generation lands
+        pipeline: GenerationPipeline = model.pipeline_for("GenerateStream")  # type: ignore[assignment]
+        timings = Timings()
+        generation = await self._blocking(lambda: pipeline.start([request.prompt], request.parameters, timings))
+        async for message in generation_pipeline.stream(generation, self.executor):
+            if message.finish_reason:
+                fill_metadata(message.metadata, model, timings, started)
+            yield message
 
     async def _run_tokenizer(self, request: Any, work: Callable[..., Message]) -> Message:
         started = time.perf_counter_ns()

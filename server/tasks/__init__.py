@@ -5,6 +5,7 @@ from __future__ import annotations
 from onnxserve.server.tasks.base import Pipeline
 from onnxserve.server.tasks.feature_extraction import FeatureExtractionPipeline
 from onnxserve.server.tasks.fill_mask import FillMaskPipeline
+from onnxserve.server.tasks.generation import GenerationPipeline
 from onnxserve.server.tasks.multiple_choice import MultipleChoicePipeline
 from onnxserve.server.tasks.question_answering import QuestionAnsweringPipeline
 from onnxserve.server.tasks.text_classification import TextClassificationPipeline
@@ -32,4 +33,6 @@ PIPELINES: dict[int, type[Pipeline]] = {
     common_pb2.TASK_QUESTION_ANSWERING: QuestionAnsweringPipeline,
     common_pb2.TASK_FILL_MASK: FillMaskPipeline,
     common_pb2.TASK_MULTIPLE_CHOICE: MultipleChoicePipeline,
+    common_pb2.TASK_TEXT_GENERATION: GenerationPipeline,
+    common_pb2.TASK_TEXT2TEXT_GENERATION: GenerationPipeline,
 }

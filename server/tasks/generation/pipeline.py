@@ -1,0 +1,247 @@
+"""Generate and GenerateStream: the generation pipeline of causal and seq2seq models.
+
+`GenerationPipeline.start` checks and tokenizes a request and sets up its decoding as a
+`Generation`, which advances one model step per call. `run` and `stream` drive it from the event
+loop with each step in the executor, so that other models' calls keep being served between steps,
+and so that a cancelled call (the client gone, its deadline passed) stops after the step in
+flight and frees its cache."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+from onnxserve.server.errors import InvalidArgument, ModelLoadError
+from onnxserve.server.tasks.base import ModelResources, Pipeline, Timings, require_batch
+from onnxserve.server.tasks.generation import logits
+from onnxserve.server.tasks.generation.causal import CausalModel
+from onnxserve.server.tasks.generation.decoding import Decoding, Sampler, decode
+from onnxserve.server.tasks.generation.seq2seq import Seq2SeqModel
+from onnxserve.server.tasks.generation.settings import GenerationSettings, resolve_settings
+from onnxserve.server.tasks.generation.stopping import OutputSequence, StoppingCriteria
+from onnxserve.server.tasks.generation.streaming import IncrementalDecoder
+
+from onnxserve.v1 import inference_pb2
+
+
+@dataclass
+class DecodingStats:
+    """What the pipeline's generations did: model steps run, and generations holding a cache."""
+
+    steps: int = 0
+    active: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, steps: int = 0, active: int = 0) -> None:
+        with self._lock:
+            self.steps += steps
+            self.active += active
+
+
+class Generation:
+    """One request's decoding, a model step per `step()`. Steps and `close()` take a lock, so a
+    close that arrives while a step runs waits for it (on the executor, not the event loop)."""
+
+    def __init__(
+        self,
+        prompts: Sequence[str],
+        settings: GenerationSettings,
+        outputs: list[OutputSequence],
+        steps: Iterator[None],
+        release: Callable[[], None],
+        stats: DecodingStats,
+        timings: Timings,
+    ) -> None:
+        self.prompts = prompts
+        self.settings = settings
+        self.outputs = outputs
+        self.timings = timings
+        self._steps = steps
+        self._release = release
+        self._stats = stats
+        self._lock = threading.Lock()
+        self._closed = False
+        self._prompt_streamed = not settings.return_full_text
+        stats.add(active=1)
+
+    @property
+    def done(self) -> bool:
+        return all(output.finished for output in self.outputs)
+
+    def step(self) -> bool:
+        """Runs the next model step; False once decoding has ended (or was closed)."""
+        with self._lock:
+            if self._closed or self.done:
+                return False
+            started, inference = time.perf_counter_ns(), self.timings.inference_ns
+            next(self._steps)
+            self._stats.add(steps=1)
+            spent = time.perf_counter_ns() - started
+            self.timings.postprocess_ns += spent - (self.timings.inference_ns - inference)
+            return True
+
+    def close(self) -> None:
+        """Ends decoding and frees the cache; safe to call more than once."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._steps.close()
+            self._release()
+            self._stats.add(active=-1)
+
+    def _text(self, index: int) -> str:
+        text = self.outputs[index].text
+        return self.prompts[index] + text if self.settings.return_full_text else text
+
+    def response(self) -> inference_pb2.GenerateResponse:
+        response = inference_pb2.GenerateResponse()
+        for index, output in enumerate(self.outputs):
+            response.results.add(
+                generated_text=self._text(index),
+                token_ids=output.tokens,
+                generated_tokens=len(output.tokens),
+                finish_reason=output.finish_reason,
+            )
+        return response
+
+    def stream_message(self) -> inference_pb2.GenerateStreamResponse | None:
+        """The new piece of the (only) sequence since the last message, None when nothing new is
+        printable yet; the last message carries the finish reason and the whole text. With
+        return_full_text the prompt comes first, so that the pieces still join into the text."""
+        output = self.outputs[0]
+        piece, tokens = output.release()
+        if not self._prompt_streamed:
+            piece, self._prompt_streamed = self.prompts[0] + piece, True
+        if not output.finished:
+            return inference_pb2.GenerateStreamResponse(text=piece, token_ids=tokens) if piece else None
+        return inference_pb2.GenerateStreamResponse(
+            text=piece, token_ids=tokens, finish_reason=output.finish_reason, generated_text=self._text(0)
+        )
+
+
+async def _steps(generation: Generation, executor: Executor) -> AsyncIterator[None]:
+    loop = asyncio.get_running_loop()
+    try:
+        while await loop.run_in_executor(executor, generation.step):
+            yield
+    finally:
+        # Reached on completion and on cancellation alike. A cancelled step may still be running
+        # in the executor: close there, after it, not on the event loop.
+        try:
+            executor.submit(generation.close)
+        except RuntimeError:  # the executor is shut down: nothing runs a step any more
+            generation.close()
+
+
+async def run(generation: Generation, executor: Executor) -> inference_pb2.GenerateResponse:
+    """Decodes to the end; the unary response."""
+    async for _ in _steps(generation, executor):
+        pass
+    return generation.response()
+
+
+async def stream(generation: Generation, executor: Executor) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
+    """One message per new piece of text, as soon as its step ends; the last one ends the stream."""
+    async for _ in _steps(generation, executor):
+        message = generation.stream_message()
+        if message is not None:
+            yield message
+        if generation.done:
+            return
+
+
+class GenerationPipeline(Pipeline):
+    """Causal LMs (role "model") and encoder-decoders (roles "encoder" and "decoder")."""
+
+    rpcs = frozenset({"Generate", "GenerateStream"})
+
+    def __init__(self, resources: ModelResources) -> None:
+        super().__init__(resources)
+        self.defaults = self.manifest.generation
+        self.seq2seq = "encoder" in self.sessions
+        needed = {"encoder", "decoder"} if self.seq2seq else {"model"}
+        if not needed <= self.sessions.keys():
+            raise ModelLoadError(f"a generation model needs the graphs {sorted(needed)}; got {sorted(self.sessions)}")
+        if self.seq2seq and not self.defaults.HasField("decoder_start_token_id"):
+            raise ModelLoadError("the manifest names no decoder_start_token_id for this encoder-decoder")
+        self.eos_token_ids = tuple(self.defaults.eos_token_ids)
+        self.pad_token_id = self.defaults.pad_token_id if self.defaults.HasField("pad_token_id") else 0
+        self.stats = DecodingStats()
+
+    @property
+    def context(self) -> int:
+        """The longest decoder sequence: prompt plus new tokens (causal), start plus new (seq2seq)."""
+        return self.defaults.max_length or self.manifest.max_length
+
+    def start(
+        self, prompts: Sequence[str], parameters: inference_pb2.GenerationParameters, timings: Timings
+    ) -> Generation:
+        require_batch(prompts, "prompts")
+        token_ids = timings.timed("tokenization", lambda: self._tokenize(prompts))
+        timings.tokens = sum(len(ids) for ids in token_ids)
+        settings = resolve_settings(parameters, self.defaults, self._room(token_ids))
+        timings.batch_size = len(prompts) * settings.num_beams
+        model = self._model(token_ids, lambda work: timings.timed("inference", work))
+        outputs = [self._output(settings) for _ in prompts]
+        steps = decode(model, model.history, outputs, self._decoding(settings, model.history.shape[1]))
+        return Generation(prompts, settings, outputs, steps, model.release, self.stats, timings)
+
+    def _tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
+        token_ids = [encoding.ids for encoding in self.tokenizer.tokenizer.encode_batch(list(prompts))]
+        limit = self.manifest.max_length if self.seq2seq else self.context - 1
+        for index, ids in enumerate(token_ids):
+            if len(ids) > limit:
+                raise InvalidArgument(
+                    f"prompts[{index}] has {len(ids)} tokens, longer than the model's context allows "
+                    f"({limit} tokens{'' if self.seq2seq else ', leaving room for one new token'})"
+                )
+            if not ids and not self.seq2seq:
+                if not self.defaults.HasField("bos_token_id"):
+                    raise InvalidArgument(f"prompts[{index}] is empty and the model has no BOS token to start from")
+                ids.append(self.defaults.bos_token_id)
+        return token_ids
+
+    def _room(self, token_ids: list[list[int]]) -> int:
+        if self.seq2seq:
+            return self.context - 1  # the decoder start token takes one position
+        return self.context - max(len(ids) for ids in token_ids)
+
+    def _model(self, token_ids: list[list[int]], timed: Callable) -> CausalModel | Seq2SeqModel:
+        if self.seq2seq:
+            start = self.defaults.decoder_start_token_id
+            return Seq2SeqModel(self.sessions, token_ids, self.pad_token_id, start, timed)
+        return CausalModel(self.sessions["model"], token_ids, self.pad_token_id, timed)
+
+    def _output(self, settings: GenerationSettings) -> OutputSequence:
+        criteria = StoppingCriteria(settings.max_new_tokens, frozenset(self.eos_token_ids), settings.stop)
+        return OutputSequence(criteria, IncrementalDecoder(self.tokenizer.tokenizer))
+
+    def _decoding(self, settings: GenerationSettings, history_length: int) -> Decoding:
+        d = self.defaults
+        forced_eos = (d.forced_eos_token_id,) if d.HasField("forced_eos_token_id") else ()
+        processors = logits.processors(
+            repetition_penalty=settings.repetition_penalty,
+            no_repeat_ngram_size=settings.no_repeat_ngram_size,
+            suppress_token_ids=list(d.suppress_token_ids),
+            forced_bos_token_id=d.forced_bos_token_id if d.HasField("forced_bos_token_id") else None,
+            forced_eos_token_ids=forced_eos,
+            max_length=history_length + settings.max_new_tokens,
+        )
+        # Beam sampling keeps one token more than there are EOS ids, so a beam can always go on.
+        min_keep = (len(self.eos_token_ids) + 1 if self.eos_token_ids else 2) if settings.num_beams > 1 else 1
+        return Decoding(
+            processors=processors,
+            warpers=logits.warpers(settings.temperature, settings.top_k, settings.top_p, min_keep),
+            sampler=Sampler(settings.seed) if settings.do_sample else None,
+            num_beams=settings.num_beams,
+            length_penalty=settings.length_penalty,
+            early_stopping=settings.early_stopping,
+            eos_token_ids=self.eos_token_ids,
+            max_new_tokens=settings.max_new_tokens,
+        )
+
