@@ -51,9 +51,10 @@ def _generation_parameters(options: dict[str, Any]) -> inference_pb2.GenerationP
 class _Methods:
     """The typed methods; `_unary` and `_stream` are the client's transport."""
 
-    def __init__(self, channel: Any, timeout: float | None) -> None:
+    def __init__(self, channel: Any, timeout: float | None, token: str | None) -> None:
         self.channel = channel
         self.timeout = timeout
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.inference = inference_pb2_grpc.InferenceStub(channel)
         self.models = models_pb2_grpc.ModelsStub(channel)
 
@@ -190,17 +191,22 @@ class _Methods:
 
 
 class Client(_Methods):
-    """Blocking client. `Client("host:port")`, or pass a ready `grpc.Channel`."""
+    """Blocking client. `Client("host:port")`, or pass a ready `grpc.Channel`. `credentials`
+    (`grpc.ssl_channel_credentials(...)`) makes the channel TLS; `token` is sent as a bearer token."""
 
-    def __init__(self, target: str | grpc.Channel = DEFAULT_TARGET, timeout: float | None = None) -> None:
-        channel = grpc.insecure_channel(target) if isinstance(target, str) else target
-        super().__init__(channel, timeout)
+    def __init__(
+        self, target: str | grpc.Channel = DEFAULT_TARGET, timeout: float | None = None,
+        credentials: grpc.ChannelCredentials | None = None, token: str | None = None,
+    ) -> None:
+        if isinstance(target, str):
+            target = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
+        super().__init__(target, timeout, token)
 
     def _unary(self, method: Callable, request: Message, parse: Callable[[Any], Any]) -> Any:
-        return parse(method(request, timeout=self.timeout))
+        return parse(method(request, timeout=self.timeout, metadata=self.metadata))
 
     def _stream(self, method: Callable, request: Message, parse: Callable[[Any], Any]) -> Iterator[Any]:
-        for message in method(request, timeout=self.timeout):
+        for message in method(request, timeout=self.timeout, metadata=self.metadata):
             yield parse(message)
 
     def close(self) -> None:
@@ -214,17 +220,22 @@ class Client(_Methods):
 
 
 class AsyncClient(_Methods):
-    """asyncio client: every method is awaited; generate_stream is an async iterator."""
+    """asyncio client: every method is awaited; generate_stream is an async iterator. `credentials`
+    and `token` as for Client."""
 
-    def __init__(self, target: str | grpc.aio.Channel = DEFAULT_TARGET, timeout: float | None = None) -> None:
-        channel = grpc.aio.insecure_channel(target) if isinstance(target, str) else target
-        super().__init__(channel, timeout)
+    def __init__(
+        self, target: str | grpc.aio.Channel = DEFAULT_TARGET, timeout: float | None = None,
+        credentials: grpc.ChannelCredentials | None = None, token: str | None = None,
+    ) -> None:
+        if isinstance(target, str):
+            target = grpc.aio.secure_channel(target, credentials) if credentials else grpc.aio.insecure_channel(target)
+        super().__init__(target, timeout, token)
 
     async def _unary(self, method: Callable, request: Message, parse: Callable[[Any], Any]) -> Any:
-        return parse(await method(request, timeout=self.timeout))
+        return parse(await method(request, timeout=self.timeout, metadata=self.metadata))
 
     async def _stream(self, method: Callable, request: Message, parse: Callable[[Any], Any]) -> AsyncIterator[Any]:
-        async for message in method(request, timeout=self.timeout):
+        async for message in method(request, timeout=self.timeout, metadata=self.metadata):
             yield parse(message)
 
     async def close(self) -> None:

@@ -62,13 +62,18 @@ SERVER_FIELDS = _fields(ServerSettings)
 MODEL_FIELDS = _fields(ModelSettings)
 
 
+def _unoptional(kind: Any) -> tuple[Any, bool]:
+    """`X | None` -> (X, True); any other type -> (it, False)."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return next(k for k in typing.get_args(kind) if k is not type(None)), True
+    return kind, False
+
+
 def _coerce(key: str, kind: Any, value: Any, from_text: bool) -> Any:
     """Checks (and, for environment text, parses) a value against its field's type."""
-    optional = typing.get_origin(kind) in (typing.Union, types.UnionType)
-    if optional:
-        if from_text and value == "":
-            return None
-        kind = next(k for k in typing.get_args(kind) if k is not type(None))
+    kind, optional = _unoptional(kind)
+    if optional and from_text and value == "":
+        return None
     try:
         return _coerce_to(kind, value, from_text)
     except (TypeError, ValueError):
@@ -239,14 +244,15 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         for name, kind in fields.items():
             key = prefix + name
             options: dict[str, Any] = {"dest": key, "default": None, "help": f"sets {_toml_key(key)}"}
-            base = next((k for k in typing.get_args(kind) if k is not type(None)), kind)
+            base, _ = _unoptional(kind)
             if base is bool:
                 options["action"] = argparse.BooleanOptionalAction
             elif typing.get_origin(base) is tuple:
-                options["action"] = "append"
+                options.update(action="append", metavar=name.upper().removesuffix("S"))
             else:
-                options["type"] = base
-                options["choices"] = CHOICES.get(key)
+                # "" (inherit the server's value) is what leaving the flag out means.
+                choices = [c for c in CHOICES.get(key, ()) if c] or None
+                options.update(type=base, choices=choices, metavar=None if choices else name.upper())
             parser.add_argument(_flag_name(key), *FLAG_ALIASES.get(key, ()), **options)
 
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import logging
 from collections import Counter
-from collections.abc import Iterator
 
 from onnxserve.server.errors import InvalidArgument, NotFound, Unavailable
 from onnxserve.server.models import LoadedModel
@@ -24,7 +23,9 @@ class ModelRegistry:
 
     def __init__(self) -> None:
         self._models: dict[str, dict[int, LoadedModel]] = {}
-        self._in_flight: Counter[int] = Counter()  # by id() of the model, held while it is counted
+        # Calls in flight by id() of the model; a model is referenced (so its id is its own) until
+        # its count is back to zero.
+        self._in_flight: Counter[int] = Counter()
 
     def put(self, model: LoadedModel) -> list[LoadedModel]:
         """Adds a loaded version. A READY one takes all of its model's traffic at once; the versions
@@ -78,26 +79,31 @@ class ModelRegistry:
         return versions[version]
 
     def resolve(self, name: str, version: int = 0) -> LoadedModel:
-        """The model version to run a request on; it must be READY."""
+        """The model version to run a request on; it must be READY. The call is counted in flight
+        on it until the task that resolved it ends (a gRPC call's task ends once it is answered),
+        so that a replaced version is unloaded only after the calls it took have finished; tying
+        the count to the task means no handler can forget to give it back."""
         model = self.get(name, version)
         if model.state != READY:
             state = models_pb2.ModelState.Name(model.state)
             raise Unavailable(f"model {name!r} version {model.version} is {state}: {model.reason}")
+        self._hold(model)
         return model
 
-    @contextlib.contextmanager
-    def lease(self, name: str, version: int = 0) -> Iterator[LoadedModel]:
-        """`resolve`, with the call counted in flight on the model until the block ends, so that a
-        replaced version is unloaded only after the calls it took have finished."""
-        model = self.resolve(name, version)
-        key = id(model)
-        self._in_flight[key] += 1
+    def _hold(self, model: LoadedModel) -> None:
         try:
-            yield model
-        finally:
-            self._in_flight[key] -= 1
-            if not self._in_flight[key]:
-                del self._in_flight[key]
+            task = asyncio.current_task()
+        except RuntimeError:  # no event loop: a blocking caller, outside any gRPC call
+            return
+        if task is not None:
+            key = id(model)
+            self._in_flight[key] += 1
+            task.add_done_callback(lambda _: self._release(key))
+
+    def _release(self, key: int) -> None:
+        self._in_flight[key] -= 1
+        if not self._in_flight[key]:
+            del self._in_flight[key]
 
     def in_flight(self, model: LoadedModel) -> int:
         return self._in_flight[id(model)]

@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import logging
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -16,6 +15,8 @@ from typing import Any
 import grpc
 from rich.console import Console
 from rich.table import Table
+
+from onnxserve.server.config_loader import ConfigError, add_flags, flags_given, load_settings
 
 console = Console()
 
@@ -39,17 +40,16 @@ def _export(args: argparse.Namespace) -> None:
 
 def _serve(args: argparse.Namespace) -> None:
     from onnxserve.server.app import serve
-    from onnxserve.server.config import ModelSettings, ServerSettings
     from onnxserve.server.errors import ModelLoadError
+    from onnxserve.server.logs import configure_logging
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = ServerSettings(
-        repository=Path(args.repository), host=args.host, port=args.port, device=args.device,
-        models=ModelSettings(
-            precision=args.precision, max_batch_size=args.max_batch_size,
-            max_batch_tokens=args.max_batch_tokens, intra_op_threads=args.threads,
-        ),
-    )
+    config = args.config or os.environ.get("ONNXSERVE_CONFIG")
+    try:
+        settings = load_settings(Path(config) if config else None, os.environ, flags_given(args))
+    except ConfigError as error:
+        console.print(f"[red]invalid configuration:[/red] {error}")
+        raise SystemExit(2) from error
+    configure_logging(settings.log_level, settings.log_format)
     try:
         asyncio.run(serve(settings))
     except ModelLoadError as error:
@@ -183,16 +183,12 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--force", action="store_true", help="write variants that miss their gates")
     export.set_defaults(run=_export)
 
-    serve = commands.add_parser("serve", help="serve a model repository over gRPC")
-    serve.add_argument("--repository", required=True)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=50051)
-    serve.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    serve.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "int8"))
-    serve.add_argument("--max-batch-size", type=int, default=32)
-    serve.add_argument("--max-batch-tokens", type=int, default=16384)
-    serve.add_argument("--threads", type=int, default=0, help="intra-op threads per session (0: ONNX Runtime's)")
-    serve.add_argument("--log-level", default="info")
+    serve = commands.add_parser(
+        "serve", help="serve a model repository over gRPC",
+        description="Each flag overrides the config file and the ONNXSERVE_* variables; see docs/operations.md.",
+    )
+    serve.add_argument("--config", help="a TOML config file (default: $ONNXSERVE_CONFIG)")
+    add_flags(serve)
     serve.set_defaults(run=_serve)
 
     def rpc(name: str, handler: Callable, help_text: str) -> argparse.ArgumentParser:
