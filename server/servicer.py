@@ -17,6 +17,7 @@ from onnxserve.server.models import LoadedModel
 from onnxserve.server.registry import ModelRegistry
 from onnxserve.server.tasks import tokenization
 from onnxserve.server.tasks.base import EncoderPipeline, Timings
+from onnxserve.server.tasks.feature_extraction import model_pooling
 from onnxserve.server.tasks.generation import pipeline as generation_pipeline
 from onnxserve.server.tasks.generation.pipeline import GenerationPipeline
 
@@ -180,7 +181,7 @@ def model_info(model: LoadedModel, versions: list[int]) -> models_pb2.ModelInfo:
         info.labels.extend(manifest.labels)
         info.available_precisions.extend(v.precision for v in manifest.variants)
         info.max_input_length = manifest.max_length
-        info.pooling = manifest.pooling
+        info.pooling = model_pooling(manifest)
         info.hidden_size = manifest.hidden_size
         info.mask_token = manifest.special_tokens.mask_token
         info.architecture = manifest.architecture

@@ -6,7 +6,7 @@ import numpy as np
 from onnxserve.server.tasks.base import EncoderPipeline, Prepared, RowOutputs, require_batch
 from onnxserve.server.tokenization import TokenizeOptions
 
-from onnxserve.v1 import common_pb2, inference_pb2
+from onnxserve.v1 import common_pb2, inference_pb2, manifest_pb2
 
 
 def pool(hidden: np.ndarray, attention_mask: np.ndarray, pooling: int) -> np.ndarray:
@@ -17,6 +17,11 @@ def pool(hidden: np.ndarray, attention_mask: np.ndarray, pooling: int) -> np.nda
     if pooling == common_pb2.POOLING_LAST_TOKEN:
         return kept[-1]
     return kept.mean(axis=0)
+
+
+def model_pooling(manifest: manifest_pb2.Manifest) -> int:
+    """The checkpoint's own pooling (sentence-transformers config), else mean."""
+    return manifest.pooling or common_pb2.POOLING_MEAN
 
 
 class FeatureExtractionPipeline(EncoderPipeline[inference_pb2.EncodeRequest]):
@@ -30,7 +35,7 @@ class FeatureExtractionPipeline(EncoderPipeline[inference_pb2.EncodeRequest]):
     def postprocess(
         self, request: inference_pb2.EncodeRequest, prepared: Prepared, outputs: list[RowOutputs]
     ) -> inference_pb2.EncodeResponse:
-        pooling = request.pooling or self.manifest.pooling or common_pb2.POOLING_MEAN
+        pooling = request.pooling or model_pooling(self.manifest)
         response = inference_pb2.EncodeResponse()
         for encoding, row in zip(prepared.sequences, outputs, strict=True):
             vector = pool(row["last_hidden_state"], np.asarray(encoding.attention_mask), pooling)
