@@ -142,7 +142,8 @@ async def serve(settings: ServerSettings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stopping.set)
-    print(f"onnxserve listening on {settings.host}:{server.port}", flush=True)
+    metrics = f"; metrics on http://{settings.metrics_host}:{server.metrics_port}/metrics" if server.metrics else ""
+    print(f"onnxserve listening on {settings.host}:{server.port}{metrics}", flush=True)
     await stopping.wait()
     log.info("shutting down: finishing the calls in flight (at most %.0f s)", settings.shutdown_grace_s)
     await server.stop()

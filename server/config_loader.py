@@ -45,6 +45,7 @@ AT_LEAST_ONE = {
     "max_receive_message_bytes", "max_send_message_bytes",
 }
 FLAG_ALIASES = {"models.intra_op_threads": ("--threads",)}
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "a boolean", str: "a string", Path: "a path"}
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -77,7 +78,7 @@ def _coerce(key: str, kind: Any, value: Any, from_text: bool) -> Any:
     try:
         return _coerce_to(kind, value, from_text)
     except (TypeError, ValueError):
-        shown = "a list of strings" if typing.get_origin(kind) is tuple else f"a {kind.__name__}"
+        shown = "a list of strings" if typing.get_origin(kind) is tuple else _KIND_NAMES[kind]
         raise ConfigError(f"{key}: expected {shown}, got {value!r}") from None
 
 

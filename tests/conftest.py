@@ -44,10 +44,12 @@ class RunningServer:
     def call(self, coroutine):
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=300)
 
-    def client(self, timeout: float | None = 60) -> Client:
-        return Client(self.target, timeout=timeout)
+    def client(self, timeout: float | None = 60, **options: object) -> Client:
+        return Client(self.target, timeout=timeout, **options)
 
     def stop(self) -> None:
+        if not self.thread.is_alive():  # stopped already, by the test itself
+            return
         self.call(self.server.stop())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
@@ -92,17 +94,18 @@ def export(tmp_path_factory: pytest.TempPathFactory, checkpoint: Callable[[str],
 
 @pytest.fixture(scope="session")
 def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., RunningServer]]:
-    """Starts a server over a fresh repository that links the given exported models."""
+    """Starts a server over a fresh repository that links the given exported models. `settings`
+    holds further ServerSettings fields (a repository given there is used as it is)."""
     running: list[RunningServer] = []
 
-    def start(models: dict[str, Exported], **model_settings: object) -> RunningServer:
+    def start(
+        models: dict[str, Exported], settings: dict[str, object] | None = None, **model_settings: object
+    ) -> RunningServer:
         repository = tmp_path_factory.mktemp("repository")
         for name, exported in models.items():
             (repository / name).symlink_to(exported.model_dir, target_is_directory=True)
-        settings = ServerSettings(
-            repository=repository, port=0, device="cpu", models=ModelSettings(**model_settings)
-        )
-        server = RunningServer(settings)
+        options = {"repository": repository, "port": 0, "device": "cpu", **(settings or {})}
+        server = RunningServer(ServerSettings(**options, models=ModelSettings(**model_settings)))
         running.append(server)
         return server
 

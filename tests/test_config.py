@@ -1,0 +1,140 @@
+"""The config file, ONNXSERVE_* variables and flags: precedence, per-model tables, and errors
+that name the key."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from onnxserve.server.config import ModelSettings
+from onnxserve.server.config_loader import ConfigError, add_flags, flags_given, load_settings
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "onnxserve.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    return write(
+        tmp_path,
+        f"""
+[server]
+repository = "{tmp_path}"
+port = 6000
+shutdown_grace_s = 3
+auth_tokens = ["one", "two"]
+metrics_port = 9100
+
+[models]
+max_batch_size = 8
+precision = "fp32"
+
+[models.minilm]
+max_queue_size = 16
+warmup = false
+""",
+    )
+
+
+def parse_flags(*argv: str) -> dict:
+    parser = argparse.ArgumentParser()
+    add_flags(parser)
+    return flags_given(parser.parse_args(argv))
+
+
+def test_file_sets_server_and_model_settings(config, tmp_path):
+    settings = load_settings(config)
+    assert settings.repository == tmp_path and settings.port == 6000
+    assert settings.shutdown_grace_s == 3.0 and isinstance(settings.shutdown_grace_s, float)
+    assert settings.auth_tokens == ("one", "two") and settings.metrics_port == 9100
+    assert settings.models == ModelSettings(max_batch_size=8, precision="fp32")
+    # A model's table refines the defaults; other models get the defaults.
+    minilm = settings.model_settings("minilm")
+    assert (minilm.max_batch_size, minilm.precision, minilm.max_queue_size, minilm.warmup) == (8, "fp32", 16, False)
+    assert settings.model_settings("other") == settings.models
+
+
+def test_environment_overrides_the_file_and_flags_override_both(config):
+    environ = {"ONNXSERVE_PORT": "7000", "ONNXSERVE_MODELS_MAX_BATCH_SIZE": "4", "ONNXSERVE_AUTH_TOKENS": "a, b",
+               "ONNXSERVE_LOG_FORMAT": "json", "ONNXSERVE_TARGET": "ignored:1"}
+    settings = load_settings(config, environ)
+    assert settings.port == 7000 and settings.models.max_batch_size == 4
+    assert settings.auth_tokens == ("a", "b") and settings.log_format == "json"
+    settings = load_settings(config, environ, parse_flags("--port", "8000", "--max-batch-size", "2", "--no-warmup"))
+    assert settings.port == 8000 and settings.models.max_batch_size == 2 and settings.models.warmup is False
+    # The model's own table still wins over the defaults, wherever those came from.
+    assert settings.model_settings("minilm").max_queue_size == 16
+
+
+def test_flags_alone_suffice(tmp_path):
+    flags = parse_flags("--repository", str(tmp_path), "--threads", "3", "--auth-tokens", "x", "--auth-tokens", "y")
+    settings = load_settings(flags=flags)
+    assert settings.models.intra_op_threads == 3 and settings.auth_tokens == ("x", "y")
+    assert settings.port == 50051  # untouched keys keep the defaults
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("[server]\nprot = 1", ["server.prot", "unknown key"]),
+        ("[server]\nport = 'x'", ["server.port", "integer"]),
+        ("[server]\nport = 70000", ["server.port", "port number"]),
+        ("[server]\nshutdown_grace_s = -1", ["server.shutdown_grace_s", "at least 0"]),
+        ("[server]\nlog_format = 'xml'", ["server.log_format", "'json'"]),
+        ("[server]\nauth_tokens = 'secret'", ["server.auth_tokens", "list of strings"]),
+        ("[models]\nmax_batch_size = 0", ["models.max_batch_size", "at least 1"]),
+        ("[models]\nprecision = 'int4'", ["models.precision", "'int8'"]),
+        ("[models.m]\nwarmup = 'yes'", ["models.m.warmup", "bool"]),
+        ("[models.'../up']\nwarmup = true", ["models.../up", "invalid model name"]),
+        ("[serve]\nport = 1", ["serve", "unknown key"]),
+        ("[server\n", ["onnxserve.toml"]),
+    ],
+)
+def test_an_invalid_file_names_the_key(tmp_path, text, words):
+    with pytest.raises(ConfigError) as error:
+        load_settings(write(tmp_path, f"{text}\n"), {"ONNXSERVE_REPOSITORY": str(tmp_path)})
+    for word in words:
+        assert word in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("environ", "words"),
+    [
+        ({"ONNXSERVE_PORT": "many"}, ["ONNXSERVE_PORT", "integer"]),
+        ({"ONNXSERVE_MODELS_WARMUP": "maybe"}, ["ONNXSERVE_MODELS_WARMUP", "bool"]),
+        ({"ONNXSERVE_POLL_INTERVAL_S": "nan"}, ["ONNXSERVE_POLL_INTERVAL_S", "finite"]),
+    ],
+)
+def test_an_invalid_variable_is_named(tmp_path, environ, words):
+    with pytest.raises(ConfigError) as error:
+        load_settings(environ={"ONNXSERVE_REPOSITORY": str(tmp_path), **environ})
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_cross_key_and_file_checks(tmp_path):
+    base = {"ONNXSERVE_REPOSITORY": str(tmp_path)}
+    cases = [
+        ({}, "server.repository: required"),
+        ({"ONNXSERVE_REPOSITORY": str(tmp_path / "missing")}, "is not a directory"),
+        ({**base, "ONNXSERVE_TLS_CERT": str(tmp_path)}, "give both"),
+        ({**base, "ONNXSERVE_TLS_CLIENT_CA": str(tmp_path)}, "server.tls_client_ca"),
+        ({**base, "ONNXSERVE_TLS_CERT": str(tmp_path / "c"), "ONNXSERVE_TLS_KEY": str(tmp_path / "k")},
+         "server.tls_cert"),
+    ]
+    for environ, words in cases:
+        with pytest.raises(ConfigError, match=words):
+            load_settings(environ=environ)
+
+
+def test_serve_refuses_an_invalid_config_at_start(tmp_path):
+    command = [sys.executable, "-m", "onnxserve", "serve", "--config", str(write(tmp_path, "[server]\nport = 'x'\n"))]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "server.port" in result.stdout + result.stderr
