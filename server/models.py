@@ -135,8 +135,11 @@ def _load_into(model: LoadedModel, device: str, executor: Executor) -> None:
 
 
 def _inside(directory: Path, relative: str) -> Path:
-    """Resolves a manifest's file name, refusing paths that leave the version folder."""
+    """Resolves a manifest's file name, refusing paths that leave the version folder, and files
+    other than ONNX graphs: nothing that could carry a pickle is ever loaded."""
     path = (directory / relative).resolve()
     if directory.resolve() not in path.parents:
         raise ModelLoadError(f"manifest file {relative!r} points outside its version folder")
+    if path.suffix != ".onnx":
+        raise ModelLoadError(f"manifest file {relative!r} is not an .onnx graph; only ONNX graphs are loaded")
     return path
