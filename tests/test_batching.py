@@ -260,8 +260,9 @@ def concurrently(call: Callable[[int], object], count: int) -> list:
 
 
 def test_concurrent_grpc_calls_are_merged_with_parity(exported, start_server, reference):
-    """The model holds its run until 8 sequences wait, so the merge is certain, not timed."""
-    server = start_server({KIND: exported}, max_batch_size=8, max_queue_delay_ms=60_000)
+    """The model holds its run until 8 sequences wait, so the merge is certain, not timed (no warm-up:
+    its lone request would be held as long)."""
+    server = start_server({KIND: exported}, max_batch_size=8, max_queue_delay_ms=60_000, warmup=False)
     requests = [TEXTS[0:1], TEXTS[1:3], TEXTS[3:4], TEXTS[4:7], TEXTS[7:8]]  # 8 texts in all
 
     def call(index: int):
@@ -286,7 +287,7 @@ def test_grpc_request_over_the_token_budget_is_split_with_parity(exported, start
 def test_grpc_full_queue_is_resource_exhausted_and_late_calls_deadline_exceeded(exported, start_server):
     """One call waits for a batchmate that cannot come (the queue holds one request): the next is
     refused at once, and the waiting one's deadline passes in the queue."""
-    server = start_server({KIND: exported}, max_batch_size=2, max_queue_size=1, max_queue_delay_ms=60_000)
+    server = start_server({KIND: exported}, max_batch_size=2, max_queue_size=1, max_queue_delay_ms=60_000, warmup=False)
     runner = server.server.registry.get(KIND).runner
     with ThreadPoolExecutor(1) as pool, server.client(timeout=2) as client:
         waiting = pool.submit(client.encode, model=KIND, texts=[TEXTS[0]])
