@@ -178,7 +178,7 @@ def _in_id_order(vocabulary: dict[str, int]) -> list[str]:
 
 def _bert_normalizer() -> normalizers.Normalizer:
     # handle_chinese_chars puts spaces around each CJK character: one token per character.
-    return normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=False, lowercase=False)
+    return normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=False)
 
 
 @cache

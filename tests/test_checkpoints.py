@@ -165,6 +165,16 @@ def test_offsets_point_at_the_tokens(kind: str, built: dict[str, Path]) -> None:
                 assert piece == text[start:end].strip(), (text, piece)
 
 
+@pytest.mark.parametrize("kind", [kind for kind in KINDS if not kind.startswith(("bert", "distilbert"))])
+def test_decoding_gives_the_text_back(kind: str, built: dict[str, Path]) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(built[kind])
+    # Sentencepiece-like tokenizers split on whitespace, so runs of it come back as one space.
+    collapses_whitespace = kind in ("t5-seq2seq", "marian-seq2seq")
+    for text in CORPUS:
+        expected = " ".join(text.split()) if collapses_whitespace else text
+        assert tokenizer.decode(tokenizer(text).input_ids, skip_special_tokens=True) == expected
+
+
 def test_chinese_vocabulary_is_character_level(built: dict[str, Path]) -> None:
     tokenizer = AutoTokenizer.from_pretrained(built["bert-chinese-question-answering"])
     assert tokenizer.tokenize(CHINESE_QA_CONTEXT) == list(CHINESE_QA_CONTEXT)
