@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from onnxserve.server import kserve
 from onnxserve.server.config import ServerSettings
 from onnxserve.server.lifecycle import ModelLifecycle
 from onnxserve.server.metrics import Metrics
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAMES = (
     inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
     models_pb2.DESCRIPTOR.services_by_name["Models"].full_name,
+    kserve.SERVICE_NAME,
 )
 
 
@@ -72,6 +74,7 @@ class OnnxServer:
             InferenceServicer(self.registry, self.executor), self.server
         )
         models_pb2_grpc.add_ModelsServicer_to_server(ModelsServicer(self.registry), self.server)
+        kserve.add_to_server(self.registry, self.executor, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server

@@ -1,0 +1,214 @@
+"""The KServe v2 / Open Inference Protocol (`inference.GRPCInferenceService`) over the registry, so
+that tools built for Triton, KServe and MLServer can call onnxserve.
+
+ModelInfer has two modes. Tensors in, tensors out: the inputs feed the model's ONNX graph as they
+are. Text in, results out: a BYTES input named `text` runs the model's whole pipeline
+(tokenize -> forward -> postprocess) and the results come back as tensors (docs/kserve.md)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf.message import Message
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as GraphRefused
+from onnxserve.server.errors import InvalidArgument, Unimplemented
+from onnxserve.server.kserve_tensors import (
+    ORT_DATATYPES,
+    datatype_of,
+    decode_inputs,
+    encode_outputs,
+    select_outputs,
+)
+from onnxserve.server.kserve_text import TEXT_INPUT, TEXT_RPCS, build_request, response_tensors
+from onnxserve.server.models import LoadedModel
+from onnxserve.server.registry import ModelRegistry
+from onnxserve.server.runtime import Session
+from onnxserve.server.servicer import guarded
+from onnxserve.server.tasks.base import EncoderPipeline, Timings
+from onnxserve.server.tasks.generation import pipeline as generation_pipeline
+from onnxserve.server.tasks.generation.pipeline import GenerationPipeline
+
+import onnxserve
+from onnxserve.kserve_v2 import grpc_predict_v2_pb2 as v2
+from onnxserve.kserve_v2 import grpc_predict_v2_pb2_grpc as v2_grpc
+from onnxserve.v1 import common_pb2, inference_pb2, models_pb2
+
+SERVICE_NAME = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+PLATFORM = "onnxruntime_onnx"  # Triton's platform name for ONNX Runtime models
+
+
+def add_to_server(registry: ModelRegistry, executor: Executor, server: grpc.aio.Server) -> None:
+    v2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(registry, executor), server)
+
+
+def parse_version(version: str) -> int:
+    """The v2 protocol's string version as the registry's number; empty means the latest (0)."""
+    if not version:
+        return 0
+    if not version.isdigit():
+        raise InvalidArgument(f"model version {version!r} is not a whole number")
+    return int(version)
+
+
+def single_graph(model: LoadedModel) -> Session | None:
+    """The model's ONNX graph when it has exactly one: the graph that tensor requests run on."""
+    sessions = model.pipeline.sessions if model.pipeline is not None else {}
+    return next(iter(sessions.values())) if len(sessions) == 1 else None
+
+
+def tensor_graph(model: LoadedModel) -> Session:
+    session = single_graph(model)
+    if session is None:
+        task = common_pb2.Task.Name(model.task)
+        raise Unimplemented(
+            f"model {model.name!r} ({task}) has no single ONNX graph in this release to run tensors on; "
+            f"send a BYTES input named {TEXT_INPUT!r} where its task maps text (docs/kserve.md)"
+        )
+    return session
+
+
+def tensor_metadata(nodes: list[Any]) -> list[v2.ModelMetadataResponse.TensorMetadata]:
+    """Graph inputs or outputs as v2 metadata; symbolic dimensions become -1."""
+    return [
+        v2.ModelMetadataResponse.TensorMetadata(
+            name=node.name,
+            datatype=ORT_DATATYPES.get(node.type, node.type),
+            shape=[size if isinstance(size, int) else -1 for size in node.shape],
+        )
+        for node in nodes
+    ]
+
+
+def check_feeds(model: str, session: Session, arrays: dict[str, np.ndarray]) -> None:
+    """Refuses inputs the graph does not declare, lacks, or would take with another type or rank."""
+    declared = {node.name: node for node in session.session.get_inputs()}
+    unknown = sorted(set(arrays) - set(declared))
+    missing = [name for name in declared if name not in arrays]
+    if unknown or missing:
+        raise InvalidArgument(
+            f"model {model!r} takes the inputs {list(declared)}"
+            + (f"; unknown: {unknown}" if unknown else "")
+            + (f"; missing: {missing}" if missing else "")
+            + f"; or send one BYTES input named {TEXT_INPUT!r} to run its pipeline"
+        )
+    for name, node in declared.items():
+        given, wanted = datatype_of(arrays[name].dtype), ORT_DATATYPES.get(node.type, node.type)
+        if given != wanted:
+            raise InvalidArgument(f"input {name!r} of model {model!r} is {wanted}, not {given}")
+        if arrays[name].ndim != len(node.shape):
+            raise InvalidArgument(
+                f"input {name!r} of model {model!r} has {len(node.shape)} dimensions, not {arrays[name].ndim}"
+            )
+
+
+def _texts(arrays: dict[str, np.ndarray], name: str) -> list[str]:
+    if arrays[name].dtype != object:
+        raise InvalidArgument(f"input {name!r} must be BYTES (UTF-8 text)")
+    try:
+        return [bytes(value).decode() for value in arrays[name].flat]
+    except UnicodeDecodeError as error:
+        raise InvalidArgument(f"input {name!r} holds bytes that are not UTF-8: {error}") from error
+
+
+def text_rpc(model: LoadedModel) -> str:
+    """The typed RPC that a text request runs on this model."""
+    served = [rpc for rpc in TEXT_RPCS if model.pipeline is not None and rpc in model.pipeline.rpcs]
+    if not served:
+        task = common_pb2.Task.Name(model.task)
+        raise Unimplemented(f"model {model.name!r} ({task}) has no pipeline here for a {TEXT_INPUT!r} input")
+    return served[0]
+
+
+class KServeServicer(v2_grpc.GRPCInferenceServiceServicer):
+    """ServerLive to ModelInfer; the repository extension (load, unload) answers UNIMPLEMENTED."""
+
+    def __init__(self, registry: ModelRegistry, executor: Executor) -> None:
+        self.registry = registry
+        self.executor = executor
+
+    async def _blocking(self, work: Callable[[], Any]) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, work)
+
+    @guarded
+    async def ServerLive(self, request: v2.ServerLiveRequest, context: grpc.aio.ServicerContext) -> Message:
+        return v2.ServerLiveResponse(live=True)
+
+    @guarded
+    async def ServerReady(self, request: v2.ServerReadyRequest, context: grpc.aio.ServicerContext) -> Message:
+        # Triton's strict readiness: every loaded model version must be READY.
+        ready = all(m.state == models_pb2.MODEL_STATE_READY for m in self.registry.models())
+        return v2.ServerReadyResponse(ready=ready)
+
+    @guarded
+    async def ModelReady(self, request: v2.ModelReadyRequest, context: grpc.aio.ServicerContext) -> Message:
+        model = self.registry.get(request.name, parse_version(request.version))
+        return v2.ModelReadyResponse(ready=model.state == models_pb2.MODEL_STATE_READY)
+
+    @guarded
+    async def ServerMetadata(
+        self, request: v2.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> Message:
+        return v2.ServerMetadataResponse(name="onnxserve", version=onnxserve.__version__)
+
+    @guarded
+    async def ModelMetadata(self, request: v2.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> Message:
+        model = self.registry.get(request.name, parse_version(request.version))
+        versions = [str(m.version) for m in self.registry.models() if m.name == model.name]
+        response = v2.ModelMetadataResponse(name=model.name, versions=versions, platform=PLATFORM)
+        graph = single_graph(model)
+        if graph is not None:
+            response.inputs.extend(tensor_metadata(graph.session.get_inputs()))
+            response.outputs.extend(tensor_metadata(graph.session.get_outputs()))
+        return response
+
+    @guarded
+    async def ModelInfer(self, request: v2.ModelInferRequest, context: grpc.aio.ServicerContext) -> Message:
+        model = self.registry.resolve(request.model_name, parse_version(request.model_version))
+        arrays = decode_inputs(request)
+        if TEXT_INPUT in arrays:
+            outputs = await self._run_text(model, arrays, request, context)
+        elif request.parameters:
+            raise InvalidArgument(f"parameters apply to text requests (a {TEXT_INPUT!r} input); tensors take none")
+        else:
+            outputs = await self._run_tensors(model, arrays)
+        requested = [output.name for output in request.outputs]
+        response = v2.ModelInferResponse(model_name=model.name, model_version=str(model.version), id=request.id)
+        encode_outputs(response, select_outputs(outputs, requested, model.name))
+        return response
+
+    async def _run_tensors(self, model: LoadedModel, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        session = tensor_graph(model)
+        check_feeds(model.name, session, arrays)
+        try:
+            return await self._blocking(lambda: session.run(arrays))
+        except GraphRefused as error:
+            # What check_feeds cannot see: shapes that disagree, ids outside the vocabulary.
+            raise InvalidArgument(f"model {model.name!r} refused the inputs: {error}") from error
+
+    async def _run_text(
+        self, model: LoadedModel, arrays: dict[str, np.ndarray], request: v2.ModelInferRequest, context: Any
+    ) -> dict[str, np.ndarray]:
+        rpc = text_rpc(model)
+        typed = build_request(rpc, model.name, {name: _texts(arrays, name) for name in arrays}, request.parameters)
+        if rpc == "Generate":
+            response = await self._generate(model, typed)
+        else:
+            response = await self._run_pipeline(model, rpc, typed, context.time_remaining())
+        return response_tensors(response)
+
+    async def _run_pipeline(self, model: LoadedModel, rpc: str, request: Message, timeout: float | None) -> Message:
+        """preprocess -> forward (through the model's batcher) -> postprocess, as the typed RPC runs."""
+        pipeline: EncoderPipeline = model.pipeline_for(rpc)  # type: ignore[assignment]
+        prepared = await self._blocking(lambda: pipeline.preprocess(request))
+        outputs = await model.runner.infer(prepared.sequences, Timings(), timeout)  # type: ignore[union-attr]
+        return await self._blocking(lambda: pipeline.postprocess(request, prepared, outputs))
+
+    async def _generate(self, model: LoadedModel, request: inference_pb2.GenerateRequest) -> Message:
+        pipeline: GenerationPipeline = model.pipeline_for("Generate")  # type: ignore[assignment]
+        generation = await self._blocking(lambda: pipeline.start(request.prompts, request.parameters, Timings()))
+        return await generation_pipeline.run(generation, self.executor)

@@ -1,0 +1,197 @@
+"""The text mode of KServe v2 ModelInfer: tensors and parameters to the typed request of the model's
+RPC, and the typed response back to tensors. Both directions follow the contract's field names,
+so every task maps the same way (docs/kserve.md):
+
+- the BYTES input `text` fills the RPC's main texts (texts, questions or prompts); any other BYTES
+  input fills the repeated string field of its name (text_pairs, contexts, candidate_labels,
+  targets, stop);
+- each request parameter sets the scalar option of its name (top_k, pooling, max_new_tokens...);
+- each scalar field under the response's results becomes an output tensor of that name, with one
+  dimension per repeated level, ragged levels padded ("" for text, -1 for integers, NaN for
+  floats)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
+from onnxserve.server.errors import InvalidArgument
+
+from onnxserve.kserve_v2 import grpc_predict_v2_pb2 as v2
+from onnxserve.v1 import inference_pb2
+
+TEXT_INPUT = "text"
+
+#: The RPCs text requests run, with their request type and the field `text` fills.
+TEXT_RPCS: dict[str, tuple[type[Message], str]] = {
+    "Encode": (inference_pb2.EncodeRequest, "texts"),
+    "Classify": (inference_pb2.ClassifyRequest, "texts"),
+    "TagTokens": (inference_pb2.TagTokensRequest, "texts"),
+    "Answer": (inference_pb2.AnswerRequest, "questions"),
+    "FillMask": (inference_pb2.FillMaskRequest, "texts"),
+    "Generate": (inference_pb2.GenerateRequest, "prompts"),
+}
+
+#: Leaves whose field name says little on its own.
+OUTPUT_NAMES = {"onnxserve.v1.Embedding.values": "embedding"}
+
+_FLOATS = (FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_DOUBLE)
+_STRING = FieldDescriptor.TYPE_STRING
+_BOOL = FieldDescriptor.TYPE_BOOL
+
+
+# --- request -------------------------------------------------------------------------------------
+
+
+def build_request(rpc: str, model: str, texts: dict[str, list[str]], parameters: Any) -> Message:
+    """The typed request of `rpc` from the text inputs by name and the request's parameters."""
+    request_type, text_field = TEXT_RPCS[rpc]
+    request = request_type(model=model)
+    # Generate keeps its decoding options in a GenerationParameters message.
+    options = request.parameters if rpc == "Generate" else request
+    for name, values in texts.items():
+        field = text_field if name == TEXT_INPUT else name
+        target = request if field in request.DESCRIPTOR.fields_by_name else options
+        if not _is_text_list(target.DESCRIPTOR.fields_by_name.get(field)):
+            allowed = [TEXT_INPUT, *(n for n in _text_lists(request, options) if n != text_field)]
+            raise InvalidArgument(f"{rpc} takes the BYTES inputs {allowed}, not {name!r}")
+        getattr(target, field).extend(values)
+    for name, parameter in parameters.items():
+        set_option(options, name, parameter)
+    return request
+
+
+def _is_text_list(field: FieldDescriptor | None) -> bool:
+    return field is not None and field.is_repeated and field.type == _STRING
+
+
+def _text_lists(*messages: Message) -> list[str]:
+    return [f.name for m in messages for f in m.DESCRIPTOR.fields if _is_text_list(f)]
+
+
+def _options(message: Message) -> list[str]:
+    return [f.name for f in message.DESCRIPTOR.fields if not f.is_repeated and f.message_type is None
+            and f.name not in ("model", "version")]
+
+
+def set_option(message: Message, name: str, parameter: v2.InferParameter) -> None:
+    """Sets the scalar option `name` from a v2 parameter of a fitting kind. Enums take their value
+    names ("cls" for POOLING_CLS); floats take an int64 or a decimal string, since this version of
+    the protocol has no floating-point parameters."""
+    if name not in _options(message):
+        raise InvalidArgument(f"parameter {name!r} is not an option here; the options are {_options(message)}")
+    field = message.DESCRIPTOR.fields_by_name[name]
+    kind = parameter.WhichOneof("parameter_choice")
+    value = getattr(parameter, kind) if kind else None
+    try:
+        setattr(message, name, _convert(field, kind, value))
+    except (TypeError, ValueError) as error:
+        raise InvalidArgument(f"parameter {name!r}: {value!r} does not fit: {error}") from error
+
+
+def _convert(field: FieldDescriptor, kind: str | None, value: Any) -> Any:
+    if field.enum_type is not None and kind == "string_param":
+        prefix = _enum_prefix(field.enum_type.name)
+        names = {v.name.removeprefix(prefix).lower(): v.number for v in field.enum_type.values if v.number}
+        if value not in names:
+            raise ValueError(f"use one of {sorted(names)}")
+        return names[value]
+    if field.type in _FLOATS and kind in ("string_param", "int64_param"):
+        return float(value)
+    wanted = {_STRING: "string_param", _BOOL: "bool_param"}.get(field.type, "int64_param")
+    if field.enum_type is not None or field.type in _FLOATS or kind != wanted:
+        raise TypeError(f"a {kind or 'missing'} value for a {_type_name(field)} option")
+    return value
+
+
+def _enum_prefix(enum_name: str) -> str:
+    """FinishReason -> FINISH_REASON_, the prefix of its value names."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", enum_name).upper() + "_"
+
+
+def _type_name(field: FieldDescriptor) -> str:
+    if field.enum_type is not None:
+        return "enum (string)"
+    return {_STRING: "string", _BOOL: "bool"}.get(field.type, "float" if field.type in _FLOATS else "int64")
+
+
+# --- response ------------------------------------------------------------------------------------
+
+
+def response_tensors(response: Message) -> dict[str, np.ndarray]:
+    """The scalar leaves under the response's list of results, one padded tensor per leaf."""
+    results = next(f for f in response.DESCRIPTOR.fields if f.is_repeated and f.message_type is not None)
+    items = getattr(response, results.name)
+    rows = [leaves(item) for item in items]
+    return {
+        name: pad([row[name] for row in rows], field)
+        for name, field in leaf_fields(results.message_type).items()
+    }
+
+
+def leaf_fields(descriptor: Descriptor) -> dict[str, FieldDescriptor]:
+    """The scalar fields under a message, through its sub-messages, by output name."""
+    fields: dict[str, FieldDescriptor] = {}
+    for field in descriptor.fields:
+        if field.message_type is None:
+            fields[OUTPUT_NAMES.get(field.full_name, field.name)] = field
+        else:
+            fields.update(leaf_fields(field.message_type))
+    return fields
+
+
+def leaves(message: Message) -> dict[str, Any]:
+    """Each scalar leaf of a message: a value, or nested lists under repeated fields."""
+    values: dict[str, Any] = {}
+    for field in message.DESCRIPTOR.fields:
+        value = getattr(message, field.name)
+        if field.message_type is None:
+            name = OUTPUT_NAMES.get(field.full_name, field.name)
+            values[name] = [_scalar(field, v) for v in value] if field.is_repeated else _scalar(field, value)
+        elif field.is_repeated:
+            children = [leaves(child) for child in value]
+            values.update({name: [c[name] for c in children] for name in leaf_fields(field.message_type)})
+        else:
+            values.update(leaves(value))
+    return values
+
+
+def _scalar(field: FieldDescriptor, value: Any) -> Any:
+    if field.enum_type is not None:
+        return field.enum_type.values_by_number[value].name.removeprefix(_enum_prefix(field.enum_type.name)).lower()
+    return value
+
+
+def pad(rows: Sequence[Any], field: FieldDescriptor) -> np.ndarray:
+    """Nested lists as one array, each ragged level padded to its longest."""
+    if field.type == _STRING or field.enum_type is not None:
+        dtype, fill = np.dtype(object), ""
+    elif field.type in _FLOATS:
+        dtype, fill = np.dtype(np.float32), np.nan
+    elif field.type == _BOOL:
+        dtype, fill = np.dtype(np.bool_), False
+    else:
+        dtype, fill = np.dtype(np.int64), -1
+    array = np.full(_shape(rows), fill, dtype=dtype)
+    _fill(array, rows, ())
+    return array
+
+
+def _shape(rows: Any) -> tuple[int, ...]:
+    if not isinstance(rows, list):
+        return ()
+    inner = [_shape(row) for row in rows]
+    depth = max((len(s) for s in inner), default=0)
+    return (len(rows), *(max((s[i] for s in inner if len(s) > i), default=0) for i in range(depth)))
+
+
+def _fill(array: np.ndarray, rows: Any, index: tuple[int, ...]) -> None:
+    if not isinstance(rows, list):
+        array[index] = rows
+        return
+    for position, row in enumerate(rows):
+        _fill(array, row, (*index, position))
