@@ -17,7 +17,16 @@ from pathlib import Path
 from onnxserve.export.checkpoint import Checkpoint, load_config, load_tokenizer, open_source
 from onnxserve.export.errors import ExportError
 from onnxserve.export.manifest import describe_model, now_rfc3339
-from onnxserve.export.optimize import can_fuse, fuse, opset, optimize_basic, to_fp16
+from onnxserve.export.optimize import (
+    can_fuse,
+    fuse,
+    merge_decoders,
+    move_model,
+    opset,
+    optimize_basic,
+    remove_model,
+    to_fp16,
+)
 from onnxserve.export.progress import Steps, quiet
 from onnxserve.export.quantize import quantize_int8
 from onnxserve.export.tasks import TaskSpec, check_exportable, detect_task, task_spec
@@ -120,44 +129,63 @@ def _read(checkpoint: Checkpoint, task: str | None) -> _Model:
 
 
 def _make_variants(model: _Model, stage: Path, wanted: list[str], steps: Steps) -> list[_Variant]:
-    """The wanted variants' files, in the staging folder. fp32 is always made, as fp16 derives from
-    it, and removed at the end when it is not wanted. int8 derives from the graph before fusion:
-    the quantizer needs standard ops to infer types, and ONNX Runtime fuses the quantized graph
-    itself when it loads it."""
+    """The wanted variants' files, in the staging folder.
+
+    Conversions run on the graphs optimum writes ("parts": one per role, or a decoder and a
+    decoder with past), which are then put together per role. fp32 is always made, as fp16
+    derives from it. int8 derives from the graph before fusion: the quantizer needs standard ops
+    to infer types, and ONNX Runtime fuses the quantized graph itself when it loads it."""
     work = stage / "optimum"
     with steps.step(f"exporting {model.spec.name} with optimum"), quiet():
         _run_optimum(model, work)
-    fp32 = _Variant("fp32", {role: stage / f"{role}.fp32.onnx" for role in model.spec.graphs}, "")
+    names = [Path(file).stem for files in model.spec.graphs.values() for file in files]
+
+    def parts(kind: str) -> dict[str, Path]:
+        return {name: work / f"{name}.{kind}.onnx" for name in names}
+
     with steps.step("optimizing the graph (fp32)"):
-        exported = {role: work / file for role, file in model.spec.graphs.items()}
-        fused = can_fuse(model.config.model_type)
-        plain = {role: work / f"{role}.plain.onnx" for role in exported} if fused else fp32.graphs
-        fp32.recipe = plain_recipe = _convert(optimize_basic, exported, plain)
-        if fused:
-            fp32.recipe += "; " + _convert(fuse, plain, fp32.graphs)
-    variants = [fp32]
-    derived = {"fp16": (to_fp16, fp32.graphs, fp32.recipe), "int8": (quantize_int8, plain, plain_recipe)}
+        plain = parts("plain")
+        plain_recipe = fp32_recipe = _convert(optimize_basic, {name: work / f"{name}.onnx" for name in names}, plain)
+        fp32 = plain
+        if can_fuse(model.config.model_type):
+            fp32 = parts("fp32")
+            fp32_recipe += "; " + _convert(fuse, plain, fp32)
+    made = {"fp32": (fp32, fp32_recipe)}
+    derived = {"fp16": (to_fp16, fp32, fp32_recipe), "int8": (quantize_int8, plain, plain_recipe)}
     for precision, (converter, sources, prior) in derived.items():
         if precision in wanted:
             with steps.step(f"making the {precision} variant"):
-                graphs = {role: stage / f"{role}.{precision}.onnx" for role in fp32.graphs}
-                variants.append(_Variant(precision, graphs, f"{prior}; {_convert(converter, sources, graphs)}"))
+                made[precision] = (parts(precision), f"{prior}; {_convert(converter, sources, parts(precision))}")
+    variants = [
+        _Variant(precision, _assemble(model.spec, made[precision][0], stage, precision), made[precision][1])
+        for precision in wanted
+    ]
     shutil.rmtree(work)
-    if "fp32" not in wanted:
-        _remove(fp32)
-    return [variant for variant in variants if variant.precision in wanted]
+    return variants
 
 
 def _convert(converter: Callable[[Path, Path], str], sources: dict[str, Path], targets: dict[str, Path]) -> str:
-    """Converts each role's graph; returns the recipe (one converter, so one recipe for all roles)."""
-    recipes = [converter(sources[role], targets[role]) for role in sources]
+    """Converts each part; returns the recipe (one converter, so one recipe for all parts)."""
+    recipes = [converter(sources[name], targets[name]) for name in sources]
     return recipes[0]
+
+
+def _assemble(spec: TaskSpec, parts: dict[str, Path], stage: Path, precision: str) -> dict[str, Path]:
+    """Each role's final file in the staging folder: its part moved, or its two decoders merged."""
+    graphs = {}
+    for role, files in spec.graphs.items():
+        graphs[role] = target = stage / f"{role}.{precision}.onnx"
+        sources = [parts[Path(file).stem] for file in files]
+        if len(sources) == 1:
+            move_model(sources[0], target)
+        else:
+            merge_decoders(*sources, target)
+    return graphs
 
 
 def _remove(variant: _Variant) -> None:
     for graph in variant.graphs.values():
-        for path in (graph, graph.with_name(f"{graph.name}.data")):  # .data: external weights
-            path.unlink(missing_ok=True)
+        remove_model(graph)
 
 
 def _run_optimum(model: _Model, output: Path) -> None:
@@ -174,7 +202,7 @@ def _run_optimum(model: _Model, output: Path) -> None:
         )
     except (ValueError, KeyError, RuntimeError, OSError) as error:
         raise ExportError(f"optimum's ONNX exporter failed on {model.checkpoint.source}: {error}") from error
-    missing = [file for file in model.spec.graphs.values() if not (output / file).is_file()]
+    missing = [file for files in model.spec.graphs.values() for file in files if not (output / file).is_file()]
     if missing:
         raise ExportError(f"optimum's ONNX exporter wrote no {', '.join(missing)} for {model.spec.name}")
 

@@ -129,7 +129,15 @@ def generation_defaults(
             setattr(defaults, field, chosen[field])
     if isinstance(chosen.get("early_stopping"), bool):  # may also be the string "never"
         defaults.early_stopping = chosen["early_stopping"]
+    defaults.suppress_token_ids.extend(_suppressed(generation))
     return defaults
+
+
+def _suppressed(generation: GenerationConfig) -> list[int]:
+    """Tokens never to generate: single-token bad_words_ids (Marian bans its padding) and
+    suppress_tokens. Longer bad-word sequences are not carried: the server does not apply them."""
+    banned = {ids[0] for ids in generation.bad_words_ids or [] if len(ids) == 1}
+    return sorted(banned | set(generation.suppress_tokens or []))
 
 
 def _decoder_layers(config: PretrainedConfig) -> int:

@@ -10,15 +10,18 @@ server's session, which applies them for the provider it actually runs.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import onnx
 from onnx.checker import MAXIMUM_PROTOBUF
 from onnxruntime.transformers.float16 import convert_float_to_float16
 from onnxruntime.transformers.fusion_options import FusionOptions
+from onnxruntime.transformers.onnx_model import OnnxModel
 from onnxruntime.transformers.optimizer import optimize_model
 
 # Encoder-only model types whose attention blocks match onnxruntime's BERT fusion patterns.
+_FORCE_EXTERNAL_DATA = "FORCE_ONNX_EXTERNAL_DATA"
 FUSED_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "albert"})
 
 
@@ -45,8 +48,59 @@ def fuse(source: Path, target: Path) -> str:
 def to_fp16(source: Path, target: Path) -> str:
     """Writes an fp16 copy of `source` that keeps fp32 inputs and outputs (the server feeds and
     reads fp32 whatever the variant)."""
-    save_model(convert_float_to_float16(str(source), keep_io_types=True), target)
+    model = OnnxModel(convert_float_to_float16(str(source), keep_io_types=True))
+    # The converter appends its input casts at the end of the node list; ONNX wants nodes in
+    # topological order (ONNX Runtime sorts by itself, the checker and optimum's merge do not).
+    model.topological_sort()
+    save_model(model.model, target)
     return "float16 conversion (onnxruntime converter), fp32 inputs and outputs"
+
+
+def merge_decoders(decoder: Path, decoder_with_past: Path, target: Path) -> None:
+    """optimum's merge: one graph, shared weights, an If on the use_cache_branch input."""
+    from optimum.onnx import merge_decoders as merge
+
+    # strict=False: the decoder with past does not output the (constant) cross-attention cache.
+    if _size(decoder) + _size(decoder_with_past) < MAXIMUM_PROTOBUF:
+        merge(decoder, decoder_with_past, save_path=target, strict=False)
+        return
+    # optimum's saver writes external data (as <file>_data) only when this variable asks; re-saving
+    # names it <file>.data like every other variant.
+    previous = os.environ.get(_FORCE_EXTERNAL_DATA)
+    os.environ[_FORCE_EXTERNAL_DATA] = "1"
+    try:
+        merge(decoder, decoder_with_past, save_path=target, strict=False)
+    finally:
+        if previous is None:
+            del os.environ[_FORCE_EXTERNAL_DATA]
+        else:
+            os.environ[_FORCE_EXTERNAL_DATA] = previous
+    optimum_data = target.with_name(f"{target.name}_data")
+    save_model(onnx.load(str(target)), target)
+    optimum_data.unlink()
+
+
+def move_model(source: Path, target: Path) -> None:
+    """Moves an ONNX file; one with external weights is re-saved so that it names its new data file."""
+    if external_data(source).is_file():
+        save_model(onnx.load(str(source)), target)
+        remove_model(source)
+    else:
+        os.replace(source, target)
+
+
+def remove_model(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    external_data(path).unlink(missing_ok=True)
+
+
+def external_data(path: Path) -> Path:
+    return path.with_name(f"{path.name}.data")
+
+
+def _size(path: Path) -> int:
+    data = external_data(path)
+    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
 
 
 def save_model(model: onnx.ModelProto, target: Path) -> None:
@@ -56,7 +110,7 @@ def save_model(model: onnx.ModelProto, target: Path) -> None:
     else:
         onnx.save_model(
             model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
-            location=f"{target.name}.data",
+            location=external_data(target).name,
         )  # fmt: skip
 
 

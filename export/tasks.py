@@ -11,21 +11,24 @@ from transformers import PretrainedConfig
 
 from onnxserve.v1 import common_pb2
 
-SINGLE_GRAPH = {"model": "model.onnx"}
-# optimum writes decoder_model.onnx, decoder_with_past_model.onnx and their merge; the merged one
-# serves both the first step (use_cache_branch=False) and the next ones, with one copy of weights.
-SEQ2SEQ_GRAPHS = {"encoder": "encoder_model.onnx", "decoder": "decoder_model_merged.onnx"}
+SINGLE_GRAPH = {"model": ("model.onnx",)}
+# The seq2seq decoder is served merged: one graph with one copy of the weights for the first step
+# (use_cache_branch=False) and the next ones. optimum merges its own decoders, but ONNX Runtime's
+# float16 converter cannot handle the merged graph's If branches, so the exporter converts the
+# two decoders it also writes and merges each precision itself.
+SEQ2SEQ_GRAPHS = {"encoder": ("encoder_model.onnx",), "decoder": ("decoder_model.onnx", "decoder_with_past_model.onnx")}
 
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """One servable task. `graphs` maps each role to the file optimum's exporter writes for it."""
+    """One servable task. `graphs` maps each role to the files optimum's exporter writes for it:
+    one file, or a decoder and a decoder with past to merge."""
 
     name: str
     proto: int
     optimum_task: str
     auto_class: str  # the transformers class that loads the PyTorch reference
-    graphs: dict[str, str] = field(default_factory=lambda: SINGLE_GRAPH)
+    graphs: dict[str, tuple[str, ...]] = field(default_factory=lambda: SINGLE_GRAPH)
 
     @property
     def generative(self) -> bool:

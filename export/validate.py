@@ -5,7 +5,11 @@ undefined and fused attention kernels need not agree there):
   - max_abs_diff: the largest absolute difference of the main output (last_hidden_state, logits,
     start/end logits; for generation the first step's logits);
   - top1_agreement (logits only): the share of top-1 predictions (argmax over the last axis: one per
-    sample for sequence-level heads, one per kept token for token-level heads) that agree;
+    sample for sequence-level heads, one per kept token for token-level heads) that agree. A
+    near-tie, where the reference's probabilities (softmax over the last axis) for its top-1 and
+    the variant's differ by less than NEAR_TIE, agrees: the reference has no real preference there,
+    and rounding may pick either (random test models and uncertain language-model positions have
+    many such);
   - mean/min cosine: per sample, between pooled embeddings for feature extraction, else between
     the sample's flattened logits.
 """
@@ -49,6 +53,9 @@ PAIRS = (
 CHOICES = ("in the kitchen.", "on the moon.", "with a friend.")
 
 
+NEAR_TIE = 0.01
+
+
 @dataclass(frozen=True)
 class Gate:
     """Bounds a variant must meet; None where a bound does not apply."""
@@ -62,8 +69,8 @@ class Gate:
 GATES = {
     # The reference export: the graph optimizations must keep PyTorch's numbers.
     "fp32": Gate(max_abs_diff=1e-3, min_top1=1.0),
-    # fp16 keeps about three significant digits: close in direction, near-ties may flip.
-    "fp16": Gate(min_top1=0.95, min_min_cosine=0.999),
+    # fp16 keeps about three significant digits: close in direction, clear predictions kept.
+    "fp16": Gate(min_top1=0.98, min_min_cosine=0.999),
     # int8 weights move outputs more; embeddings must still rank alike and most predictions hold.
     "int8": Gate(min_top1=0.9, min_mean_cosine=0.99, min_min_cosine=0.98),
 }
@@ -156,9 +163,7 @@ def _judge(reference: list[Sample], exported: list[Sample], logits: bool, gate: 
         ("min_cosine", validation.min_cosine, ">=", gate.min_min_cosine),
     ]
     if logits:
-        agree = np.concatenate(
-            [(r.main.argmax(-1) == e.main.argmax(-1)).ravel() for r, e in zip(reference, exported, strict=True)]
-        )
+        agree = np.concatenate([_agreements(r.main, e.main) for r, e in zip(reference, exported, strict=True)])
         validation.top1_agreement = float(agree.mean())
         checks.append(("top1_agreement", validation.top1_agreement, ">=", gate.min_top1))
     for name, value, relation, bound in checks:
@@ -166,6 +171,16 @@ def _judge(reference: list[Sample], exported: list[Sample], logits: bool, gate: 
             validation.failures.append(f"{name} {value:.6g} is not {relation} {bound:.6g}")
     validation.passed = not validation.failures
     return validation
+
+
+def _agreements(reference: np.ndarray, exported: np.ndarray) -> np.ndarray:
+    """Per top-1 prediction (rows over the last axis): whether the variant agrees, near-ties included."""
+    reference = reference.reshape(-1, reference.shape[-1]).astype(np.float64)
+    chosen = exported.reshape(-1, exported.shape[-1]).argmax(-1)
+    probabilities = np.exp(reference - reference.max(-1, keepdims=True))
+    probabilities /= probabilities.sum(-1, keepdims=True)
+    rows = np.arange(len(reference))
+    return probabilities.max(-1) - probabilities[rows, chosen] < NEAR_TIE
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
