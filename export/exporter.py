@@ -69,7 +69,7 @@ class _Variant:
 
 
 def export_model(
-    source: str,
+    source: str | Path,
     repository: Path,
     *,
     name: str | None = None,
@@ -81,6 +81,7 @@ def export_model(
     """Exports SOURCE (a checkpoint folder, a Hub id or a .gguf file) into REPOSITORY/NAME as the
     next version; returns the version folder. Variants that miss their validation gates are an
     ExportError (nothing is written) unless `force`, which writes them marked as failed."""
+    source = str(source)
     wanted = _check_precisions(precisions)
     if name is not None:
         _check_name(name)
