@@ -1,0 +1,90 @@
+"""Metrics by model, RPC and status code; request ids echoed back; JSON logs that carry them."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import pytest
+
+from onnxserve.v1 import inference_pb2, inference_pb2_grpc
+from tests.serving import ServerProcess, add_version, metric, wait_for
+
+KIND = "bert-sequence-classification"
+CLASSIFY = "onnxserve.v1.Inference/Classify"
+
+
+@pytest.fixture(scope="module")
+def exported(export):
+    return {KIND: export(KIND, precisions=("fp32",))}
+
+
+@pytest.fixture(scope="module")
+def server(exported, start_server):
+    return start_server(exported, settings={"metrics_port": 0})
+
+
+def classify(target: str, model: str = KIND, metadata: tuple = ()) -> grpc.Call:
+    """Calls Classify; returns the call, whose trailing metadata holds the request id."""
+    with grpc.insecure_channel(target) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        request = inference_pb2.ClassifyRequest(model=model, texts=["counted"] * 3)
+        try:
+            return stub.Classify.with_call(request, metadata=metadata, timeout=30)[1]
+        except grpc.RpcError as error:
+            return error
+
+
+def test_requests_and_errors_by_model_rpc_and_code(server):
+    port = server.server.metrics_port
+    before = metric(port, "onnxserve_requests_total", model=KIND, rpc=CLASSIFY, code="OK")
+    for _ in range(3):
+        classify(server.target)
+    classify(server.target, model="no-such-model")
+    assert metric(port, "onnxserve_requests_total", model=KIND, rpc=CLASSIFY, code="OK") == before + 3
+    # Names the server does not hold share one label value, so callers cannot grow the series.
+    assert metric(port, "onnxserve_request_errors_total", model="", rpc=CLASSIFY, code="NOT_FOUND") >= 1
+    assert metric(port, "onnxserve_request_errors_total", model=KIND, code="OK") == 0
+    for histogram in ("request_duration_seconds", "queue_duration_seconds", "inference_duration_seconds"):
+        assert metric(port, f"onnxserve_{histogram}_count", model=KIND) >= 3, histogram
+    assert metric(port, "onnxserve_batch_size_sum", model=KIND) >= 9
+    assert metric(port, "onnxserve_batch_tokens_count", model=KIND) >= 1
+
+
+def test_model_state_and_queue_depth(server):
+    port = server.server.metrics_port
+    assert metric(port, "onnxserve_model_state", model=KIND, version="1", state="ready") == 1
+    assert metric(port, "onnxserve_models_loaded") == 1
+    assert metric(port, "onnxserve_queue_depth", model=KIND) == 0
+
+
+def request_id(call: grpc.Call) -> str:
+    return dict(call.trailing_metadata())["x-request-id"]
+
+
+def test_request_ids_are_echoed_or_made(server):
+    assert request_id(classify(server.target, metadata=(("x-request-id", "caller-id-42"),))) == "caller-id-42"
+    made = request_id(classify(server.target))
+    assert len(made) == 32 and made != request_id(classify(server.target))
+    # Ids that would not be safe in a log line are replaced; failed calls get one too.
+    for unsafe in ("x" * 500, "a b; c=\"d\""):
+        assert request_id(classify(server.target, metadata=(("x-request-id", unsafe),))) != unsafe
+    assert request_id(classify(server.target, model="no-such-model"))
+
+
+def test_json_logs_carry_the_request_id(exported, tmp_path):
+    repository = tmp_path / "repository"
+    add_version(exported[KIND], repository, KIND, 1)
+    server = ServerProcess(
+        "--repository", str(repository), "--log-format", "json", "--log-level", "debug",
+        log_path=tmp_path / "server.log",
+    )
+    try:
+        classify(server.target, metadata=(("x-request-id", "trace-me"),))
+        server.terminate()
+    finally:
+        server.close()
+    entries = [json.loads(line) for line in server.log_path.read_text().splitlines()]
+    assert all({"time", "level", "logger", "message"} <= entry.keys() for entry in entries)
+    access = wait_for(lambda: [e for e in entries if e.get("request_id") == "trace-me"], what="the access entry")
+    assert access[0]["rpc"] == CLASSIFY and access[0]["code"] == "OK" and access[0]["model"] == KIND
