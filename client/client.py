@@ -206,8 +206,12 @@ class Client(_Methods):
         return parse(method(request, timeout=self.timeout, metadata=self.metadata))
 
     def _stream(self, method: Callable, request: Message, parse: Callable[[Any], Any]) -> Iterator[Any]:
-        for message in method(request, timeout=self.timeout, metadata=self.metadata):
-            yield parse(message)
+        call = method(request, timeout=self.timeout, metadata=self.metadata)
+        try:
+            for message in call:
+                yield parse(message)
+        finally:
+            call.cancel()  # leaving the loop early cancels the call, so the server stops generating
 
     def close(self) -> None:
         self.channel.close()
@@ -235,8 +239,12 @@ class AsyncClient(_Methods):
         return parse(await method(request, timeout=self.timeout, metadata=self.metadata))
 
     async def _stream(self, method: Callable, request: Message, parse: Callable[[Any], Any]) -> AsyncIterator[Any]:
-        async for message in method(request, timeout=self.timeout, metadata=self.metadata):
-            yield parse(message)
+        call = method(request, timeout=self.timeout, metadata=self.metadata)
+        try:
+            async for message in call:
+                yield parse(message)
+        finally:
+            call.cancel()  # leaving the loop early cancels the call, so the server stops generating
 
     async def close(self) -> None:
         await self.channel.close()

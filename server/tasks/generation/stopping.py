@@ -82,6 +82,8 @@ class OutputSequence:
         until the sequence ends."""
         end = len(self.text) if self.finished else len(self.text) - self.criteria.pending(self.text)
         end = max(end, self._released_text)
+        if end == self._released_text and not self.finished:
+            return "", []  # the tokens go out with the text they complete
         piece, tokens = self.text[self._released_text : end], self.tokens[self._released_tokens :]
         self._released_text, self._released_tokens = end, len(self.tokens)
         return piece, tokens
