@@ -1,0 +1,24 @@
+"""Comparisons shared by the parity tests of the encoder heads (Answer, FillMask, TagTokens,
+zero-shot and multiple-choice Classify)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+
+# Random tiny models give small probabilities (a span's is a product of two over hundreds of
+# tokens), so scores must also agree relative to their size, not only within 1e-4.
+SCORE_ABS = 1e-4
+SCORE_REL = 1e-3
+
+
+def assert_score(served: float, expected: float) -> None:
+    assert abs(served - expected) <= SCORE_ABS
+    assert served == pytest.approx(expected, rel=SCORE_REL, abs=1e-9)
+
+
+def agreement(served: Sequence[object], expected: Sequence[object]) -> float:
+    """The share of positions where the two sequences hold equal items."""
+    assert len(served) == len(expected) > 0
+    return sum(s == e for s, e in zip(served, expected, strict=True)) / len(expected)
