@@ -24,14 +24,26 @@ from onnxserve.server.tasks.generation.pipeline import GenerationPipeline
 from onnxserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, models_pb2, models_pb2_grpc
 
 log = logging.getLogger(__name__)
+# Percent-encoded, a byte of a status message takes up to 3 in the header.
+MAX_DETAILS_BYTES = 2048
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
+
+
+def bounded(message: str) -> str:
+    """A status message cut to MAX_DETAILS_BYTES. Messages quote the caller's input, and gRPC
+    sends them in a header that clients refuse past 8 KiB, which would hide the real status
+    behind a RESOURCE_EXHAUSTED about metadata."""
+    data = message.encode()
+    if len(data) <= MAX_DETAILS_BYTES:
+        return message
+    return data[:MAX_DETAILS_BYTES].decode(errors="ignore") + " [...]"
 
 
 async def _abort_for(error: Exception, rpc: str, context: grpc.aio.ServicerContext) -> None:
     if isinstance(error, ServingError):
-        await context.abort(error.code, str(error))
+        await context.abort(error.code, bounded(str(error)))
     log.exception("%s failed", rpc)
-    await context.abort(grpc.StatusCode.INTERNAL, f"{rpc} failed: {type(error).__name__}: {error}")
+    await context.abort(grpc.StatusCode.INTERNAL, bounded(f"{rpc} failed: {type(error).__name__}: {error}"))
 
 
 def guarded(handler: Handler) -> Handler:
