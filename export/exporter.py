@@ -92,7 +92,10 @@ def export_model(
             checkpoint = stack.enter_context(open_source(source))
             model = _read(checkpoint, task)
         model_dir = Path(repository) / _check_name(name or checkpoint.default_name)
-        stage = stack.enter_context(staging(model_dir))
+        try:
+            stage = stack.enter_context(staging(model_dir))
+        except OSError as error:
+            raise ExportError(f"cannot write into the model repository: {error}") from error
         variants = _make_variants(model, stage, wanted, steps)
         _validate(model, variants, steps, force)
         with steps.step("writing the version"):
@@ -213,7 +216,14 @@ def _validate(model: _Model, variants: list[_Variant], steps: Steps, force: bool
     A variant ONNX Runtime cannot run here (fp16 of some graphs on a CPU-only machine) is left
     out with a warning, or written unvalidated under `force`."""
     with steps.step("computing the PyTorch reference"), quiet():
-        validator = Validator(model.spec, model.checkpoint.path, model.config, model.tokenizer, model.manifest.pooling)
+        validator = Validator(
+            model.spec,
+            model.checkpoint.path,
+            model.config,
+            model.tokenizer,
+            model.manifest.pooling,
+            model.manifest.max_length,
+        )
     for variant in list(variants):
         with steps.step(f"validating {variant.precision} against PyTorch"):
             try:

@@ -51,6 +51,7 @@ PAIRS = (
     ("The weather is nice today.", "It is raining heavily."),
 )
 CHOICES = ("in the kitchen.", "on the moon.", "with a friend.")
+SAMPLE_MAX_LENGTH = 128
 
 
 NEAR_TIE = 0.01
@@ -105,11 +106,13 @@ class Validator:
         config: PretrainedConfig,
         tokenizer: PreTrainedTokenizerFast,
         pooling: int,
+        max_length: int,
     ) -> None:
         self.spec = spec
         self.family = _FAMILIES[spec.name]
         self.pooling = pooling
-        self.batches = self.family.inputs(tokenizer, config)
+        # Short samples: enough to exercise attention and padding, cheap on big models.
+        self.batches = self.family.inputs(_Inputs(tokenizer, config, min(max_length, SAMPLE_MAX_LENGTH)))
         model_class = getattr(transformers, spec.auto_class)
         model = model_class.from_pretrained(checkpoint, dtype=torch.float32).eval()
         with torch.inference_mode():
@@ -192,9 +195,19 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 # --- task families: their sample inputs, how the ONNX graphs run, and each sample's output ------
 
 
-def _tokenize(tokenizer: PreTrainedTokenizerFast, *texts: Sequence[str], padding: bool = True) -> Batch:
-    encoded = tokenizer(*texts, padding=padding, truncation=True, max_length=128, return_tensors="np")
-    return {name: array.astype(np.int64) for name, array in encoded.items()}
+@dataclass(frozen=True)
+class _Inputs:
+    """What the sample inputs are made with."""
+
+    tokenizer: PreTrainedTokenizerFast
+    config: PretrainedConfig
+    max_length: int
+
+    def tokenize(self, *texts: Sequence[str], padding: bool = True) -> Batch:
+        encoded = self.tokenizer(
+            *texts, padding=padding, truncation=True, max_length=self.max_length, return_tensors="np"
+        )
+        return {name: array.astype(np.int64) for name, array in encoded.items()}
 
 
 def _feeds(session: ort.InferenceSession, values: Batch) -> Batch:
@@ -263,51 +276,51 @@ def _embeddings(outputs: Outputs, batch: Batch, pooling: int) -> list[Sample]:
     return samples
 
 
-def _texts(tokenizer: PreTrainedTokenizerFast, config: PretrainedConfig) -> list[Batch]:
-    return [_tokenize(tokenizer, list(TEXTS))]
+def _texts(inputs: _Inputs) -> list[Batch]:
+    return [inputs.tokenize(list(TEXTS))]
 
 
-def _texts_and_pairs(tokenizer: PreTrainedTokenizerFast, config: PretrainedConfig) -> list[Batch]:
+def _texts_and_pairs(inputs: _Inputs) -> list[Batch]:
     firsts, seconds = zip(*PAIRS, strict=True)
-    return [_tokenize(tokenizer, list(TEXTS)), _tokenize(tokenizer, list(firsts), list(seconds))]
+    return [inputs.tokenize(list(TEXTS)), inputs.tokenize(list(firsts), list(seconds))]
 
 
-def _questions(tokenizer: PreTrainedTokenizerFast, config: PretrainedConfig) -> list[Batch]:
+def _questions(inputs: _Inputs) -> list[Batch]:
     firsts, seconds = zip(*PAIRS, strict=True)
-    return [_tokenize(tokenizer, list(firsts), list(seconds))]
+    return [inputs.tokenize(list(firsts), list(seconds))]
 
 
-def _masked_texts(tokenizer: PreTrainedTokenizerFast, config: PretrainedConfig) -> list[Batch]:
-    masked = [" ".join(tokenizer.mask_token if i == 1 else w for i, w in enumerate(t.split(" "))) for t in TEXTS]
-    return [_tokenize(tokenizer, masked)]
+def _masked_texts(inputs: _Inputs) -> list[Batch]:
+    masked = [" ".join(inputs.tokenizer.mask_token if i == 1 else w for i, w in enumerate(t.split(" "))) for t in TEXTS]
+    return [inputs.tokenize(masked)]
 
 
-def _choices(tokenizer: PreTrainedTokenizerFast, config: PretrainedConfig) -> list[Batch]:
+def _choices(inputs: _Inputs) -> list[Batch]:
     prompts = [first for first, _ in PAIRS]
-    flat = _tokenize(tokenizer, [p for p in prompts for _ in CHOICES], [c for _ in prompts for c in CHOICES])
+    flat = inputs.tokenize([p for p in prompts for _ in CHOICES], [c for _ in prompts for c in CHOICES])
     return [{name: array.reshape(len(prompts), len(CHOICES), -1) for name, array in flat.items()}]
 
 
-def _prompts(tokenizer: PreTrainedTokenizerFast, config: PretrainedConfig) -> list[Batch]:
+def _prompts(inputs: _Inputs) -> list[Batch]:
     # One prompt per batch: decoder tokenizers often have no pad token, and without padding the
     # positions simply count from 0.
-    batches = [_tokenize(tokenizer, [text], padding=False) for text in TEXTS]
+    batches = [inputs.tokenize([text], padding=False) for text in TEXTS]
     for batch in batches:
         batch["position_ids"] = np.arange(batch["input_ids"].shape[1], dtype=np.int64)[None, :]
     return batches
 
 
-def _sources(tokenizer: PreTrainedTokenizerFast, config: PretrainedConfig) -> list[Batch]:
-    batch = _tokenize(tokenizer, list(TEXTS))
-    start = config.decoder_start_token_id
-    start = config.pad_token_id if start is None else start
+def _sources(inputs: _Inputs) -> list[Batch]:
+    batch = inputs.tokenize(list(TEXTS))
+    start = inputs.config.decoder_start_token_id
+    start = inputs.config.pad_token_id if start is None else start
     batch["decoder_input_ids"] = np.full([batch["input_ids"].shape[0], 1], start, dtype=np.int64)
     return [batch]
 
 
 @dataclass(frozen=True)
 class _Family:
-    inputs: Callable[[PreTrainedTokenizerFast, PretrainedConfig], list[Batch]]
+    inputs: Callable[[_Inputs], list[Batch]]
     run_onnx: Callable[[dict[str, ort.InferenceSession], Batch], Outputs]
     samples: Callable[[Outputs, Batch, int], list[Sample]]
     logits: bool = True

@@ -7,6 +7,7 @@ export is marked slow.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Callable
 from datetime import datetime
@@ -276,6 +277,30 @@ def test_a_missed_gate_writes_nothing_and_names_the_gate(
     assert [f.split(" ")[0] for f in int8.validation.failures] == ["min_cosine"]
 
 
+def test_a_variant_that_cannot_run_here_is_left_out(
+    checkpoint: Checkpoints, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    load = validate._session
+
+    def session(path: Path) -> object:
+        if ".fp16." in path.name:  # as for fp16 kernels a CPU provider lacks
+            raise validate.NotRunnable(f"ONNX Runtime cannot load {path.name} on the CPU: NOT_IMPLEMENTED")
+        return load(path)
+
+    monkeypatch.setattr(validate, "_session", session)
+    source = checkpoint("bert-sequence-classification")
+    with caplog.at_level(logging.WARNING, logger="onnxserve.export"):
+        version_dir = _export(source, tmp_path, name="cpu", precisions=("fp32", "fp16"))
+    assert [v.precision for v in read_manifest(version_dir).variants] == [common_pb2.PRECISION_FP32]
+    assert not (version_dir / "model.fp16.onnx").exists()
+    assert "the fp16 variant is left out: ONNX Runtime cannot load model.fp16.onnx" in caplog.text
+
+    forced = read_manifest(_export(source, tmp_path, name="cpu", precisions=("fp32", "fp16"), force=True))
+    fp16 = forced.variants[1].validation
+    assert not fp16.passed and fp16.samples == 0
+    assert fp16.failures[0].startswith("not validated: ONNX Runtime cannot load model.fp16.onnx")
+
+
 # --- errors --------------------------------------------------------------------------------------
 
 
@@ -321,7 +346,8 @@ def test_unsupported_architecture(checkpoint: Checkpoints, tmp_path: Path) -> No
         _export(source, tmp_path / "repository")
 
 
-@pytest.mark.parametrize("source", ["/no/such/checkpoint", "./no-such-folder", "no such model"])
+# The Hub id is looked up offline (conftest sets HF_HUB_OFFLINE) and is in no cache.
+@pytest.mark.parametrize("source", ["/no/such/checkpoint", "./no-such-folder", "no such model", "nobody/no-such-model"])
 def test_source_not_found(tmp_path: Path, source: str) -> None:
     with pytest.raises(ExportError, match="not found"):
         export_model(source, tmp_path, show_progress=False)
@@ -335,6 +361,74 @@ def test_invalid_name_and_precision(checkpoint: Checkpoints, tmp_path: Path) -> 
     with pytest.raises(ExportError, match="unknown precision int4"):
         _export(source, tmp_path, precisions=("fp32", "int4"))
     assert list(tmp_path.iterdir()) == []
+
+
+# --- GGUF ---------------------------------------------------------------------------------------
+
+
+def _write_llama_gguf(checkpoint: Path, target: Path) -> None:
+    """A GGUF file of a Llama checkpoint, laid out as llama.cpp's converter writes one (q and k
+    rows permuted for its rotary layout; transformers permutes them back when reading)."""
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(checkpoint), AutoTokenizer.from_pretrained(checkpoint)
+    config = model.config
+    writer = gguf.GGUFWriter(str(target), "llama")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_theta)
+    tokens = sorted(tokenizer.get_vocab(), key=tokenizer.get_vocab().get)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * len(tokens))
+    writer.add_token_types([3 if token in tokenizer.all_special_tokens else 1 for token in tokens])
+    merges = json.loads((checkpoint / TOKENIZER_FILE).read_text())["model"]["merges"]
+    writer.add_token_merges([" ".join(merge) if isinstance(merge, list) else merge for merge in merges])
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_unk_token_id(tokenizer.unk_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+    layer_names = {
+        "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+        "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    }  # fmt: skip
+    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
+    for name, tensor in model.state_dict().items():
+        module = name.removesuffix(".weight")
+        if module in names:
+            writer.add_tensor(f"{names[module]}.weight", tensor.numpy())
+            continue
+        _, _, layer, part = module.split(".", 3)
+        gguf_name, weights = layer_names[part], tensor.numpy()
+        if gguf_name in heads:
+            n = heads[gguf_name]
+            weights = weights.reshape(n, 2, -1, weights.shape[1]).swapaxes(1, 2).reshape(weights.shape)
+        writer.add_tensor(f"blk.{layer}.{gguf_name}.weight", weights)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_gguf_file(checkpoint: Checkpoints, tmp_path: Path) -> None:
+    pytest.importorskip("gguf")
+    gguf_file = tmp_path / "tiny-llama.Q8.gguf"
+    _write_llama_gguf(checkpoint("llama-causal-lm"), gguf_file)
+    version_dir = _export(gguf_file, tmp_path / "repository", precisions=("fp32", "int8"))
+    assert version_dir.parent.name == "tiny-llama.Q8"
+    assert (version_dir / "generation_config.json").is_file()
+    manifest = read_manifest(version_dir)
+    assert (manifest.task, manifest.architecture) == (common_pb2.TASK_TEXT_GENERATION, "LlamaForCausalLM")
+    assert manifest.source == str(gguf_file)
+    assert all(v.validation.passed for v in manifest.variants)
 
 
 # --- the real model ------------------------------------------------------------------------------
