@@ -51,8 +51,11 @@ def open_source(source: str) -> Iterator[Checkpoint]:
     elif local.is_dir():
         if not (local / "config.json").is_file():
             raise ExportError(f"{local} has no config.json: it is not a transformers checkpoint folder")
-        yield Checkpoint(local.resolve(), str(local.resolve()), local.resolve().name)
-    elif local.exists() or not _HUB_ID.fullmatch(source):
+        folder = local.resolve()
+        yield Checkpoint(folder, str(folder), folder.name)
+    elif local.exists():
+        raise ExportError(f"source {source!r} is a file: give a checkpoint folder, a .gguf file or a Hub id")
+    elif not _HUB_ID.fullmatch(source):
         raise ExportError(f"source {source!r} not found: give a checkpoint folder or a Hugging Face Hub id")
     else:
         yield Checkpoint(_download(source), source, source.rsplit("/", 1)[-1])

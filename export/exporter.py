@@ -149,19 +149,21 @@ def _make_variants(model: _Model, stage: Path, wanted: list[str], steps: Steps) 
 
     with steps.step("optimizing the graph (fp32)"):
         plain = parts("plain")
-        plain_recipe = fp32_recipe = _convert(optimize_basic, {name: work / f"{name}.onnx" for name in names}, plain)
-        fp32 = plain
+        recipes = {"plain": _convert(optimize_basic, {name: work / f"{name}.onnx" for name in names}, plain)}
+        files = {"plain": plain, "fp32": plain}
+        recipes["fp32"] = recipes["plain"]
         if can_fuse(model.config.model_type):
-            fp32 = parts("fp32")
-            fp32_recipe += "; " + _convert(fuse, plain, fp32)
-    made = {"fp32": (fp32, fp32_recipe)}
-    derived = {"fp16": (to_fp16, fp32, fp32_recipe), "int8": (quantize_int8, plain, plain_recipe)}
-    for precision, (converter, sources, prior) in derived.items():
+            files["fp32"] = parts("fp32")
+            recipes["fp32"] += "; " + _convert(fuse, plain, files["fp32"])
+    derived = {"fp16": (to_fp16, "fp32"), "int8": (quantize_int8, "plain")}
+    for precision, (converter, origin) in derived.items():
         if precision in wanted:
             with steps.step(f"making the {precision} variant"):
-                made[precision] = (parts(precision), f"{prior}; {_convert(converter, sources, parts(precision))}")
+                files[precision] = parts(precision)
+                recipe = _convert(converter, files[origin], files[precision])
+                recipes[precision] = f"{recipes[origin]}; {recipe}"
     variants = [
-        _Variant(precision, _assemble(model.spec, made[precision][0], stage, precision), made[precision][1])
+        _Variant(precision, _assemble(model.spec, files[precision], stage, precision), recipes[precision])
         for precision in wanted
     ]
     shutil.rmtree(work)
@@ -256,9 +258,8 @@ def _not_runnable(variant: _Variant, variants: list[_Variant], reason: str, step
 
 def _gate_report(variant: _Variant) -> str:
     figures = variant.validation
-    return f"the {variant.precision} variant missed its validation gates over {figures.samples} samples: " + "; ".join(
-        figures.failures
-    )
+    failures = "; ".join(figures.failures)
+    return f"the {variant.precision} variant missed its validation gates over {figures.samples} samples: {failures}"
 
 
 def _write(model: _Model, stage: Path, variants: list[_Variant]) -> Path:

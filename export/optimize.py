@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from unittest import mock
 
 import onnx
 from onnx.checker import MAXIMUM_PROTOBUF
@@ -20,8 +21,8 @@ from onnxruntime.transformers.fusion_options import FusionOptions
 from onnxruntime.transformers.onnx_model import OnnxModel
 from onnxruntime.transformers.optimizer import optimize_model
 
+_FORCE_EXTERNAL_DATA = "FORCE_ONNX_EXTERNAL_DATA"  # optimum's saver: weights in an external file
 # Encoder-only model types whose attention blocks match onnxruntime's BERT fusion patterns.
-_FORCE_EXTERNAL_DATA = "FORCE_ONNX_EXTERNAL_DATA"
 FUSED_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "albert"})
 
 
@@ -42,7 +43,8 @@ def fuse(source: Path, target: Path) -> str:
     options.use_raw_attention_mask(True)
     fused = optimize_model(str(source), model_type="bert", opt_level=0, optimization_options=options)
     save_model(fused.model, target)
-    return "BERT fusions (Attention, EmbedLayerNormalization, SkipLayerNormalization, BiasGelu)"
+    counts = fused.get_fused_operator_statistics()
+    return "BERT fusions: " + (", ".join(f"{op} x{n}" for op, n in counts.items() if n) or "none matched")
 
 
 def to_fp16(source: Path, target: Path) -> str:
@@ -64,17 +66,10 @@ def merge_decoders(decoder: Path, decoder_with_past: Path, target: Path) -> None
     if _size(decoder) + _size(decoder_with_past) < MAXIMUM_PROTOBUF:
         merge(decoder, decoder_with_past, save_path=target, strict=False)
         return
-    # optimum's saver writes external data (as <file>_data) only when this variable asks; re-saving
-    # names it <file>.data like every other variant.
-    previous = os.environ.get(_FORCE_EXTERNAL_DATA)
-    os.environ[_FORCE_EXTERNAL_DATA] = "1"
-    try:
+    # Past protobuf's 2 GiB, optimum's saver writes the weights to <file>_data when asked by this
+    # variable; re-saving names the file <file>.data like every other variant's.
+    with mock.patch.dict(os.environ, {_FORCE_EXTERNAL_DATA: "1"}):
         merge(decoder, decoder_with_past, save_path=target, strict=False)
-    finally:
-        if previous is None:
-            del os.environ[_FORCE_EXTERNAL_DATA]
-        else:
-            os.environ[_FORCE_EXTERNAL_DATA] = previous
     optimum_data = target.with_name(f"{target.name}_data")
     save_model(onnx.load(str(target)), target)
     optimum_data.unlink()

@@ -12,6 +12,8 @@ undefined and fused attention kernels need not agree there):
     many such);
   - mean/min cosine: per sample, between pooled embeddings for feature extraction, else between
     the sample's flattened logits.
+Variants run on ONNX Runtime's CPU provider, which every machine has; a graph it cannot run (fp16
+kernels some builds lack) raises NotRunnable rather than failing a gate.
 """
 
 from __future__ import annotations
@@ -52,9 +54,7 @@ PAIRS = (
 )
 CHOICES = ("in the kitchen.", "on the moon.", "with a friend.")
 SAMPLE_MAX_LENGTH = 128
-
-
-NEAR_TIE = 0.01
+NEAR_TIE = 0.01  # see top1_agreement above
 
 
 @dataclass(frozen=True)
@@ -259,7 +259,7 @@ def _per_sequence(outputs: Outputs, batch: Batch, pooling: int) -> list[Sample]:
 
 def _spans(outputs: Outputs, batch: Batch, pooling: int) -> list[Sample]:
     rows = zip(outputs["start_logits"], outputs["end_logits"], batch["attention_mask"], strict=True)
-    return [Sample(main, main.ravel()) for main in (np.stack([s[m == 1], e[m == 1]]) for s, e, m in rows)]
+    return [Sample(main, main.ravel()) for main in (np.stack([_kept(s, m), _kept(e, m)]) for s, e, m in rows)]
 
 
 def _embeddings(outputs: Outputs, batch: Batch, pooling: int) -> list[Sample]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import onnx
 import pytest
-from onnxserve.export import validate, writer
+from onnxserve.export import optimize, validate, writer
 from onnxserve.export.errors import ExportError
 from onnxserve.export.exporter import export_model
 from onnxserve.export.tasks import detect_task
@@ -232,6 +232,19 @@ def test_seq2seq_version_folder(checkpoint: Checkpoints, tmp_path: Path) -> None
     assert manifest.generation.decoder_start_token_id == config.decoder_start_token_id
     assert manifest.generation.num_layers == config.num_decoder_layers
     assert list(manifest.generation.eos_token_ids) == [config.eos_token_id]
+
+
+def test_weights_past_the_protobuf_limit_go_to_external_data(
+    checkpoint: Checkpoints, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every graph counts as "over 2 GiB": the path big checkpoints take, on a tiny one.
+    monkeypatch.setattr(optimize, "MAXIMUM_PROTOBUF", 1000)
+    version_dir = _export(checkpoint("t5-seq2seq"), tmp_path, precisions=("fp32", "int8"))
+    manifest = read_manifest(version_dir)
+    assert all(v.validation.passed for v in manifest.variants)
+    for model_file in (f for v in manifest.variants for f in v.files):
+        assert (version_dir / f"{model_file.path}.data").stat().st_size > 0
+    assert not [p.name for p in version_dir.iterdir() if p.name.endswith("_data")]
 
 
 def test_sentence_transformers_pooling_and_length(checkpoint: Checkpoints, tmp_path: Path) -> None:
