@@ -29,7 +29,7 @@ MAX_DETAILS_BYTES = 2048
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
 
 
-def bounded(message: str) -> str:
+def _bounded(message: str) -> str:
     """A status message cut to MAX_DETAILS_BYTES. Messages quote the caller's input, and gRPC
     sends them in a header that clients refuse past 8 KiB, which would hide the real status
     behind a RESOURCE_EXHAUSTED about metadata."""
@@ -41,9 +41,9 @@ def bounded(message: str) -> str:
 
 async def _abort_for(error: Exception, rpc: str, context: grpc.aio.ServicerContext) -> None:
     if isinstance(error, ServingError):
-        await context.abort(error.code, bounded(str(error)))
+        await context.abort(error.code, _bounded(str(error)))
     log.exception("%s failed", rpc)
-    await context.abort(grpc.StatusCode.INTERNAL, bounded(f"{rpc} failed: {type(error).__name__}: {error}"))
+    await context.abort(grpc.StatusCode.INTERNAL, _bounded(f"{rpc} failed: {type(error).__name__}: {error}"))
 
 
 def guarded(handler: Handler) -> Handler:
