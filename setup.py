@@ -5,6 +5,7 @@ from typing import ClassVar
 
 from setuptools import Command, setup
 from setuptools.command.build_py import build_py
+from setuptools.command.egg_info import egg_info
 
 ROOT = Path(__file__).parent
 PROTO_ROOT = ROOT / "protos"
@@ -15,6 +16,7 @@ PACKAGES = {
     "onnxserve.kserve_v2": "src/onnxserve/kserve_v2",
     "onnxserve.server": "server",
     "onnxserve.server.tasks": "server/tasks",
+    "onnxserve.server.tasks.generation": "server/tasks/generation",
     "onnxserve.client": "client",
     "onnxserve.export": "export",
 }
@@ -67,8 +69,17 @@ class BuildPyWithProtos(build_py):
         super().run()
 
 
+class EggInfoWithProtos(egg_info):
+    """egg_info runs first in every build (wheel, sdist, editable) and lists the packages' files,
+    so on a clean clone the generated packages must exist before it does."""
+
+    def run(self) -> None:
+        compile_protos()
+        super().run()
+
+
 setup(
     packages=list(PACKAGES),
     package_dir=PACKAGES,
-    cmdclass={"build_protos": BuildProtos, "build_py": BuildPyWithProtos},
+    cmdclass={"build_protos": BuildProtos, "build_py": BuildPyWithProtos, "egg_info": EggInfoWithProtos},
 )

@@ -260,8 +260,12 @@ def test_runtime_checks_grpc_health_and_serves(stages):
 
 
 def test_copied_sources_exist_and_local_builds_stay_out_of_the_context(stages):
-    for argument in stages["wheel"].all("COPY"):
-        for source in shlex.split(argument)[:-1]:
-            assert list(ROOT.glob(source)), source
+    copied = [source for argument in stages["wheel"].all("COPY") for source in shlex.split(argument)[:-1]]
+    for source in copied:
+        assert list(ROOT.glob(source)), source
+    # Every package folder setup.py builds is in the wheel stage's context.
+    roots = {source.split("/*")[0] for source in copied}
+    for folder in re.findall(r'"onnxserve[\w.]*": "([^"]+)"', (ROOT / "setup.py").read_text()):
+        assert any(folder == root or folder.startswith(root + "/") for root in roots), folder
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", "**/node_modules", "build", "repository"} <= set(ignored)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,16 @@ def test_subpackages_live_under_onnxserve():
     assert result.returncode == 0, result.stderr
     assert str(ROOT / "server") in result.stdout and str(ROOT / "client") in result.stdout
     assert run_python("import server").returncode != 0, "a bare top-level `server` must not be importable"
+
+
+def test_every_package_folder_is_built():
+    """A folder of Python modules that setup.py does not list is left out of wheels (and so of the
+    container image), though an editable install still finds it."""
+    listed = set(re.findall(r'"onnxserve[\w.]*": "([^"]+)"', (ROOT / "setup.py").read_text()))
+    for top in ("src/onnxserve", "server", "client", "export"):
+        for init in (ROOT / top).rglob("__init__.py"):
+            folder = str(init.parent.relative_to(ROOT))
+            assert folder in listed or "node_modules" in folder, f"{folder} is missing from setup.py's PACKAGES"
 
 
 # Generated package -> its folder under protos/, as setup.py's STUB_PACKAGES maps them.
