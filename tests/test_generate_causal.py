@@ -4,6 +4,8 @@ token ids on single prompts and left-padded batches, plus sampling's own guarant
 from __future__ import annotations
 
 import pytest
+from onnxserve.server.tasks.generation import causal
+from onnxserve.server.tasks.generation.cache import DeviceCache, empty_past
 
 from tests import generation_reference as reference
 from tests.generation_reference import PROMPTS
@@ -128,3 +130,12 @@ def test_a_sequence_that_stops_early_leaves_the_others_going(client, kind):
     assert stopped[0].token_ids == free[0].token_ids[: stopped[0].generated_tokens]
     assert stopped[1].token_ids == free[1].token_ids
     assert stopped[1].finish_reason == free[1].finish_reason
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_device_cache_path_gives_the_same_tokens(client, kind, monkeypatch):
+    """The I/O-binding cache that CUDA uses, run on the CPU: same tokens as the numpy cache."""
+    host = client.generate(model=kind, prompts=PROMPTS, max_new_tokens=NEW_TOKENS, num_beams=2)
+    monkeypatch.setattr(causal, "new_cache", lambda session, rows: DeviceCache(empty_past(session, rows), "cpu"))
+    bound = client.generate(model=kind, prompts=PROMPTS, max_new_tokens=NEW_TOKENS, num_beams=2)
+    assert [r.token_ids for r in bound] == [r.token_ids for r in host]

@@ -5,6 +5,8 @@ defaults (decoder start, forced BOS and EOS, banned tokens)."""
 from __future__ import annotations
 
 import pytest
+from onnxserve.server.tasks.generation import seq2seq
+from onnxserve.server.tasks.generation.cache import DeviceCache, empty_past
 
 from tests import generation_reference as reference
 from tests.generation_reference import PROMPTS
@@ -93,3 +95,12 @@ def test_sampling_is_reproducible_and_top_k_1_is_greedy(client, kind):
     assert sample(seed=11, top_k=20) == sample(seed=11, top_k=20)
     greedy = client.generate(model=kind, prompts=PROMPTS, max_new_tokens=NEW_TOKENS)
     assert sample(seed=5, top_k=1) == [result.token_ids for result in greedy]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_device_cache_path_gives_the_same_tokens(client, kind, monkeypatch):
+    """The I/O-binding cache that CUDA uses, run on the CPU: same tokens as the numpy cache."""
+    host = client.generate(model=kind, prompts=PROMPTS, max_new_tokens=NEW_TOKENS, num_beams=2)
+    monkeypatch.setattr(seq2seq, "new_cache", lambda session, rows: DeviceCache(empty_past(session, rows), "cpu"))
+    bound = client.generate(model=kind, prompts=PROMPTS, max_new_tokens=NEW_TOKENS, num_beams=2)
+    assert [r.token_ids for r in bound] == [r.token_ids for r in host]
