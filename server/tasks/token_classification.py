@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from onnxserve.server.errors import InvalidArgument
 from onnxserve.server.tasks.base import EncoderPipeline, ModelResources, Prepared, RowOutputs, require_batch, softmax
 from tokenizers import Encoding
 
@@ -57,6 +58,8 @@ class TokenClassificationPipeline(EncoderPipeline[inference_pb2.TagTokensRequest
 
     def preprocess(self, request: inference_pb2.TagTokensRequest) -> Prepared:
         require_batch(request.texts, "texts")
+        if request.aggregation_strategy not in Strategy.values():
+            raise InvalidArgument(f"unknown aggregation_strategy {request.aggregation_strategy}")
         # Truncated to the model's maximum length, as the pipeline does.
         return Prepared(self.tokenizer.encode(request.texts))
 
