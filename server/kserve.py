@@ -182,6 +182,8 @@ class KServeServicer(v2_grpc.GRPCInferenceServiceServicer):
         return response
 
     async def _run_tensors(self, model: LoadedModel, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # Straight on the session, outside the batcher: the caller's tensors are already a batch,
+        # padded as the caller chose, so there is nothing to merge them with.
         session = tensor_graph(model)
         check_feeds(model.name, session, arrays)
         try:
@@ -191,7 +193,11 @@ class KServeServicer(v2_grpc.GRPCInferenceServiceServicer):
             raise InvalidArgument(f"model {model.name!r} refused the inputs: {error}") from error
 
     async def _run_text(
-        self, model: LoadedModel, arrays: dict[str, np.ndarray], request: v2.ModelInferRequest, context: Any
+        self,
+        model: LoadedModel,
+        arrays: dict[str, np.ndarray],
+        request: v2.ModelInferRequest,
+        context: grpc.aio.ServicerContext,
     ) -> dict[str, np.ndarray]:
         rpc = text_rpc(model)
         typed = build_request(rpc, model.name, {name: _texts(arrays, name) for name in arrays}, request.parameters)
