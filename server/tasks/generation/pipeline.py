@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Executor
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from onnxserve.server.errors import InvalidArgument, ModelLoadError
@@ -65,8 +66,8 @@ class Generation:
         self._stats = stats
         self._lock = threading.Lock()
         self._closed = False
+        self._started = False  # the cache fills from the first step on; counted as active from then
         self._prompt_streamed = not settings.return_full_text
-        stats.add(active=1)
 
     @property
     def done(self) -> bool:
@@ -77,6 +78,9 @@ class Generation:
         with self._lock:
             if self._closed or self.done:
                 return False
+            if not self._started:
+                self._started = True
+                self._stats.add(active=1)
             started, inference = time.perf_counter_ns(), self.timings.inference_ns
             next(self._steps)
             self._stats.add(steps=1)
@@ -92,7 +96,8 @@ class Generation:
             self._closed = True
             self._steps.close()
             self._release()
-            self._stats.add(active=-1)
+            if self._started:
+                self._stats.add(active=-1)
 
     def _text(self, index: int) -> str:
         text = self.outputs[index].text
@@ -140,19 +145,20 @@ async def _steps(generation: Generation, executor: Executor) -> AsyncIterator[No
 
 async def run(generation: Generation, executor: Executor) -> inference_pb2.GenerateResponse:
     """Decodes to the end; the unary response."""
-    async for _ in _steps(generation, executor):
-        pass
+    async with aclosing(_steps(generation, executor)) as steps:
+        async for _ in steps:
+            pass
     return generation.response()
 
 
 async def stream(generation: Generation, executor: Executor) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
-    """One message per new piece of text, as soon as its step ends; the last one ends the stream."""
-    async for _ in _steps(generation, executor):
-        message = generation.stream_message()
-        if message is not None:
-            yield message
-        if generation.done:
-            return
+    """One message per new piece of text, as soon as its step ends; the last one ends the stream.
+    `aclosing`: a call cancelled while a message is being sent still closes the steps at once."""
+    async with aclosing(_steps(generation, executor)) as steps:
+        async for _ in steps:
+            message = generation.stream_message()
+            if message is not None:
+                yield message
 
 
 class GenerationPipeline(Pipeline):
