@@ -1,0 +1,334 @@
+"""`make bench`: Encode and Classify throughput on the real all-MiniLM-L6-v2.
+
+    python -m bench [--seconds 1] [--concurrency 1 8 64] [--workloads short medium mixed]
+                    [--tasks encode classify] [--precisions fp32 int8] [--device cpu]
+                    [--server-flag=--max-queue-delay-ms=2 ...] [--work ~/.cache/onnxserve-bench]
+
+Three engines (bench/engines.py) on the same texts (bench/workloads.py), closed-loop at each
+concurrency: (a) the raw ONNX Runtime session in this process with the same batches, (b) the server
+over gRPC on loopback from a separate client process, (c) the transformers pipeline (PyTorch) in
+this process, batched. One-text requests; batches of at most --max-batch-size. Each cell runs for
+--seconds and at least two rounds of callers, after a warm-up. Prints the figures and their
+ratios, and writes them with the machine's description to bench/results/throughput-<time>.json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from onnxserve.server.runtime import available_cpus
+from rich.console import Console
+from rich.table import Table
+from tokenizers import Tokenizer
+
+from bench import workloads
+from bench.engines import Load, RawSession, Sample, TransformersPipeline, served
+from bench.minilm import CLASSIFIER, ENCODER, prepare
+from onnxserve.repository import TOKENIZER_FILE
+
+RESULTS = Path(__file__).parent / "results"
+
+
+@dataclass(frozen=True)
+class Task:
+    rpc: str
+    model: str
+    pipeline_task: str
+
+
+TASKS = {
+    "encode": Task("Encode", ENCODER, "feature-extraction"),
+    "classify": Task("Classify", CLASSIFIER, "text-classification"),
+}
+
+
+@dataclass(frozen=True)
+class Cell:
+    task: str
+    workload: str
+    concurrency: int
+
+
+@dataclass(frozen=True)
+class Measurement:
+    engine: str  # raw, server or pipeline
+    precision: str
+    task: str
+    workload: str
+    concurrency: int
+    requests: int
+    seconds: float
+    throughput: float  # requests (one text each) per second
+    p50_ms: float
+    p99_ms: float
+    mean_batch: float  # sequences per run that carried a request
+
+
+def measurement(engine: str, precision: str, cell: Cell, sample: Sample) -> Measurement:
+    latencies = np.array(sample.latencies) * 1e3
+    return Measurement(
+        engine,
+        precision,
+        cell.task,
+        cell.workload,
+        cell.concurrency,
+        len(latencies),
+        round(sample.seconds, 3),
+        round(len(latencies) / sample.seconds, 1),
+        round(float(np.percentile(latencies, 50)), 2),
+        round(float(np.percentile(latencies, 99)), 2),
+        round(statistics.fmean(sample.batch_sizes), 1),
+    )
+
+
+def machine(device: str, provider: str) -> dict:
+    import torch
+
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "cpus_available": available_cpus(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "onnxruntime": ort.__version__,
+        "providers_available": ort.get_available_providers(),
+        "provider_used": provider,
+        "device": device,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "gpu": "none lent to this run" if device == "cpu" else device,
+    }
+
+
+def cells(args: argparse.Namespace) -> list[Cell]:
+    return [Cell(t, w, c) for t in args.tasks for w in args.workloads for c in args.concurrency]
+
+
+def run(args: argparse.Namespace) -> tuple[list[Measurement], str]:
+    """Every cell on every engine. Raw and server measurements of a cell follow each other, so that
+    their ratio is taken under the same load on the machine."""
+    models = prepare(args.work, args.precisions)
+    tokenizer = Tokenizer.from_file(str(models[ENCODER].version_dir / TOKENIZER_FILE))
+    texts = {name: workloads.build(name, tokenizer).texts for name in args.workloads}
+    pipelines = {
+        t: TransformersPipeline(models[TASKS[t].model], TASKS[t].pipeline_task, args.device, args.pipeline_precision)
+        for t in args.tasks
+    }
+    results: list[Measurement] = []
+    provider = ""
+    for precision in args.precisions:
+        raw = {t: RawSession(models[TASKS[t].model], precision, args.device) for t in args.tasks}
+        provider = next(iter(raw.values())).provider
+        flags = [
+            "--device",
+            args.device,
+            "--precision",
+            precision,
+            "--max-batch-size",
+            str(args.max_batch_size),
+            *args.server_flag,
+        ]
+        log = args.work / f"server-{precision}.log"
+        with served(models[ENCODER].version_dir.parents[1], list(models), flags, log) as server:
+            for cell in cells(args):
+                load = Load(cell.concurrency, args.seconds, 2 * cell.concurrency)
+                task, cell_texts = TASKS[cell.task], texts[cell.workload]
+                samples = {
+                    "raw": raw[cell.task].measure(cell_texts, load, args.max_batch_size),
+                    "server": server.measure(task.rpc, task.model, cell_texts, load),
+                }
+                if precision == args.pipeline_precision:
+                    samples["pipeline"] = pipelines[cell.task].measure(cell_texts, load, args.max_batch_size)
+                for engine, sample in samples.items():
+                    results.append(measurement(engine, precision, cell, sample))
+                    print(_progress(results[-1]), flush=True)
+    return results, provider
+
+
+def _progress(m: Measurement) -> str:
+    return (
+        f"  {m.engine:8} {m.precision} {m.task:8} {m.workload:6} c={m.concurrency:<3} {m.throughput:8.1f}/s "
+        f"p50 {m.p50_ms:7.2f} ms p99 {m.p99_ms:7.2f} ms batch {m.mean_batch:5.1f}"
+    )
+
+
+def _find(results: list[Measurement], engine: str, precision: str, cell: Cell) -> Measurement | None:
+    return next(
+        (
+            m
+            for m in results
+            if (m.engine, m.precision, m.task, m.workload, m.concurrency)
+            == (engine, precision, cell.task, cell.workload, cell.concurrency)
+        ),
+        None,
+    )
+
+
+@dataclass(frozen=True)
+class Ratios:
+    """The server against the raw session (same precision) and against the pipeline."""
+
+    cell: Cell
+    precision: str
+    vs_raw: float
+    vs_pipeline: float | None
+    added_p50_ms: float
+
+
+def ratios(results: list[Measurement], args: argparse.Namespace) -> list[Ratios]:
+    found = []
+    for cell in cells(args):
+        pipeline = _find(results, "pipeline", args.pipeline_precision, cell)
+        for precision in args.precisions:
+            server, raw = _find(results, "server", precision, cell), _find(results, "raw", precision, cell)
+            found.append(
+                Ratios(
+                    cell,
+                    precision,
+                    round(server.throughput / raw.throughput, 2),
+                    round(server.throughput / pipeline.throughput, 2) if pipeline else None,
+                    round(server.p50_ms - raw.p50_ms, 2),
+                )
+            )
+    return found
+
+
+def _aim(values: list[float], bound: float, at_least: bool) -> dict:
+    worst = min(values) if at_least else max(values)
+    return {"worst": worst, "bound": bound, "met": worst >= bound if at_least else worst <= bound}
+
+
+def aims(found: list[Ratios], precisions: list[str]) -> dict[str, dict]:
+    """The issue's aims on the CPU, per precision: the worst case measured and whether it holds."""
+    report = {}
+    for precision in precisions:
+        mine = [r for r in found if r.precision == precision]
+        at_64 = [r for r in mine if r.cell.concurrency == 64]
+        single = [r.added_p50_ms for r in mine if r.cell.concurrency == 1 and r.cell.workload == "short"]
+        checks = {
+            "server >= 0.9x raw session throughput at concurrency 64": ([r.vs_raw for r in at_64], 0.9, True),
+            "server >= 3x transformers pipeline throughput at concurrency 64": (
+                [r.vs_pipeline for r in at_64 if r.vs_pipeline is not None],
+                3.0,
+                True,
+            ),
+            "one short request adds <= 1 ms p50 over the raw session": (single, 1.0, False),
+        }
+        report[precision] = {aim: _aim(*check) for aim, check in checks.items() if check[0]}
+    return report
+
+
+def _cell_table(title: str, columns: list[str]) -> Table:
+    table = Table(title=title)
+    for column in ("task", "workload", "c"):
+        table.add_column(column)
+    for column in columns:
+        table.add_column(column, justify="right")
+    return table
+
+
+def print_tables(results: list[Measurement], found: list[Ratios], args: argparse.Namespace) -> None:
+    engines = [(e, p) for p in args.precisions for e in ("raw", "server")] + [("pipeline", args.pipeline_precision)]
+    figures = _cell_table("requests/s · p50/p99 ms (one text per request)", [f"{e} {p}" for e, p in engines])
+    labels = ("/raw", "+p50 ms", "/pipeline")
+    versus = _cell_table(
+        "server vs raw session (throughput ratio, added p50) and vs the transformers pipeline",
+        [f"{p} {label}" for p in args.precisions for label in labels],
+    )
+    for cell in cells(args):
+        found_in_cell = (_find(results, e, p, cell) for e, p in engines)
+        figures.add_row(
+            cell.task,
+            cell.workload,
+            str(cell.concurrency),
+            *(f"{m.throughput:,.0f} · {m.p50_ms:.1f}/{m.p99_ms:.1f}" if m else "-" for m in found_in_cell),
+        )
+        values = [
+            (f"{r.vs_raw:.2f}x", f"{r.added_p50_ms:+.2f}", f"{r.vs_pipeline:.2f}x" if r.vs_pipeline else "-")
+            for r in found
+            if r.cell == cell
+        ]
+        versus.add_row(cell.task, cell.workload, str(cell.concurrency), *(v for triple in values for v in triple))
+    console = Console(width=200)
+    console.print(figures)
+    console.print(versus)
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=1.0, help="per cell and engine (default 1)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--workloads", nargs="+", choices=list(workloads.LENGTHS), default=list(workloads.LENGTHS))
+    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        choices=("fp32", "fp16", "int8"),
+        default=None,
+        help="default: fp32 int8 on the CPU, fp32 fp16 on CUDA",
+    )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--max-batch-size", type=int, default=32, help="the server's, and the raw batches'")
+    parser.add_argument("--server-flag", action="append", default=[], help="passed on to `onnxserve serve`")
+    parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "onnxserve-bench")
+    args = parser.parse_args(argv)
+    args.precisions = args.precisions or (["fp32", "fp16"] if args.device == "cuda" else ["fp32", "int8"])
+    # PyTorch runs in fp16 where the server may (CUDA), else fp32: its int8 is no serving path.
+    args.pipeline_precision = "fp16" if args.device == "cuda" and "fp16" in args.precisions else "fp32"
+    args.work.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    load_before = os.getloadavg()
+    started = time.time()
+    results, provider = run(args)
+    found = ratios(results, args)
+    report = {
+        "command": shlex.join(["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)]),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "wall_seconds": round(time.time() - started, 1),
+        "machine": {**machine(args.device, provider), "load_before": load_before, "load_after": os.getloadavg()},
+        "settings": {
+            "seconds": args.seconds,
+            "max_batch_size": args.max_batch_size,
+            "server_flags": args.server_flag,
+            "texts_per_workload": workloads.TEXTS_PER_WORKLOAD,
+            "pipeline_precision": args.pipeline_precision,
+        },
+        "measurements": [asdict(m) for m in results],
+        "ratios": [{**asdict(r), "cell": asdict(r.cell)} for r in found],
+        "aims": aims(found, args.precisions),
+    }
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"throughput-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print_tables(results, found, args)
+    for precision, outcomes in report["aims"].items():
+        for aim, outcome in outcomes.items():
+            print(f"{precision}: {aim}: worst {outcome['worst']}, {'met' if outcome['met'] else 'NOT met'}")
+    print(f"load average before/after: {load_before} / {report['machine']['load_after']}")
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()
