@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForMultipleChoice,
     AutoModelForSeq2SeqLM,
@@ -141,6 +143,14 @@ def test_pipeline_runs(kind: str, built: dict[str, Path]) -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_every_weight_is_reloaded(kind: str, built: dict[str, Path]) -> None:
+    config = AutoConfig.from_pretrained(built[kind])
+    model_class = getattr(transformers, config.architectures[0])
+    _, loading = model_class.from_pretrained(built[kind], output_loading_info=True)
+    assert not any(loading.values()), loading
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_vocabulary_covers_the_corpus(kind: str, built: dict[str, Path]) -> None:
     tokenizer = AutoTokenizer.from_pretrained(built[kind])
     assert tokenizer.is_fast
@@ -184,10 +194,13 @@ def test_chinese_vocabulary_is_character_level(built: dict[str, Path]) -> None:
 def test_greedy_output_varies(kind: str, built: dict[str, Path]) -> None:
     model_class = AutoModelForSeq2SeqLM if kind.endswith("seq2seq") else AutoModelForCausalLM
     model = model_class.from_pretrained(built[kind])
-    inputs = AutoTokenizer.from_pretrained(built[kind])(CORPUS[0], return_tensors="pt")
-    output = model.generate(**inputs, max_new_tokens=20, do_sample=False)[0]
-    new_tokens = output[-20:].tolist()
-    assert len(new_tokens) == 20 and len(set(new_tokens)) >= 5, new_tokens
+    tokenizer = AutoTokenizer.from_pretrained(built[kind])
+    outputs = []
+    for prompt in CORPUS[:2]:
+        output = model.generate(**tokenizer(prompt, return_tensors="pt"), max_new_tokens=20, do_sample=False)[0]
+        outputs.append(output[-20:].tolist())
+        assert len(outputs[-1]) == 20 and len(set(outputs[-1])) >= 5, outputs[-1]
+    assert outputs[0] != outputs[1]  # the output depends on the input
 
 
 def test_generation_configs_match_their_families(built: dict[str, Path]) -> None:
