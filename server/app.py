@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from onnxserve.server import kserve
 from onnxserve.server.config import ServerSettings
+from onnxserve.server.interceptors import ConcurrencyLimit
 from onnxserve.server.lifecycle import ModelLifecycle
 from onnxserve.server.metrics import Metrics
 from onnxserve.server.models import LoadedModel
@@ -92,6 +93,8 @@ class OnnxServer:
         interceptors: list[grpc.aio.ServerInterceptor] = [TelemetryInterceptor(self.metrics, self.registry.holds)]
         if self.settings.auth_tokens:
             interceptors.append(TokenAuthInterceptor(self.settings.auth_tokens))
+        if self.settings.max_concurrent_calls:
+            interceptors.append(ConcurrencyLimit(self.settings.max_concurrent_calls))
         return grpc.aio.server(interceptors=interceptors, options=channel_options(self.settings))
 
     def _bind(self, server: grpc.aio.Server) -> int:

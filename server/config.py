@@ -43,6 +43,9 @@ class ServerSettings:
     max_connection_age_grace_s: float = 0.0  # 0: gRPC's default (no limit)
     max_receive_message_bytes: int = 4 * 1024 * 1024
     max_send_message_bytes: int = 64 * 1024 * 1024
+    # Calls the server works on at once, all models together; one more is refused at once
+    # (RESOURCE_EXHAUSTED) before any work is spent on it. 0: no limit.
+    max_concurrent_calls: int = 0
     poll_interval_s: float = 5.0  # how often the repository is checked for changes; 0: never
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None  # the Prometheus endpoint; None: no endpoint, 0: any free port

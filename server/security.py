@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
 from onnxserve.server.config import ServerSettings
-
-# Load balancers and orchestrators probe health without credentials.
-OPEN_METHODS_PREFIX = "/grpc.health.v1.Health/"
-KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+from onnxserve.server.interceptors import HEALTH_PREFIX, Continuation, replace_behavior
 
 
 def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
@@ -32,13 +29,6 @@ def _bearer(metadata: Sequence[tuple[str, Any]] | None) -> bytes | None:
     return None
 
 
-def replace_behavior(handler: grpc.RpcMethodHandler, wrap: Callable[[str, Callable], Callable]) -> Any:
-    """The handler with its behavior (whichever of the four call kinds it is) passed through
-    `wrap(kind, behavior)`. Handlers are namedtuples, so the rest is kept as is."""
-    kind = next(k for k in KINDS if getattr(handler, k) is not None)
-    return handler._replace(**{kind: wrap(kind, getattr(handler, kind))})
-
-
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """Refuses calls without one of the configured tokens in `authorization: Bearer <token>`
     metadata with UNAUTHENTICATED; health checks stay open."""
@@ -55,13 +45,9 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
             return "invalid bearer token"
         return None
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    async def intercept_service(self, continuation: Continuation, details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
-        refusal = None if details.method.startswith(OPEN_METHODS_PREFIX) else self._refusal(details.invocation_metadata)
+        refusal = None if details.method.startswith(HEALTH_PREFIX) else self._refusal(details.invocation_metadata)
         if handler is None or refusal is None:
             return handler
 

@@ -1,6 +1,6 @@
 """The telemetry interceptor: every call gets a request id (the caller's x-request-id, or a new
 one) that tags its log records and comes back in the trailing metadata, is counted and timed in
-the metrics, and leaves an access-log line."""
+the metrics, and leaves an access-log entry."""
 
 from __future__ import annotations
 
@@ -10,14 +10,13 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
+from onnxserve.server.interceptors import Call, Continuation, wrap_calls
 from onnxserve.server.logs import REQUEST_ID
 from onnxserve.server.metrics import NO_MODEL, Metrics
-from onnxserve.server.security import replace_behavior
 
 REQUEST_ID_KEY = "x-request-id"
 # A caller's id ends up in logs, so only short, plain ones are taken as they are.
@@ -30,13 +29,6 @@ def request_id(metadata: Sequence[tuple[str, Any]] | None) -> str:
         if key == REQUEST_ID_KEY and isinstance(value, str) and _USABLE_ID.fullmatch(value):
             return value
     return uuid.uuid4().hex
-
-
-@dataclass
-class _Call:
-    rpc: str
-    model: str
-    response: Any = None
 
 
 def _status(context: grpc.aio.ServicerContext, failed: BaseException | None) -> str:
@@ -63,11 +55,13 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
         name = getattr(request, "model", None) or getattr(request, "model_name", None)
         return name if isinstance(name, str) and self.is_model(name) else NO_MODEL
 
-    @contextlib.contextmanager
-    def _observed(self, rpc: str, call_id: str, request: Any, context: grpc.aio.ServicerContext) -> Iterator[_Call]:
+    @contextlib.asynccontextmanager
+    async def _observed(
+        self, rpc: str, call_id: str, request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Call]:
         REQUEST_ID.set(call_id)
         context.set_trailing_metadata(((REQUEST_ID_KEY, call_id),))
-        call = _Call(rpc, self._model(request))
+        call = Call()
         started = time.perf_counter()
         failed: BaseException | None = None
         try:
@@ -76,44 +70,19 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
             failed = error
             raise
         finally:
-            self._record(call, _status(context, failed), time.perf_counter() - started)
+            self._record(rpc, self._model(request), _status(context, failed), time.perf_counter() - started, call)
 
-    def _record(self, call: _Call, code: str, seconds: float) -> None:
-        metadata = getattr(call.response, "metadata", None)
+    def _record(self, rpc: str, model: str, code: str, seconds: float, call: Call) -> None:
         if self.metrics is not None:
-            self.metrics.observe_call(call.model, call.rpc, code, seconds, metadata)
+            self.metrics.observe_call(model, rpc, code, seconds, getattr(call.response, "metadata", None))
         access_log.debug(
-            "%s %s %s %.1f ms", call.rpc, call.model or "-", code, seconds * 1e3,
-            extra={"rpc": call.rpc, "model": call.model, "code": code, "duration_ms": round(seconds * 1e3, 3)},
+            "%s %s %s %.1f ms", rpc, model or "-", code, seconds * 1e3,
+            extra={"rpc": rpc, "model": model, "code": code, "duration_ms": round(seconds * 1e3, 3)},
         )
 
-    def _wrap(self, rpc: str, call_id: str, kind: str, behavior: Callable) -> Callable:
-        if kind == "unary_unary":
-
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                with self._observed(rpc, call_id, request, context) as call:
-                    call.response = await behavior(request, context)
-                    return call.response
-
-            return unary
-        if kind == "unary_stream":
-
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                with self._observed(rpc, call_id, request, context) as call:
-                    async for call.response in behavior(request, context):
-                        yield call.response
-
-            return stream
-        return behavior  # client streaming (reflection): no model, nothing worth timing
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    async def intercept_service(self, continuation: Continuation, details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
         if handler is None:
             return None
-        rpc = details.method.lstrip("/")
-        call_id = request_id(details.invocation_metadata)
-        return replace_behavior(handler, lambda kind, behavior: self._wrap(rpc, call_id, kind, behavior))
+        rpc, call_id = details.method.lstrip("/"), request_id(details.invocation_metadata)
+        return wrap_calls(handler, lambda request, context: self._observed(rpc, call_id, request, context))

@@ -219,3 +219,26 @@ def test_sigterm_under_load_finishes_the_calls_in_flight(model, repository, tmp_
     assert health_state == NOT_SERVING
     assert late.counts == {"UNAVAILABLE": 1}
     assert exit_code == 0, server.log_path.read_text()[-3000:]
+
+
+def test_calls_over_the_concurrency_limit_are_refused_at_once(model, repository, start_server):
+    add_version(model, repository, "m", 1)
+    settings = {"repository": repository, "max_concurrent_calls": 2, "metrics_port": 0}
+    server = start_server({}, settings=settings)
+    texts = ["long enough to keep the model busy for a moment " * 8] * 32
+
+    async def burst() -> Outcomes:
+        outcomes = Outcomes()
+        async with AsyncClient(server.target, timeout=60) as client:
+            await asyncio.gather(*(outcomes.call(client.classify(model="m", texts=texts)) for _ in range(8)))
+        return outcomes
+
+    try:
+        outcomes = asyncio.run(burst())
+        assert outcomes.counts["OK"] >= 2 and outcomes.counts["RESOURCE_EXHAUSTED"] >= 1, outcomes.counts
+        assert "max_concurrent_calls" in outcomes.details["RESOURCE_EXHAUSTED"]
+        port = server.server.metrics_port
+        assert metric(port, "onnxserve_requests_total", model="m", code="RESOURCE_EXHAUSTED") >= 1
+        assert health(server.target, "m") == SERVING  # health is never refused
+    finally:
+        server.stop()

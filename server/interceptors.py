@@ -1,0 +1,87 @@
+"""What the server interceptors share: rewrapping a handler's behavior, and the concurrency limit."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+import grpc
+
+# Load balancers and orchestrators probe health without credentials, and must get an answer
+# however busy the server is.
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]]
+
+
+def replace_behavior(handler: grpc.RpcMethodHandler, wrap: Callable[[str, Callable], Callable]) -> Any:
+    """The handler with its behavior (whichever of the four call kinds it is) passed through
+    `wrap(kind, behavior)`. Handlers are namedtuples, so the rest is kept as is."""
+    kind = next(k for k in KINDS if getattr(handler, k) is not None)
+    return handler._replace(**{kind: wrap(kind, getattr(handler, kind))})
+
+
+class Call:
+    """What `around` sees of a call: its response, once there is one (a stream's last message)."""
+
+    response: Any = None
+
+
+Around = Callable[[Any, grpc.aio.ServicerContext], AbstractAsyncContextManager[Call]]
+
+
+def wrap_calls(handler: grpc.RpcMethodHandler, around: Around) -> Any:
+    """The handler with each call that takes one request run inside `around(request, context)`.
+    Calls that stream requests (reflection) are left as they are."""
+
+    def wrap(kind: str, behavior: Callable) -> Callable:
+        if kind == "unary_unary":
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                async with around(request, context) as call:
+                    call.response = await behavior(request, context)
+                    return call.response
+
+            return unary
+        if kind == "unary_stream":
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                async with around(request, context) as call:
+                    async for call.response in behavior(request, context):
+                        yield call.response
+
+            return stream
+        return behavior
+
+    return replace_behavior(handler, wrap)
+
+
+class ConcurrencyLimit(grpc.aio.ServerInterceptor):
+    """Refuses a call at once with RESOURCE_EXHAUSTED while `limit` calls are in progress, all
+    models together, so that overload is shed before any work (parsing, tokenizing) is spent on
+    it. Coming after the telemetry interceptor, the refusals are counted and logged like any call."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Call]:
+        if self.active >= self.limit:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the server is working on {self.active} calls, its max_concurrent_calls; retry later",
+            )
+        self.active += 1
+        try:
+            yield Call()
+        finally:
+            self.active -= 1
+
+    async def intercept_service(self, continuation: Continuation, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(HEALTH_PREFIX):
+            return handler
+        return wrap_calls(handler, self._slot)
