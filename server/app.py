@@ -54,7 +54,16 @@ class OnnxServer:
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
+        # One request at a time per executor thread: its tokenizer need not fan out (Rust threads
+        # would only fight the intra-op threads of ONNX Runtime).
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.executor = ThreadPoolExecutor(max_workers=max(4, os.cpu_count() or 1), thread_name_prefix="onnxserve")
+        # Generation steps get threads of their own, so that however many generations run (or a
+        # long prefill), encoder calls still get theirs for tokenizing; encoder runs have a
+        # thread per model (batching.py).
+        self.generation_executor = ThreadPoolExecutor(
+            max_workers=max(4, os.cpu_count() or 1), thread_name_prefix="onnxserve-generation"
+        )
         self.registry = ModelRegistry()
         self.metrics = Metrics(self.registry.models) if settings.metrics_port is not None else None
         self.lifecycle = ModelLifecycle(
@@ -72,7 +81,7 @@ class OnnxServer:
         # Made here, not in __init__: a grpc.aio server belongs to the loop it was created on.
         self.server = self._grpc_server()
         inference_pb2_grpc.add_InferenceServicer_to_server(
-            InferenceServicer(self.registry, self.executor), self.server
+            InferenceServicer(self.registry, self.executor, self.generation_executor), self.server
         )
         models_pb2_grpc.add_ModelsServicer_to_server(ModelsServicer(self.registry), self.server)
         kserve.add_to_server(self.registry, self.executor, self.server)
@@ -138,6 +147,7 @@ class OnnxServer:
         if self.metrics is not None:
             self.metrics.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.generation_executor.shutdown(wait=False, cancel_futures=True)
 
 
 async def serve(settings: ServerSettings) -> None:

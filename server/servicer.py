@@ -88,12 +88,16 @@ def fill_metadata(metadata: common_pb2.Metadata, model: LoadedModel, timings: Ti
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, registry: ModelRegistry, executor: Executor) -> None:
+    def __init__(self, registry: ModelRegistry, executor: Executor, generation_executor: Executor) -> None:
         self.registry = registry
         self.executor = executor
+        self.generation_executor = generation_executor
 
     async def _blocking(self, work: Callable[[], Any]) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, work)
+
+    async def _generating(self, work: Callable[[], Any]) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.generation_executor, work)
 
     async def _run_encoder(self, rpc: str, request: Any, context: grpc.aio.ServicerContext) -> Message:
         """preprocess -> forward (batched) -> postprocess, for the encoder pipelines."""
@@ -137,8 +141,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         model = self.registry.resolve(request.model, request.version)
         pipeline: GenerationPipeline = model.pipeline_for("Generate")  # type: ignore[assignment]
         timings = Timings()
-        generation = await self._blocking(lambda: pipeline.start(request.prompts, request.parameters, timings))
-        response = await generation_pipeline.run(generation, self.executor)
+        generation = await self._generating(lambda: pipeline.start(request.prompts, request.parameters, timings))
+        response = await generation_pipeline.run(generation, self.generation_executor)
         fill_metadata(response.metadata, model, timings, started)
         return response
 
@@ -150,8 +154,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         model = self.registry.resolve(request.model, request.version)
         pipeline: GenerationPipeline = model.pipeline_for("GenerateStream")  # type: ignore[assignment]
         timings = Timings()
-        generation = await self._blocking(lambda: pipeline.start([request.prompt], request.parameters, timings))
-        async for message in generation_pipeline.stream(generation, self.executor):
+        generation = await self._generating(lambda: pipeline.start([request.prompt], request.parameters, timings))
+        async for message in generation_pipeline.stream(generation, self.generation_executor):
             if message.finish_reason:
                 fill_metadata(message.metadata, model, timings, started)
             yield message

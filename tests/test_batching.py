@@ -300,3 +300,33 @@ def test_grpc_full_queue_is_resource_exhausted_and_late_calls_deadline_exceeded(
         with pytest.raises(grpc.RpcError) as late:
             waiting.result()
         assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_generation_busy_on_every_thread_does_not_stall_encoders(exported, export, start_server, monkeypatch):
+    """Generation steps are held open on every generation thread, with more generations waiting
+    (as a long prefill or many streams keep them busy): Encode on another model still answers."""
+    from onnxserve.server.tasks.generation import pipeline as generation
+
+    entered, release = threading.Semaphore(0), threading.Event()
+    step = generation.Generation.step
+
+    def held_step(self) -> bool:
+        entered.release()
+        release.wait(60)
+        return step(self)
+
+    monkeypatch.setattr(generation.Generation, "step", held_step)
+    server = start_server({KIND: exported, "gpt2": export("gpt2-causal-lm", precisions=("fp32",))})
+    threads = server.server.generation_executor._max_workers
+    with ThreadPoolExecutor(threads + 2) as pool, server.client(timeout=60) as client:
+        calls = [
+            pool.submit(client.generate, model="gpt2", prompts=["Hello"], max_new_tokens=2) for _ in range(threads + 2)
+        ]
+        try:
+            for _ in range(threads):
+                assert entered.acquire(timeout=60), "the generations never started"
+            with server.client(timeout=20) as encoder_client:
+                assert encoder_client.encode(model=KIND, texts=[TEXTS[0]]).metadata.batch_size == 1
+        finally:
+            release.set()
+        assert all(call.result().results for call in calls)
