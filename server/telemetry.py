@@ -22,6 +22,7 @@ REQUEST_ID_KEY = "x-request-id"
 # A caller's id ends up in logs, so only short, plain ones are taken as they are.
 _USABLE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 access_log = logging.getLogger("onnxserve.access")
+MODEL_FIELDS = ("model", "model_name", "name")
 
 
 def request_id(metadata: Sequence[tuple[str, Any]] | None) -> str:
@@ -52,7 +53,8 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
         self.is_model = is_model
 
     def _model(self, request: Any) -> str:
-        name = getattr(request, "model", None) or getattr(request, "model_name", None)
+        """The model a request names: `model` here, `model_name` or `name` in KServe's messages."""
+        name = next((getattr(request, f) for f in MODEL_FIELDS if getattr(request, f, "")), "")
         return name if isinstance(name, str) and self.is_model(name) else NO_MODEL
 
     @contextlib.asynccontextmanager
