@@ -44,8 +44,8 @@ class RunningServer:
     def call(self, coroutine):
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=300)
 
-    def client(self, timeout: float | None = 60, **options: object) -> Client:
-        return Client(self.target, timeout=timeout, **options)
+    def client(self, timeout: float | None = 60) -> Client:
+        return Client(self.target, timeout=timeout)
 
     def stop(self) -> None:
         if not self.thread.is_alive():  # stopped already, by the test itself
