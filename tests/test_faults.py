@@ -13,7 +13,7 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from onnxserve.client import AsyncClient
+from onnxserve.client import AsyncClient, Client
 
 from onnxserve.repository import read_manifest
 from tests.serving import Outcomes, ServerProcess, add_version, metric, wait_for
@@ -242,3 +242,22 @@ def test_calls_over_the_concurrency_limit_are_refused_at_once(model, repository,
         assert health(server.target, "m") == SERVING  # health is never refused
     finally:
         server.stop()
+
+
+def test_aged_connections_are_replaced_without_failed_calls(model, repository, start_server):
+    """max_connection_age (gRPC A9): the server closes connections past the age; clients
+    reconnect, which behind a load balancer spreads them over new replicas."""
+    add_version(model, repository, "m", 1)
+    settings = {"repository": repository, "max_connection_age_s": 0.3, "max_connection_age_grace_s": 5}
+    server = start_server({}, settings=settings)
+    states: list[grpc.ChannelConnectivity] = []
+    try:
+        with grpc.insecure_channel(server.target) as channel, Client(channel, timeout=30) as client:
+            channel.subscribe(states.append, try_to_connect=True)
+            deadline = time.monotonic() + 2
+            while time.monotonic() < deadline:
+                assert client.classify(model="m", texts=["across connections"])
+                time.sleep(0.05)
+    finally:
+        server.stop()
+    assert states.count(grpc.ChannelConnectivity.READY) >= 2, states
