@@ -95,12 +95,13 @@ class QuestionAnsweringPipeline(EncoderPipeline[inference_pb2.AnswerRequest]):
         question_encodings = bare.encode_batch(list(questions), add_special_tokens=False)
         context_encodings = bare.encode_batch(list(contexts), add_special_tokens=False)
         checked = []
-        for index, (question, encoding, context) in enumerate(
+        for index, (question, encoding, context_encoding) in enumerate(
             zip(questions, question_encodings, context_encodings, strict=True)
         ):
             if not question.strip():
                 raise InvalidArgument(f"question {index} is empty")
-            if not context.ids:
+            context_tokens = len(context_encoding.ids)
+            if not context_tokens:
                 raise InvalidArgument(f"context {index} is empty: it holds no token that could be an answer")
             kept = min(len(encoding.ids), windowing.max_question_len)
             room = windowing.max_seq_len - self.pair_special_tokens - kept
@@ -109,7 +110,7 @@ class QuestionAnsweringPipeline(EncoderPipeline[inference_pb2.AnswerRequest]):
                     f"question {index} takes {kept} tokens, which leaves no room for its context in a "
                     f"{windowing.max_seq_len}-token window: raise max_seq_len or lower max_question_len"
                 )
-            if len(context.ids) > room and windowing.doc_stride >= room:
+            if context_tokens > room and windowing.doc_stride >= room:
                 raise InvalidArgument(
                     f"doc_stride {windowing.doc_stride} must be less than the {room} context tokens a window "
                     f"holds beside question {index}"
