@@ -159,8 +159,9 @@ def test_a_new_version_takes_over_under_load_without_failed_calls(model, reposit
 def test_clients_cancelling_mid_call_free_their_places(model, repository, serve):
     add_version(model, repository, "busy", 1)
     queue_size = 8
-    server = serve(max_queue_size=queue_size)
-    texts = ["a longer text to keep the model busy for a while " * 8] * 32
+    # Runs that could still grow are held for a second, so every call is cancelled mid-call.
+    server = serve(max_queue_size=queue_size, max_batch_size=64, max_queue_delay_ms=1000)
+    texts = ["waiting for batchmates"] * 2
 
     async def cancel_many() -> None:
         async with AsyncClient(server.target, timeout=30) as client:
@@ -179,7 +180,7 @@ def test_clients_cancelling_mid_call_free_their_places(model, repository, serve)
     async def fill_the_queue() -> Outcomes:
         outcomes = Outcomes()
         async with AsyncClient(server.target, timeout=60) as client:
-            calls = [client.classify(model="busy", texts=texts[:2]) for _ in range(queue_size)]
+            calls = [client.classify(model="busy", texts=texts) for _ in range(queue_size)]
             await asyncio.gather(*map(outcomes.call, calls))
         return outcomes
 
@@ -190,18 +191,20 @@ def test_clients_cancelling_mid_call_free_their_places(model, repository, serve)
 
 def test_sigterm_under_load_finishes_the_calls_in_flight(model, repository, tmp_path):
     add_version(model, repository, "m", 1)
+    # The model holds a run that could still grow for up to 2 s, so the calls are in flight at
+    # SIGTERM however fast the machine: 24 calls of 2 texts fit one run of 64.
     server = ServerProcess(
         "--repository", str(repository), "--device", "cpu", "--shutdown-grace-s", "30", "--drain-delay-s", "1",
-        log_path=tmp_path / "server.log",
+        "--max-batch-size", "64", "--max-queue-delay-ms", "2000", log_path=tmp_path / "server.log",
     )
-    texts = ["a text long enough that a batch of them takes a while to run " * 4] * 16
+    texts = ["in flight when the server is told to stop"] * 2
 
     async def load_then_terminate() -> tuple[Outcomes, int, Outcomes, int]:
         outcomes, late = Outcomes(), Outcomes()
         async with AsyncClient(server.target, timeout=60) as client:
             calls = [asyncio.ensure_future(outcomes.call(client.classify(model="m", texts=texts))) for _ in range(24)]
             await asyncio.sleep(0.5)
-            assert sum(outcomes.counts.values()) < len(calls), "the calls finished before SIGTERM; make them longer"
+            assert not outcomes.counts, "the calls finished before SIGTERM"
             terminated = asyncio.get_running_loop().run_in_executor(None, server.terminate)
             # Health turns NOT_SERVING at once, while the server still answers (the drain delay).
             await asyncio.sleep(0.3)
@@ -224,8 +227,9 @@ def test_sigterm_under_load_finishes_the_calls_in_flight(model, repository, tmp_
 def test_calls_over_the_concurrency_limit_are_refused_at_once(model, repository, start_server):
     add_version(model, repository, "m", 1)
     settings = {"repository": repository, "max_concurrent_calls": 2, "metrics_port": 0}
-    server = start_server({}, settings=settings)
-    texts = ["long enough to keep the model busy for a moment " * 8] * 32
+    # The first two calls are held for a second (a run waiting for batchmates) while the rest arrive.
+    server = start_server({}, settings=settings, max_batch_size=64, max_queue_delay_ms=1000)
+    texts = ["holding a place"] * 2
 
     async def burst() -> Outcomes:
         outcomes = Outcomes()
