@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from onnxserve.v1 import inference_pb2, inference_pb2_grpc
-from tests.serving import ServerProcess, add_version, metric, wait_for
+from tests.serving import ServerProcess, add_version, metric
 
 KIND = "bert-sequence-classification"
 CLASSIFY = "onnxserve.v1.Inference/Classify"
@@ -90,5 +90,6 @@ def test_json_logs_carry_the_request_id(exported, tmp_path):
     lines = [line for line in server.log_path.read_text().splitlines() if not ABSL_LINE.match(line)]
     entries = [json.loads(line) for line in lines]
     assert all({"time", "level", "logger", "message"} <= entry.keys() for entry in entries)
-    access = wait_for(lambda: [e for e in entries if e.get("request_id") == "trace-me"], what="the access entry")
+    access = [e for e in entries if e.get("request_id") == "trace-me"]
+    assert access, "no entry carries the request id"
     assert access[0]["rpc"] == CLASSIFY and access[0]["code"] == "OK" and access[0]["model"] == KIND
