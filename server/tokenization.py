@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,8 @@ from onnxserve.server.errors import InvalidArgument, ModelLoadError
 from tokenizers import Encoding, Tokenizer
 
 from onnxserve.v1 import manifest_pb2
+
+CONFIGURED_TOKENIZERS = 16
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,7 @@ class TextTokenizer:
         self.pad_token_id = tokens.pad_token_id
         self.padding_side = tokens.padding_side or "right"
         self.mask_token = tokens.mask_token
-        self._configured: dict[TokenizeOptions, Tokenizer] = {}
+        self._configured: OrderedDict[TokenizeOptions, Tokenizer] = OrderedDict()
         self._lock = threading.Lock()
 
     @property
@@ -54,9 +57,15 @@ class TextTokenizer:
         return self._source
 
     def _configured_for(self, options: TokenizeOptions) -> Tokenizer:
+        if options.max_length is not None and not 0 < options.max_length <= self.max_length:
+            raise InvalidArgument(
+                f"max_length {options.max_length} is outside 1..{self.max_length}, the model's maximum length"
+            )
         with self._lock:
             tokenizer = self._configured.get(options)
-            if tokenizer is None:
+            if tokenizer is not None:
+                self._configured.move_to_end(options)
+            else:
                 tokenizer = Tokenizer.from_str(self._source.to_str())
                 max_length = options.max_length or self.max_length
                 if options.truncation:
@@ -73,6 +82,9 @@ class TextTokenizer:
                         length=max_length if options.padding == "max_length" else None,
                     )
                 self._configured[options] = tokenizer
+                # Callers choose the options, so keep only the recent option sets in memory.
+                if len(self._configured) > CONFIGURED_TOKENIZERS:
+                    self._configured.popitem(last=False)
             return tokenizer
 
     def encode(

@@ -108,3 +108,18 @@ def test_server_keeps_serving_after_errors(client):
     with expect_status(grpc.StatusCode.NOT_FOUND):
         client.classify(model="nope", texts=["x"])
     assert len(client.classify(model=KIND, texts=["still fine"])) == 1
+
+
+def test_tokenize_max_length_over_the_model_is_invalid(client):
+    with expect_status(grpc.StatusCode.INVALID_ARGUMENT, "max_length", "maximum"):
+        client.tokenize(model=KIND, texts=["x"], max_length=10_000_000, padding="max_length")
+
+
+def test_unknown_padding_value_is_invalid(server):
+    from onnxserve.v1 import inference_pb2, inference_pb2_grpc
+
+    with grpc.insecure_channel(server.target) as channel, expect_status(grpc.StatusCode.INVALID_ARGUMENT, "padding"):
+        # An enum value from a newer contract than the server's.
+        inference_pb2_grpc.InferenceStub(channel).Tokenize(
+            inference_pb2.TokenizeRequest(model=KIND, texts=["x"], padding=4), timeout=30
+        )

@@ -19,6 +19,8 @@ def tokenize(
     tokenizer: TextTokenizer, request: inference_pb2.TokenizeRequest, timings: Timings
 ) -> inference_pb2.TokenizeResponse:
     require_batch(request.texts, "texts")
+    if request.padding not in _PADDING:
+        raise InvalidArgument(f"unknown padding {request.padding}: use PADDING_LONGEST or PADDING_MAX_LENGTH")
     options = TokenizeOptions(
         truncation=request.truncation if request.HasField("truncation") else True,
         max_length=request.max_length or None,
