@@ -9,8 +9,10 @@ import pytest
 from transformers import pipeline
 
 from tests.checkpoints import CORPUS
-from tests.encoder_parity import agreement, assert_score
+from tests.encoder_parity import agreement, assert_score, one_torch_thread  # noqa: F401 (a fixture)
 from tests.test_errors import expect_status
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 KINDS = ["bert-fill-mask", "roberta-fill-mask"]
 MASK_TOKENS = {"bert-fill-mask": "[MASK]", "roberta-fill-mask": "<mask>"}
@@ -38,12 +40,12 @@ def exported(export):
 
 @pytest.fixture(scope="module")
 def fp32_server(exported, start_server):
-    return start_server(exported, precision="fp32")
+    return start_server(exported, precision="fp32", intra_op_threads=1)
 
 
 @pytest.fixture(scope="module")
 def int8_server(exported, start_server):
-    return start_server(exported, precision="int8")
+    return start_server(exported, precision="int8", intra_op_threads=1)
 
 
 @pytest.fixture
@@ -110,8 +112,8 @@ def test_int8_agrees_on_top1(int8_server, exported, kind):
     assert response.metadata.precision == "int8"
     served = [candidates[0].token for masks in response for candidates in masks]
     expected = [w[0]["token"] for text in texts for w in expected_masks(exported[kind].checkpoint, text)]
-    # Measured: 74/79 (BERT) and 78/79 (RoBERTa) masks get the same best token. Random MLM heads
-    # are nearly flat, so int8 noise can reorder close candidates.
+    # Measured: 76 of 79 (BERT) and 79 of 79 (RoBERTa) masks get the same best token. Random MLM
+    # heads are nearly flat, so int8 noise can reorder close candidates.
     assert agreement(served, expected) >= 0.9
 
 

@@ -10,9 +10,11 @@ from transformers import pipeline
 
 from onnxserve.v1 import inference_pb2, inference_pb2_grpc
 from tests.checkpoints import CORPUS
-from tests.encoder_parity import agreement, assert_score
+from tests.encoder_parity import agreement, assert_score, one_torch_thread  # noqa: F401 (a fixture)
 from tests.parity import TRICKY_TEXTS
 from tests.test_errors import expect_status
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 KIND = "bert-token-classification"
 STRATEGIES = ["none", "simple", "first", "average", "max"]
@@ -34,12 +36,12 @@ def exported(export):
 
 @pytest.fixture(scope="module")
 def fp32_server(exported, start_server):
-    return start_server({KIND: exported}, precision="fp32")
+    return start_server({KIND: exported}, precision="fp32", intra_op_threads=1)
 
 
 @pytest.fixture(scope="module")
 def int8_server(exported, start_server):
-    return start_server({KIND: exported}, precision="int8")
+    return start_server({KIND: exported}, precision="int8", intra_op_threads=1)
 
 
 @pytest.fixture
@@ -111,7 +113,7 @@ def test_int8_agrees_on_top1(int8_server, exported):
     served = [entity.entity for entities in response for entity in entities]
     classify = reference(exported.checkpoint, "none")
     expected = [x["entity"] for text in texts for x in classify(text, ignore_labels=[])]
-    # Measured: 1,363 of 1,384 tokens (98.5%) get the same label.
+    # Measured: 1,371 of 1,384 tokens (99.1%) get the same label.
     assert agreement(served, expected) >= 0.97
 
 
