@@ -47,6 +47,7 @@ def describe_model(
         pooling=pooling(checkpoint.path),
         hidden_size=getattr(config, "hidden_size", None) or 0,
         multi_label=config.problem_type == "multi_label_classification",
+        clean_up_tokenization_spaces=bool(tokenizer.clean_up_tokenization_spaces),
         library_versions=library_versions(),
     )
     if spec.proto in _CLASS_LABELS:

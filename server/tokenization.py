@@ -48,6 +48,7 @@ class TextTokenizer:
         self.pad_token_id = tokens.pad_token_id
         self.padding_side = tokens.padding_side or "right"
         self.mask_token = tokens.mask_token
+        self.clean_up_tokenization_spaces = manifest.clean_up_tokenization_spaces
         self._configured: OrderedDict[TokenizeOptions, Tokenizer] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -114,7 +115,21 @@ class TextTokenizer:
         return encodings
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self._source.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        text = self._source.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return clean_up_tokenization(text) if self.clean_up_tokenization_spaces else text
+
+
+# transformers' clean_up_tokenization, in its order: spaces before punctuation and contractions.
+_CLEAN_UPS = (
+    (" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
+    (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"),
+)  # fmt: skip
+
+
+def clean_up_tokenization(text: str) -> str:
+    for spaced, tight in _CLEAN_UPS:
+        text = text.replace(spaced, tight)
+    return text
 
 
 def batch_arrays(encodings: Sequence[Encoding], pad_token_id: int) -> dict[str, np.ndarray]:

@@ -78,3 +78,22 @@ def test_detokenize_matches_hf_decode(server, exported, kind):
         kept = client.detokenize(model=kind, sequences=sequences, skip_special_tokens=False)
     assert list(skipped) == hf.batch_decode(sequences, skip_special_tokens=True)
     assert list(kept) == hf.batch_decode(sequences, skip_special_tokens=False)
+
+
+def test_detokenize_cleans_up_spaces_when_the_tokenizer_does(export, checkpoint, start_server, tmp_path_factory):
+    """BERT tokenizers (bert-base-uncased...) ask for clean_up_tokenization_spaces: "france ." -> "france."."""
+    import json
+    import shutil
+
+    source = tmp_path_factory.mktemp("cleanup") / "bert"
+    shutil.copytree(checkpoint("bert-feature-extraction"), source)
+    config_path = source / "tokenizer_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "clean_up_tokenization_spaces": True}))
+    server = start_server({"cleanup": export("bert-cleanup", precisions=("fp32",), source=source)})
+    hf = tokenizer(source)
+    texts = ["the river , the city . is it ? yes ! don ' t"]
+    sequences = [hf(text)["input_ids"] for text in texts]
+    with server.client() as client:
+        served = list(client.detokenize(model="cleanup", sequences=sequences))
+    assert served == hf.batch_decode(sequences, skip_special_tokens=True)
+    assert " ," not in served[0] and " ." not in served[0]
