@@ -79,8 +79,9 @@ def export_model(
     show_progress: bool = True,
 ) -> Path:
     """Exports SOURCE (a checkpoint folder, a Hub id or a .gguf file) into REPOSITORY/NAME as the
-    next version; returns the version folder. Variants that miss their validation gates are an
-    ExportError (nothing is written) unless `force`, which writes them marked as failed."""
+    next version; returns the version folder. Variants that miss their validation gates are left
+    out with a warning (an ExportError when none is left) unless `force`, which writes them marked
+    as failed."""
     source = str(source)
     wanted = _check_precisions(precisions)
     if name is not None:
@@ -97,7 +98,7 @@ def export_model(
         except OSError as error:
             raise ExportError(f"cannot write into the model repository: {error}") from error
         variants = _make_variants(model, stage, wanted, steps)
-        _validate(model, variants, steps, force)
+        variants = _validate(model, variants, steps, force)
         with steps.step("writing the version"):
             return _write(model, stage, variants)
 
@@ -213,10 +214,11 @@ def _run_optimum(model: _Model, output: Path) -> None:
         raise ExportError(f"optimum's ONNX exporter wrote no {', '.join(missing)} for {model.spec.name}")
 
 
-def _validate(model: _Model, variants: list[_Variant], steps: Steps, force: bool) -> None:
-    """Fills each variant's validation; refuses (unless `force`) variants that miss their gates.
-    A variant ONNX Runtime cannot run here (fp16 of some graphs on a CPU-only machine) is left
-    out with a warning, or written unvalidated under `force`."""
+def _validate(model: _Model, variants: list[_Variant], steps: Steps, force: bool) -> list[_Variant]:
+    """Fills each variant's validation and returns the variants to write. A variant that misses its
+    gates, or that ONNX Runtime cannot run here (fp16 of some graphs on a CPU-only machine), is
+    left out with a warning naming the gate and figures, or written marked as failed under
+    `force`; when no variant is left, nothing is written and the error says why."""
     with steps.step("computing the PyTorch reference"), quiet():
         validator = Validator(
             model.spec,
@@ -226,37 +228,36 @@ def _validate(model: _Model, variants: list[_Variant], steps: Steps, force: bool
             model.manifest.pooling,
             model.manifest.max_length,
         )
-    for variant in list(variants):
+    kept, problems = [], []
+    for variant in variants:
         with steps.step(f"validating {variant.precision} against PyTorch"):
-            try:
-                variant.validation = validator.validate(variant.graphs, variant.precision)
-            except NotRunnable as error:
-                _not_runnable(variant, variants, str(error), steps, force)
-    if not variants:
-        raise ExportError("no variant could be validated on this machine; nothing was written")
-    failed = [v for v in variants if not v.validation.passed and v.validation.samples]
-    if failed and not force:
-        raise ExportError(
-            "\n".join(_gate_report(v) for v in failed) + "\nnothing was written (force writes failing variants)"
+            problem = _check(validator, variant)
+        if problem is None or force:
+            kept.append(variant)
+        else:
+            _remove(variant)
+        if problem is not None:
+            problems.append(problem)
+    if not kept:
+        raise ExportError("\n".join([*problems, "no variant passed its gates: nothing was written"]))
+    consequence = "written anyway (force)" if force else "left out (force writes it)"
+    for problem in problems:
+        steps.warn(f"{problem}; {consequence}")
+    return kept
+
+
+def _check(validator: Validator, variant: _Variant) -> str | None:
+    """Validates a variant; returns what is wrong with it, if anything."""
+    try:
+        variant.validation = validator.validate(variant.graphs, variant.precision)
+    except NotRunnable as error:
+        variant.validation.failures.append(f"not validated: {error}")
+        return (
+            f"the {variant.precision} variant could not be validated: {error} "
+            "(export on a machine that runs it, e.g. with a CUDA GPU for fp16)"
         )
-    for variant in failed:
-        steps.warn(_gate_report(variant) + "; written anyway (force)")
-
-
-def _not_runnable(variant: _Variant, variants: list[_Variant], reason: str, steps: Steps, force: bool) -> None:
-    if force:
-        variant.validation.failures.append(f"not validated: {reason}")
-        steps.warn(f"the {variant.precision} variant is written unvalidated (force): {reason}")
-        return
-    variants.remove(variant)
-    _remove(variant)
-    steps.warn(
-        f"the {variant.precision} variant is left out: {reason}. Export on a machine that runs it "
-        "(a CUDA GPU for fp16), or pass force to write it unvalidated"
-    )
-
-
-def _gate_report(variant: _Variant) -> str:
+    if variant.validation.passed:
+        return None
     figures = variant.validation
     failures = "; ".join(figures.failures)
     return f"the {variant.precision} variant missed its validation gates over {figures.samples} samples: {failures}"

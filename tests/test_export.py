@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from collections.abc import Callable
 from datetime import datetime
@@ -271,23 +272,30 @@ def test_sentence_transformers_pooling_and_length(checkpoint: Checkpoints, tmp_p
 # --- gates ---------------------------------------------------------------------------------------
 
 
-def test_a_missed_gate_writes_nothing_and_names_the_gate(
-    checkpoint: Checkpoints, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_a_variant_that_misses_its_gate_is_left_out_and_named(
+    checkpoint: Checkpoints, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setitem(validate.GATES, "int8", validate.Gate(min_min_cosine=1.5))  # unreachable
     source = checkpoint("bert-sequence-classification")
-    with pytest.raises(
-        ExportError, match=r"int8 variant missed its validation gates .*min_cosine 0\.\d+ is not >= 1\.5"
-    ):
-        _export(source, tmp_path, name="gated", precisions=("fp32", "int8"))
+    gate = r"the int8 variant missed its validation gates over 12 samples: min_cosine [\d.]+ is not >= 1\.5"
+
+    with pytest.raises(ExportError, match=gate + ".*\nno variant passed its gates: nothing was written"):
+        _export(source, tmp_path, name="gated", precisions=("int8",))
     assert version_dirs(tmp_path / "gated") == {}
     assert _leftovers(tmp_path) == []
 
-    manifest = read_manifest(_export(source, tmp_path, name="gated", precisions=("fp32", "int8"), force=True))
-    fp32, int8 = manifest.variants
+    with caplog.at_level(logging.WARNING, logger="onnxserve.export"):
+        version_dir = _export(source, tmp_path, name="gated", precisions=("fp32", "int8"))
+    assert re.search(gate + r"; left out \(force writes it\)", caplog.text)
+    assert [v.precision for v in read_manifest(version_dir).variants] == [common_pb2.PRECISION_FP32]
+    assert not (version_dir / "model.int8.onnx").exists()
+
+    forced = read_manifest(_export(source, tmp_path, name="gated", precisions=("fp32", "int8"), force=True))
+    fp32, int8 = forced.variants
     assert fp32.validation.passed
     assert not int8.validation.passed
     assert [f.split(" ")[0] for f in int8.validation.failures] == ["min_cosine"]
+    assert _leftovers(tmp_path) == []
 
 
 def test_a_variant_that_cannot_run_here_is_left_out(
@@ -306,7 +314,7 @@ def test_a_variant_that_cannot_run_here_is_left_out(
         version_dir = _export(source, tmp_path, name="cpu", precisions=("fp32", "fp16"))
     assert [v.precision for v in read_manifest(version_dir).variants] == [common_pb2.PRECISION_FP32]
     assert not (version_dir / "model.fp16.onnx").exists()
-    assert "the fp16 variant is left out: ONNX Runtime cannot load model.fp16.onnx" in caplog.text
+    assert "the fp16 variant could not be validated: ONNX Runtime cannot load model.fp16.onnx" in caplog.text
 
     forced = read_manifest(_export(source, tmp_path, name="cpu", precisions=("fp32", "fp16"), force=True))
     fp16 = forced.variants[1].validation
