@@ -39,7 +39,11 @@ class Steps:
             yield
             return
         task = self._progress.add_task(description, total=1)
-        yield
+        try:
+            yield
+        except BaseException:
+            self._progress.update(task, description=f"[red]{description}: failed[/red]")
+            raise
         self._progress.update(task, completed=1)
 
     def warn(self, message: str) -> None:
