@@ -12,7 +12,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from onnxserve.repository import write_manifest
@@ -24,7 +24,9 @@ _MAX_ATTEMPTS = 100  # concurrent exports of one name, each taking a number
 
 @contextmanager
 def staging(model_dir: Path) -> Iterator[Path]:
-    """A fresh hidden folder in `model_dir`; removed on the way out unless published (renamed)."""
+    """A fresh hidden folder in `model_dir`; removed on the way out unless published (renamed),
+    with `model_dir` itself when this export created it and left nothing in it."""
+    created = not model_dir.exists()
     model_dir.mkdir(parents=True, exist_ok=True)
     folder = model_dir / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
     folder.mkdir()
@@ -32,6 +34,9 @@ def staging(model_dir: Path) -> Iterator[Path]:
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+        if created:
+            with suppress(OSError):  # not empty: a version was published, ours or a concurrent one
+                model_dir.rmdir()
 
 
 def publish(folder: Path, manifest: manifest_pb2.Manifest) -> Path:
