@@ -77,6 +77,10 @@ class Session:
         options = ort.SessionOptions()
         options.intra_op_num_threads = settings.intra_op_threads or available_cpus()
         options.inter_op_num_threads = settings.inter_op_threads
+        # Idle intra-op threads sleep instead of spinning: the server's own threads (gRPC,
+        # tokenizing, batching) share these cores, and spinning took their CPU (measured: 30% more
+        # CPU per request, and worse throughput, with it on).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers: list = [CPU]
