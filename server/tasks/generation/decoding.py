@@ -76,12 +76,11 @@ class Decoding:
     max_new_tokens: int
 
 
-def decode(model: StepModel, history: np.ndarray, outputs: Sequence[OutputSequence], how: Decoding) -> Iterator[None]:
-    """Decodes `history` (one row per output: the padded prompt, or the decoder start) into
-    `outputs`, one yield per model step."""
+def decode(model: StepModel, outputs: Sequence[OutputSequence], how: Decoding) -> Iterator[None]:
+    """Decodes the model's rows into `outputs` (one per row), one yield per model step."""
     if how.num_beams > 1:
-        return BeamSearch(how, len(outputs), history).run(model, outputs)
-    return _greedy_or_sample(model, history, outputs, how)
+        return BeamSearch(how, len(outputs), model.history).run(model, outputs)
+    return _greedy_or_sample(model, model.history, outputs, how)
 
 
 def _greedy_or_sample(
@@ -108,7 +107,8 @@ def _greedy_or_sample(
 
 
 def top_k(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k largest values of each row and their indices, largest first (ties: lower index)."""
+    """The k largest values of each row and their indices, largest first (equal values among
+    them: lower index first)."""
     candidates = np.argpartition(-values, k - 1, axis=-1)[:, :k]
     picked = np.take_along_axis(values, candidates, axis=-1)
     order = np.lexsort((candidates, -picked), axis=-1)

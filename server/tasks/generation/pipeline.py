@@ -194,7 +194,7 @@ class GenerationPipeline(Pipeline):
         timings.batch_size = len(prompts) * settings.num_beams
         model = self._model(token_ids, lambda work: timings.timed("inference", work))
         outputs = [self._output(settings) for _ in prompts]
-        steps = decode(model, model.history, outputs, self._decoding(settings, model.history.shape[1]))
+        steps = decode(model, outputs, self._decoding(settings, model.history.shape[1]))
         return Generation(prompts, settings, outputs, steps, model.release, self.stats, timings)
 
     def _tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
