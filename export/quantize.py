@@ -1,27 +1,57 @@
 """Int8 variants of exported fp32 ONNX models: per-token activation quantization.
 
 Recipe (`quantize_int8`): every MatMul whose weight is a constant 2-D fp32 matrix becomes a
-MatMulIntegerToFloat (com.microsoft) fed by
-
+MatMulIntegerToFloat (com.microsoft) times a row scale, fed by
 - the weight in int8, symmetric, one scale per output channel (quantized once, here);
 - the activation in uint8, asymmetric, one scale and zero point per row (token), computed in the
-  graph: ReduceMax/ReduceMin over the last axis, QuantizeLinear along axis 0 of the [tokens, K]
-  view. A row's answer therefore never depends on its batchmates (dynamic quantization takes one
-  scale over the whole batch tensor, so padding and neighbours move every answer).
+  graph: ReduceMax/ReduceMin over the row, QuantizeLinear along axis 0 of the [tokens, K] view.
+A row's answer never depends on its batchmates, whereas dynamic quantization takes one scale over
+the whole batch tensor, so that padding and neighbours move every answer.
 
-MatMulInteger kernels take one scalar zero point for A, so a per-row zero point cannot be passed.
-It is folded into the same integer GEMM instead: J extra columns holding the row's zero point
-meet J extra int8 weight rows that sum to minus each column's weight sum, which subtracts
-zero_point * column_sum exactly in the int32 accumulator. The row scale is MatMulIntegerToFloat's
-A scale ([tokens, 1], applied to its output), the channel scales its B scale. Activations shared
-by several MatMuls (query/key/value) are quantized once.
+MatMulInteger kernels take one zero point for all of A, so a per-row zero point cannot be passed.
+It is folded into the same integer GEMM instead: J extra activation columns hold the row's zero
+point and meet J extra int8 weight rows that sum to minus each column's weight sum, which
+subtracts zero_point * column_sum exactly in the int32 accumulator (the GEMM's time does not move
+with K + J). The channel scales are MatMulIntegerToFloat's B scale; the row scale is a Mul.
+Activations shared by several MatMuls (query, key, value) are quantized once.
 
-Graphs with control flow (If/Loop/Scan subgraphs) or opset < 13 get ONNX Runtime's per-channel
-dynamic quantization instead, and the description says so.
+Graphs with control flow (If/Loop/Scan subgraphs), opset < 13 or no constant-weight MatMul get
+ONNX Runtime's per-channel dynamic quantization instead, and the description says so.
 
-Measured on all-MiniLM-L6-v2 (bench/int8_schemes.py), 60 varied texts, cosine of mean-pooled
-embeddings vs fp32; batch invariance = worst cosine of a text alone vs inside a padded batch of 8.
-(Figures being re-measured: see bench/int8_schemes.py.)
+Measured on all-MiniLM-L6-v2 (`python -m bench.int8_schemes`), from the graph the exporter hands
+over (ONNX Runtime's basic optimizations): mean/min cosine of mean-pooled embeddings vs fp32 over
+60 texts of 3 to 61 tokens; invariance: the worst cosine of a text alone vs inside a padded batch
+of 8; texts/s at batch 32 with 2 intra-op threads on a 2-vCPU Xeon (Sapphire Rapids) shared with
+other jobs, so the best of 6 interleaved rounds:
+
+    scheme                          mean    min     invariance  16-token texts/s  128-token texts/s
+    fp32                            1.0000  1.0000  1.000000      418 (1.00x)       75 (1.00x)
+    dynamic, per-tensor weights     0.9552  0.7491  0.948538    1,519 (3.63x)      174 (2.32x)
+    dynamic, per-channel weights    0.9921  0.9450  0.943027    1,381 (3.30x)      171 (2.28x)
+    static QDQ, MinMax calibration  0.9258  0.6696  1.000000    1,054 (2.52x)      113 (1.50x)
+    per-token (this recipe)         0.9986  0.9886  1.000000    1,201 (2.87x)      146 (1.94x)
+
+On one thread, by CPU time (which the neighbours disturb least): per-token 2.42x fp32 on 16-token
+texts and 1.90x on 128-token texts, dynamic 2.56x and 2.11x. At 128 tokens this recipe is thus
+just under 2x: beyond dynamic it pays for the row statistics in separate ops (ReduceMax,
+ReduceMin, per-axis QuantizeLinear, the zero-point Concat: about 15% of its time) and for the
+row-scale Mul (about 10%), which DynamicQuantizeMatMul does in one fused pass.
+
+Tried and dropped, measured the same way during development (cosines mean / min, speed vs fp32
+at 128 tokens on one thread):
+- symmetric per token (zero point 128): 0.9966 / 0.9686. A [CLS] row carries one huge channel
+  (28 against a median of 0.1), so its other values round to zero; an asymmetric range spends no
+  levels on values the row does not have. Keeping the value projections fp32 as well: 0.9984 / 0.9844, and slower.
+- SmoothQuant-style channel smoothing (alpha 0.5) calibrated on random tokens, symmetric:
+  0.9985 / 0.9861, and it needs calibration data and an extra Mul per activation.
+- the zero-point correction as a float rank-1 Mul + Sub on the output: same cosines, 1.36x.
+- MatMulNBits 8-bit weights: 0.9997 / 0.9984 and invariant, but 0.9x fp32; with int8 compute
+  (accuracy_level 4) 0.85x at block 32, and not invariant at block 128 (0.9985).
+- ONNX Runtime's transformer fusions first (Attention, MultiHeadAttention, SkipLayerNormalization,
+  BiasGelu): slower on this CPU, fp32 0.84-0.90x of the plain graph, per-token 1.64x vs 2.02x.
+- the row scale as MatMulIntegerToFloat's A scale: same speed on one thread, but the kernel
+  applies it on one thread where a Mul uses all of them.
+- opset-21 blocked QuantizeLinear (per-row scales on the 3-D tensor): wrong values on ORT 1.31.
 """
 
 from __future__ import annotations
@@ -43,6 +73,7 @@ _REDUCE_AXES_AS_INPUT = 18  # ReduceMax/ReduceMin take `axes` as an input from o
 _INT8_MAX = int(get_qmin_qmax_for_qType(TensorProto.INT8, symmetric=True)[1])  # 127
 _UINT8_LEVELS = 255.0
 _PREFIX = "per_token_int8"
+_SUBGRAPH_ATTRIBUTES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
 
 
 def quantize_int8(source: Path, target: Path) -> str:
@@ -51,7 +82,7 @@ def quantize_int8(source: Path, target: Path) -> str:
     model = onnx.load(str(source))
     reason = _unsuited(model)
     if reason is None:
-        quantized, total = per_token_rewrite(model)
+        quantized, total = _per_token_rewrite(model)
         if quantized:
             save_model(model, target)
             return (
@@ -71,8 +102,7 @@ def _unsuited(model: onnx.ModelProto) -> str | None:
     if _opset(model) < _MIN_OPSET:
         return f"opset {_opset(model)} < {_MIN_OPSET}"
     # The rewrite walks the main graph only; subgraphs would keep fp32 MatMuls unnoticed.
-    if any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-           for node in model.graph.node for attr in node.attribute):  # fmt: skip
+    if any(attr.type in _SUBGRAPH_ATTRIBUTES for node in model.graph.node for attr in node.attribute):
         return "control-flow subgraphs"
     return None
 
@@ -125,7 +155,7 @@ class _Weight:
         return np.concatenate([self.values, np.diff(steps, axis=0).astype(np.int8)])
 
 
-def per_token_rewrite(model: onnx.ModelProto) -> tuple[int, int]:
+def _per_token_rewrite(model: onnx.ModelProto) -> tuple[int, int]:
     """Rewrites `model` in place; returns (MatMuls quantized, MatMuls in the graph)."""
     graph = model.graph
     total = sum(node.op_type == "MatMul" for node in graph.node)
@@ -195,19 +225,21 @@ class _Builder:
         values = self._initializer(f"{name}/weight", weight.with_zero_point_rows(rows))
         scales = self._initializer(f"{name}/weight_scale", weight.scales)
         columns = self._initializer(f"{name}/columns", np.array([weight.values.shape[1]], dtype=np.int64))
-        inputs = [quantized, values, scale, scales]
+        # The row scale is applied by a Mul rather than as MatMulIntegerToFloat's A scale: the kernel
+        # scales its output on one thread, a Mul on all of them.
+        inputs = [quantized, values, self._constant("one", np.ones(1, np.float32)), scales]
+        nodes += [
+            helper.make_node("MatMulIntegerToFloat", inputs, [f"{name}/2d"], name=name, domain=_MS_DOMAIN),
+            helper.make_node("Mul", [f"{name}/2d", scale], [f"{name}/scaled"]),
+        ]
+        leading = self._constant("zero_1d", np.zeros(1, np.int64)), self._constant("minus_one", np.array([-1]))
         return [
             *nodes,
-            helper.make_node("MatMulIntegerToFloat", inputs, [f"{name}/2d"], name=name, domain=_MS_DOMAIN),
             # Back to the activation's leading dimensions, with N columns.
             helper.make_node("Shape", [activation], [f"{name}/activation_shape"]),
-            helper.make_node(
-                "Slice",
-                [f"{name}/activation_shape", self._constant("zero_1d", [0]), self._constant("minus_one", [-1])],
-                [f"{name}/leading"],
-            ),
+            helper.make_node("Slice", [f"{name}/activation_shape", *leading], [f"{name}/leading"]),
             helper.make_node("Concat", [f"{name}/leading", columns], [f"{name}/shape"], axis=0),
-            helper.make_node("Reshape", [f"{name}/2d", f"{name}/shape"], [output]),
+            helper.make_node("Reshape", [f"{name}/scaled", f"{name}/shape"], [output]),
         ]
 
     def _quantize_rows(self, activation: str, depth: int, rows: int) -> list[onnx.NodeProto]:
@@ -217,39 +249,43 @@ class _Builder:
         flat, high, low, scale, zero_point = (f"{name}/{part}" for part in ("2d", "max", "min", "scale", "zp"))
         self._quantized[activation] = (f"{name}/quantized", scale)
         flat_shape = self._initializer(f"{name}/2d_shape", np.array([-1, depth], dtype=np.int64))
-        zero, minus_one = self._constant("zero", 0.0), self._constant("minus_one", [-1])
-        tiny = self._constant("tiny", float(np.finfo(np.float32).tiny))
+        # [1, 1] constants: ONNX Runtime broadcasts a 0-d operand element by element, ten times slower.
+        smallest = self._constant("smallest_range", np.full((1, 1), np.finfo(np.float32).tiny * _UINT8_LEVELS))
+        per_level = self._constant("per_level", np.full((1, 1), 1 / _UINT8_LEVELS, np.float32))
+        minus_one = self._constant("minus_one", np.array([-1]))
         return [
             helper.make_node("Reshape", [activation, flat_shape], [flat]),
             # The range always holds zero, so that zero (padding, ReLU) stays exact.
             self._reduce("ReduceMax", flat, f"{high}/raw"),
-            helper.make_node("Max", [f"{high}/raw", zero], [high]),
+            helper.make_node("Relu", [f"{high}/raw"], [high]),
             self._reduce("ReduceMin", flat, f"{low}/raw"),
-            helper.make_node("Min", [f"{low}/raw", zero], [low]),
-            helper.make_node("Sub", [high, low], [f"{scale}/range"]),
-            helper.make_node("Div", [f"{scale}/range", self._constant("levels", _UINT8_LEVELS)], [f"{scale}/raw"]),
-            # An all-zero row gets any positive scale rather than a division by zero.
-            helper.make_node("Max", [f"{scale}/raw", tiny], [scale]),
-            helper.make_node("Div", [low, scale], [f"{zero_point}/negative"]),
-            helper.make_node("Neg", [f"{zero_point}/negative"], [f"{zero_point}/float"]),
+            helper.make_node("Neg", [f"{low}/raw"], [f"{low}/negated"]),
+            helper.make_node("Relu", [f"{low}/negated"], [low]),  # minus the range's low end
+            helper.make_node("Add", [high, low], [f"{scale}/range"]),
+            # An all-zero row gets a tiny positive scale rather than a division by zero.
+            helper.make_node("Max", [f"{scale}/range", smallest], [f"{scale}/nonzero"]),
+            helper.make_node("Mul", [f"{scale}/nonzero", per_level], [scale]),
+            helper.make_node("Div", [low, scale], [f"{zero_point}/float"]),
             helper.make_node("Round", [f"{zero_point}/float"], [f"{zero_point}/rounded"]),
             helper.make_node("Cast", [f"{zero_point}/rounded"], [zero_point], to=TensorProto.UINT8),
             helper.make_node("Reshape", [scale, minus_one], [f"{scale}/1d"]),
             helper.make_node("Reshape", [zero_point, minus_one], [f"{zero_point}/1d"]),
             helper.make_node("QuantizeLinear", [flat, f"{scale}/1d", f"{zero_point}/1d"], [f"{name}/rows"], axis=0),
-            helper.make_node("Tile", [zero_point, self._constant(f"tile_{rows}", [1, rows])], [f"{zero_point}/cols"]),
-            helper.make_node("Concat", [f"{name}/rows", f"{zero_point}/cols"], [f"{name}/quantized"], axis=1),
+            helper.make_node("Concat", [f"{name}/rows"] + [zero_point] * rows, [f"{name}/quantized"], axis=1),
         ]
 
     def _reduce(self, op: str, source: str, output: str) -> onnx.NodeProto:
+        """`op` over the rows of the 2-D `source`. Axis 1 rather than -1: ONNX Runtime runs a reduction
+        over a negative axis on one thread."""
         if self.opset >= _REDUCE_AXES_AS_INPUT:
-            return helper.make_node(op, [source, self._constant("last_axis", [-1])], [output], keepdims=1)
-        return helper.make_node(op, [source], [output], axes=[-1], keepdims=1)
+            return helper.make_node(op, [source, self._constant("axis_1", np.array([1]))], [output], keepdims=1)
+        return helper.make_node(op, [source], [output], axes=[1], keepdims=1)
 
-    def _constant(self, key: str, value: float | list[int]) -> str:
+    def _constant(self, key: str, value: np.ndarray) -> str:
+        """A graph-wide constant, float32 or int64 by `value`'s kind."""
         if key not in self._constants:
-            dtype = np.float32 if isinstance(value, float) else np.int64
-            self._constants[key] = self._initializer(f"{_PREFIX}/{key}", np.array(value, dtype=dtype))
+            dtype = np.float32 if value.dtype.kind == "f" else np.int64
+            self._constants[key] = self._initializer(f"{_PREFIX}/{key}", value.astype(dtype))
         return self._constants[key]
 
     def _initializer(self, name: str, value: np.ndarray) -> str:
