@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from onnxserve.server.runtime import available_cpus
+from onnxserve.server.runtime import available_cpus, cuda_device_count
 from rich.console import Console
 from rich.table import Table
 from tokenizers import Tokenizer
@@ -77,17 +77,17 @@ class Measurement:
 def measurement(engine: str, precision: str, cell: Cell, sample: Sample) -> Measurement:
     latencies = np.array(sample.latencies) * 1e3
     return Measurement(
-        engine,
-        precision,
-        cell.task,
-        cell.workload,
-        cell.concurrency,
-        len(latencies),
-        round(sample.seconds, 3),
-        round(len(latencies) / sample.seconds, 1),
-        round(float(np.percentile(latencies, 50)), 2),
-        round(float(np.percentile(latencies, 99)), 2),
-        round(statistics.fmean(sample.batch_sizes), 1),
+        engine=engine,
+        precision=precision,
+        task=cell.task,
+        workload=cell.workload,
+        concurrency=cell.concurrency,
+        requests=len(latencies),
+        seconds=round(sample.seconds, 3),
+        throughput=round(len(latencies) / sample.seconds, 1),
+        p50_ms=round(float(np.percentile(latencies, 50)), 2),
+        p99_ms=round(float(np.percentile(latencies, 99)), 2),
+        mean_batch=round(statistics.fmean(sample.batch_sizes), 1),
     )
 
 
@@ -114,7 +114,7 @@ def machine(device: str, provider: str) -> dict:
         "device": device,
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "gpu": "none lent to this run" if device == "cpu" else device,
+        "cuda_devices": cuda_device_count(),
     }
 
 

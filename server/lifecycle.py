@@ -105,7 +105,7 @@ class ModelLifecycle:
     async def _load(self, name: str, version: int, directory: Path) -> None:
         model_settings = self.settings.model_settings(name)
         device = self.devices.get(name, self.default_device)
-        model = await self._blocking(load_model, name, version, directory, device, model_settings, self.executor)
+        model = await self._blocking(load_model, name, version, directory, device, model_settings)
         if model.state == models_pb2.MODEL_STATE_READY and model_settings.warmup:
             await self._warm_up(model)
         if model.state == models_pb2.MODEL_STATE_READY:

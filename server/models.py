@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,12 +86,11 @@ def load_model(
     directory: Path,
     device: str,
     settings: ModelSettings,
-    executor: Executor,
 ) -> LoadedModel:
     """Loads a version; a failure is kept in the returned model's state, never raised."""
     model = LoadedModel(name=name, version=version, directory=directory, settings=settings)
     try:
-        _load_into(model, device, executor)
+        _load_into(model, device)
     except (ModelLoadError, RepositoryError, OSError) as error:
         model.state, model.reason = models_pb2.MODEL_STATE_FAILED, str(error)
         log.error("model %s version %d failed to load: %s", name, version, error)
@@ -109,7 +107,7 @@ def load_model(
     return model
 
 
-def _load_into(model: LoadedModel, device: str, executor: Executor) -> None:
+def _load_into(model: LoadedModel, device: str) -> None:
     manifest = read_manifest(model.directory)
     model.manifest = manifest
     variant = choose_variant(manifest, model.settings.precision, device)

@@ -110,7 +110,7 @@ def int8_models(minilm) -> dict[str, LoadedModel]:
     models = {}
     for name, exported in minilm.items():
         version = max(int(p.name) for p in exported.model_dir.iterdir() if p.name.isdigit())
-        models[name] = load_model(name, version, exported.model_dir / str(version), "cpu", settings, None)
+        models[name] = load_model(name, version, exported.model_dir / str(version), "cpu", settings)
     return models
 
 
