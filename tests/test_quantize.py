@@ -107,3 +107,13 @@ def test_control_flow_falls_back_to_dynamic(tmp_path):
     assert recipe.startswith("dynamic int8 (control-flow subgraphs)"), recipe
     x = np.ones((2, 16), dtype=np.float32)
     assert _session(target).run(None, {"x": x, "flag": np.array(True)})[0].shape == (2, 8)
+
+
+def test_source_with_external_data(int8_and_fp32, tmp_path):
+    """Exports past 2 GiB keep their weights in a side file; the quantizer reads them from there."""
+    fp32, _, _ = int8_and_fp32
+    source, target = tmp_path / "model.onnx", tmp_path / "model.int8.onnx"
+    onnx.save(onnx.load(str(fp32)), source, save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    assert quantize_int8(source, target).startswith("per-token int8")
+    texts = _texts()
+    assert (_embed(_session(fp32), texts) * _embed(_session(target), texts)).sum(axis=1).min() >= 0.99
