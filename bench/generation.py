@@ -174,7 +174,7 @@ def _dequantized(work: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    checkpoint = work / "pytorch"
+    checkpoint = work / f"{MODEL}-pytorch"
     if not (checkpoint / "config.json").is_file():
         path = gguf_file(work)
         AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(checkpoint)
