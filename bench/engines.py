@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -82,6 +83,12 @@ def rounds(run: Callable[[Batch], object], cycle: list[list[Batch]], load: Load)
         batch_sizes += [len(batch) for batch in cycle[turn % len(cycle)] for _ in batch]
         turn += 1
     return Sample(latencies, time.perf_counter() - started, batch_sizes)
+
+
+class InProcess(Protocol):
+    """An engine measured in this process: the raw session or the pipeline."""
+
+    def measure(self, texts: list[str], load: Load, max_batch_size: int) -> Sample: ...
 
 
 class RawSession:
