@@ -21,27 +21,31 @@ ONNX Runtime's per-channel dynamic quantization instead, and the description say
 Measured on all-MiniLM-L6-v2 (`python -m bench.int8_schemes`), from the graph the exporter hands
 over (ONNX Runtime's basic optimizations): mean/min cosine of mean-pooled embeddings vs fp32 over
 60 texts of 3 to 61 tokens; invariance: the worst cosine of a text alone vs inside a padded batch
-of 8; texts/s at batch 32 with 2 intra-op threads on a 2-vCPU Xeon (Sapphire Rapids) shared with
-other jobs, so the best of 6 interleaved rounds:
+of 8; texts/s at batch 32 (16-token and 128-token texts) on a 2-vCPU Xeon (Sapphire Rapids, AMX)
+shared with other jobs, best of 6 interleaved rounds. Wall time, 2 intra-op threads, in a quiet
+spell (busier runs measured per-token at 2.5-2.9x and 1.4-1.9x):
 
     scheme                          mean    min     invariance  16-token texts/s  128-token texts/s
-    fp32                            1.0000  1.0000  1.000000      418 (1.00x)       75 (1.00x)
-    dynamic, per-tensor weights     0.9552  0.7491  0.948538    1,519 (3.63x)      174 (2.32x)
-    dynamic, per-channel weights    0.9921  0.9450  0.943027    1,381 (3.30x)      171 (2.28x)
-    static QDQ, MinMax calibration  0.9258  0.6696  1.000000    1,054 (2.52x)      113 (1.50x)
-    per-token (this recipe)         0.9986  0.9886  1.000000    1,201 (2.87x)      146 (1.94x)
+    fp32                            1.0000  1.0000  1.000000      868 (1.00x)      100 (1.00x)
+    dynamic, per-tensor weights     0.9552  0.7491  0.948538    1,995 (2.30x)      217 (2.18x)
+    dynamic, per-channel weights    0.9921  0.9450  0.943027    2,011 (2.32x)      228 (2.29x)
+    static QDQ, MinMax calibration  0.9258  0.6696  1.000000    1,459 (1.68x)      147 (1.48x)
+    per-token (this recipe)         0.9986  0.9886  1.000000    1,712 (1.97x)      192 (1.93x)
 
-On one thread, by CPU time (which the neighbours disturb least): per-token 2.42x fp32 on 16-token
-texts and 1.90x on 128-token texts, dynamic 2.56x and 2.11x. At 128 tokens this recipe is thus
-just under 2x: beyond dynamic it pays for the row statistics in separate ops (ReduceMax,
-ReduceMin, per-axis QuantizeLinear, the zero-point Concat: about 15% of its time) and for the
-row-scale Mul (about 10%), which DynamicQuantizeMatMul does in one fused pass.
+CPU time of one intra-op thread (`--cpu-time`, the figure neighbours disturb least): per-token
+2.54x fp32 on 16-token texts and 2.03x on 128-token texts; dynamic per-channel 2.66x and 2.22x.
+So per-token meets the quality and invariance gates and is about 2x fp32, but just under it on
+two threads: beyond dynamic it pays for the row statistics in separate ops (ReduceMax, ReduceMin,
+QuantizeLinear, whose per-axis kernel runs row by row on one thread, and the zero-point Concat:
+about 20% of its time on two threads) and for the row-scale Mul (about 9%), where ONNX Runtime's
+DynamicQuantizeMatMul does all of it in one fused, parallel pass over the whole tensor.
 
 Tried and dropped, measured the same way during development (cosines mean / min, speed vs fp32
 at 128 tokens on one thread):
 - symmetric per token (zero point 128): 0.9966 / 0.9686. A [CLS] row carries one huge channel
   (28 against a median of 0.1), so its other values round to zero; an asymmetric range spends no
-  levels on values the row does not have. Keeping the value projections fp32 as well: 0.9984 / 0.9844, and slower.
+  levels on values the row does not have. Keeping the value projections fp32 as well: 0.9984 /
+  0.9844, and slower.
 - SmoothQuant-style channel smoothing (alpha 0.5) calibrated on random tokens, symmetric:
   0.9985 / 0.9861, and it needs calibration data and an extra Mul per activation.
 - the zero-point correction as a float rank-1 Mul + Sub on the output: same cosines, 1.36x.
@@ -52,6 +56,9 @@ at 128 tokens on one thread):
 - the row scale as MatMulIntegerToFloat's A scale: same speed on one thread, but the kernel
   applies it on one thread where a Mul uses all of them.
 - opset-21 blocked QuantizeLinear (per-row scales on the 3-D tensor): wrong values on ORT 1.31.
+- per-token QuantizeLinear rebuilt as Mul + Add + per-tensor QuantizeLinear (all parallel): the
+  two extra float passes cost more than the serial kernel saves (27.0 vs 25.8 ms of kernel time
+  per 16-token batch on two threads).
 """
 
 from __future__ import annotations
