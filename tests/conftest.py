@@ -112,3 +112,27 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
     yield start
     for server in running:
         server.stop()
+
+
+# The usual parity setup of a test module that lists its checkpoint kinds in KINDS: every kind
+# exported once, served in fp32 and in int8. A module defines its own fixture to differ.
+@pytest.fixture(scope="module")
+def exported(request: pytest.FixtureRequest, export: Callable[..., Exported]) -> dict[str, Exported]:
+    return {kind: export(kind) for kind in request.module.KINDS}
+
+
+@pytest.fixture(scope="module")
+def fp32_server(exported: dict[str, Exported], start_server: Callable[..., RunningServer]) -> RunningServer:
+    # One thread per session: the tests compare numbers, and one thread wastes nothing on a busy machine.
+    return start_server(exported, precision="fp32", intra_op_threads=1)
+
+
+@pytest.fixture(scope="module")
+def int8_server(exported: dict[str, Exported], start_server: Callable[..., RunningServer]) -> RunningServer:
+    return start_server(exported, precision="int8", intra_op_threads=1)
+
+
+@pytest.fixture
+def client(fp32_server: RunningServer) -> Iterator[Client]:
+    with fp32_server.client() as client:
+        yield client

@@ -40,27 +40,6 @@ OPTIONS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def exported(export):
-    return {kind: export(kind) for kind in KINDS}
-
-
-@pytest.fixture(scope="module")
-def fp32_server(exported, start_server):
-    return start_server(exported, precision="fp32", intra_op_threads=1)
-
-
-@pytest.fixture(scope="module")
-def int8_server(exported, start_server):
-    return start_server(exported, precision="int8", intra_op_threads=1)
-
-
-@pytest.fixture
-def client(fp32_server):
-    with fp32_server.client() as client:
-        yield client
-
-
 @cache
 def reference(checkpoint):
     return pipeline("question-answering", model=str(checkpoint), device="cpu")

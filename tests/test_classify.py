@@ -26,21 +26,6 @@ PAIRS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def exported(export):
-    return {kind: export(kind) for kind in KINDS}
-
-
-@pytest.fixture(scope="module")
-def fp32_server(exported, start_server):
-    return start_server(exported, precision="fp32")
-
-
-@pytest.fixture(scope="module")
-def int8_server(exported, start_server):
-    return start_server(exported, precision="int8")
-
-
 @cache
 def reference(checkpoint):
     return pipeline("text-classification", model=str(checkpoint), top_k=None, device="cpu")

@@ -12,21 +12,6 @@ KINDS = ["bert-feature-extraction", "distilbert-feature-extraction", "roberta-fe
 TEXTS = TRICKY_TEXTS + CORPUS[:9]
 
 
-@pytest.fixture(scope="module")
-def exported(export):
-    return {kind: export(kind) for kind in KINDS}
-
-
-@pytest.fixture(scope="module")
-def fp32_server(exported, start_server):
-    return start_server(exported, precision="fp32")
-
-
-@pytest.fixture(scope="module")
-def int8_server(exported, start_server):
-    return start_server(exported, precision="int8")
-
-
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("pooling", ["mean", "cls", "last_token"])
 @pytest.mark.parametrize("normalize", [False, True])

@@ -44,12 +44,6 @@ def int8_server(exported, start_server):
     return start_server({KIND: exported}, precision="int8", intra_op_threads=1)
 
 
-@pytest.fixture
-def client(fp32_server):
-    with fp32_server.client() as client:
-        yield client
-
-
 @cache
 def reference(checkpoint, strategy: str):
     return pipeline("token-classification", model=str(checkpoint), aggregation_strategy=strategy, device="cpu")

@@ -46,12 +46,6 @@ def int8_server(exported, start_server):
     return start_server({KIND: exported}, precision="int8", intra_op_threads=1)
 
 
-@pytest.fixture
-def client(fp32_server):
-    with fp32_server.client() as client:
-        yield client
-
-
 @cache
 def reference(checkpoint):
     return pipeline("zero-shot-classification", model=str(checkpoint), device="cpu")
