@@ -19,6 +19,7 @@ from tests.test_errors import expect_status
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 KIND = "bert-multiple-choice"
+KINDS = [KIND]
 PROMPTS = TRICKY_TEXTS + CORPUS[::30]
 CHOICES = [
     "a cup of coffee",
@@ -27,21 +28,6 @@ CHOICES = [
     "北京的博物馆",
     "nothing at all, really nothing at all, not even a naïve robot in São Paulo",
 ]
-
-
-@pytest.fixture(scope="module")
-def exported(export):
-    return export(KIND)
-
-
-@pytest.fixture(scope="module")
-def fp32_server(exported, start_server):
-    return start_server({KIND: exported}, precision="fp32", intra_op_threads=1)
-
-
-@pytest.fixture(scope="module")
-def int8_server(exported, start_server):
-    return start_server({KIND: exported}, precision="int8", intra_op_threads=1)
 
 
 @cache
@@ -68,7 +54,7 @@ def test_choices_match_pytorch_fp32(client, exported, choices):
     assert len(response) == len(PROMPTS)
     for served, prompt in zip(response, PROMPTS, strict=True):
         assert served.sequence == prompt
-        assert_ranking(ranking(served), expected_ranking(exported.checkpoint, prompt, choices))
+        assert_ranking(ranking(served), expected_ranking(exported[KIND].checkpoint, prompt, choices))
         assert sum(x.score for x in served.labels) == pytest.approx(1.0, abs=1e-5)
 
 
@@ -101,7 +87,7 @@ def test_int8_agrees_on_top1(int8_server, exported):
     with int8_server.client() as client:
         response = client.classify(model=KIND, texts=prompts, candidate_labels=CHOICES)
     assert response.metadata.precision == "int8"
-    expected = [expected_ranking(exported.checkpoint, prompt, CHOICES) for prompt in prompts]
+    expected = [expected_ranking(exported[KIND].checkpoint, prompt, CHOICES) for prompt in prompts]
     # The random head barely tells choices apart (fp32 margins from 5.4e-7), but int8 moves scores
     # by at most 4.6e-7 (measured): the best choice agrees for 35 of 35 prompts.
     for served, wanted in zip(response, expected, strict=True):

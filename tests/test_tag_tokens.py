@@ -17,6 +17,7 @@ from tests.test_errors import expect_status
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 KIND = "bert-token-classification"
+KINDS = [KIND]
 STRATEGIES = ["none", "simple", "first", "average", "max"]
 TEXTS = [
     *TRICKY_TEXTS,
@@ -27,21 +28,6 @@ TEXTS = [
 ]
 # Empty means ["O"]; a label no model has keeps every token, O included.
 IGNORE = [[], ["O", "B-PER"], ["PER", "LOC"], ["NOTHING"]]
-
-
-@pytest.fixture(scope="module")
-def exported(export):
-    return export(KIND)
-
-
-@pytest.fixture(scope="module")
-def fp32_server(exported, start_server):
-    return start_server({KIND: exported}, precision="fp32", intra_op_threads=1)
-
-
-@pytest.fixture(scope="module")
-def int8_server(exported, start_server):
-    return start_server({KIND: exported}, precision="int8", intra_op_threads=1)
 
 
 @cache
@@ -75,13 +61,13 @@ def assert_matches_pipeline(client, checkpoint, texts: list[str], strategy: str,
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_entities_match_pipeline_fp32(client, exported, strategy):
-    assert_matches_pipeline(client, exported.checkpoint, TEXTS, strategy, [])
+    assert_matches_pipeline(client, exported[KIND].checkpoint, TEXTS, strategy, [])
 
 
 @pytest.mark.parametrize("strategy", ["none", "simple", "average"])
 @pytest.mark.parametrize("ignore", IGNORE[1:], ids="+".join)
 def test_ignore_labels_match_pipeline_fp32(client, exported, strategy, ignore):
-    assert_matches_pipeline(client, exported.checkpoint, TEXTS[:12], strategy, ignore)
+    assert_matches_pipeline(client, exported[KIND].checkpoint, TEXTS[:12], strategy, ignore)
 
 
 def test_default_aggregation_is_simple(client):
@@ -105,7 +91,7 @@ def test_int8_agrees_on_top1(int8_server, exported):
         response = client.tag_tokens(model=KIND, texts=texts, aggregation="none", ignore_labels=["NOTHING"])
     assert response.metadata.precision == "int8"
     served = [entity.entity for entities in response for entity in entities]
-    classify = reference(exported.checkpoint, "none")
+    classify = reference(exported[KIND].checkpoint, "none")
     expected = [x["entity"] for text in texts for x in classify(text, ignore_labels=[])]
     # Measured: 1,371 of 1,384 tokens (99.1%) get the same label.
     assert agreement(served, expected) >= 0.97
