@@ -158,10 +158,11 @@ def test_int8_requests_are_merged_with_other_callers(minilm, start_server):
     with server.client() as client, ThreadPoolExecutor(len(requests)) as pool:
         answers = list(pool.map(lambda request: _call(client, ENCODER, request), requests))
     sizes = [answer.metadata.batch_size for answer in answers]
-    # The planner may still cut the merged rows by length (little padding), so a merge shows as
-    # runs larger than any one request's own texts, not as a single run of every text.
+    # The planner may still cut the merged rows by length (little padding), so a request's texts
+    # can run with or without others; a server that keeps int8 requests apart never runs one with
+    # more rows than its own texts.
     own = [len(request.texts) for request in requests]
-    assert all(size > mine for size, mine in zip(sizes, own, strict=True)), (
+    assert any(size > mine for size, mine in zip(sizes, own, strict=True)), (
         f"int8 requests of {own} texts ran in batches of {sizes}: not merged with other callers. The "
         "server found the int8 variant's answers depend on batchmates (see its load-time warning) and "
         "keeps each request apart; export/quantize.py needs a batch-invariant recipe"
