@@ -58,3 +58,10 @@ class CausalModel:
 
     def release(self) -> None:
         self.cache.clear()
+
+
+def open_causal_model(
+    session: Session, prompts: Sequence[Sequence[int]], pad_token_id: int, timed: Timed
+) -> CausalModel:
+    """The step model for a decoder-only graph, whichever layout it was exported with."""
+    return CausalModel(session, prompts, pad_token_id, timed)

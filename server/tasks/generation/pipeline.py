@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from onnxserve.server.errors import InvalidArgument, ModelLoadError
 from onnxserve.server.tasks.base import ModelResources, Pipeline, Timings, require_batch
 from onnxserve.server.tasks.generation import logits
-from onnxserve.server.tasks.generation.causal import CausalModel
+from onnxserve.server.tasks.generation.causal import CausalModel, open_causal_model
 from onnxserve.server.tasks.generation.decoding import Decoding, Sampler, decode
 from onnxserve.server.tasks.generation.seq2seq import Seq2SeqModel
 from onnxserve.server.tasks.generation.settings import GenerationSettings, resolve_settings
@@ -221,7 +221,7 @@ class GenerationPipeline(Pipeline):
         if self.seq2seq:
             start = self.defaults.decoder_start_token_id
             return Seq2SeqModel(self.sessions, token_ids, self.pad_token_id, start, timed)
-        return CausalModel(self.sessions["model"], token_ids, self.pad_token_id, timed)
+        return open_causal_model(self.sessions["model"], token_ids, self.pad_token_id, timed)
 
     def _output(self, settings: GenerationSettings) -> OutputSequence:
         criteria = StoppingCriteria(settings.max_new_tokens, frozenset(self.eos_token_ids), settings.stop)
