@@ -34,6 +34,8 @@ from transformers import (
     DistilBertForSequenceClassification,
     DistilBertModel,
     DistilBertTokenizerFast,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GenerationConfig,
     GPT2Config,
     GPT2LMHeadModel,
@@ -45,6 +47,8 @@ from transformers import (
     MarianMTModel,
     PreTrainedModel,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
     RobertaConfig,
     RobertaForMaskedLM,
     RobertaForQuestionAnswering,
@@ -424,6 +428,7 @@ def _llama(tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,  # grouped-query attention, as Llama 2 70B and Llama 3 use
+        head_dim=16,  # ONNX Runtime's GroupQueryAttention wants a multiple of 16
         max_position_embeddings=_DECODER_POSITIONS,
         initializer_range=0.2,
         bos_token_id=tokenizer.bos_token_id,
@@ -432,6 +437,74 @@ def _llama(tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
     )
     return _with_generation(
         LlamaForCausalLM(config),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _gemma3(tokenizer: PreTrainedTokenizerFast) -> Gemma3ForCausalLM:
+    """Gemma 3 text: sliding and full attention layers with their own rotary bases, a window short
+    enough for prompts to cross, q/k norms, a head_dim apart from hidden/heads and a logit softcap."""
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        sliding_window=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=24,
+        rope_theta=1_000_000.0,
+        rope_local_base_freq=10_000.0,
+        final_logit_softcapping=4.0,
+        tie_word_embeddings=False,  # a tied random head mostly repeats the token it was fed
+        max_position_embeddings=_DECODER_POSITIONS,
+        initializer_range=0.2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = Gemma3ForCausalLM(config)
+    # Gemma initialises its norms' weights to zero (it scales by 1 + weight); random ones make
+    # every norm count.
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if name.endswith("norm.weight"):
+                weight.uniform_(-0.5, 0.5)
+    return _with_generation(
+        model,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _qwen2(tokenizer: PreTrainedTokenizerFast) -> Qwen2ForCausalLM:
+    """Qwen2: biased q/k/v projections, an untied head."""
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=_DECODER_POSITIONS,
+        initializer_range=0.3,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():  # initialised to zero, the biases would not be exercised
+        for name, bias in model.named_parameters():
+            if name.endswith("proj.bias"):
+                bias.uniform_(-0.5, 0.5)
+    return _with_generation(
+        model,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -589,6 +662,8 @@ _BUILDERS: dict[str, tuple[_Tokenizer, _Model]] = {
     "bert-multiple-choice": (_bert_tokenizer, lambda t: BertForMultipleChoice(_bert(t))),
     "gpt2-causal-lm": (_gpt2_tokenizer, _gpt2),
     "llama-causal-lm": (_llama_tokenizer, _llama),
+    "gemma3-causal-lm": (_llama_tokenizer, _gemma3),
+    "qwen2-causal-lm": (_llama_tokenizer, _qwen2),
     "t5-seq2seq": (_t5_tokenizer, _t5),
     "bart-seq2seq": (_bart_tokenizer, _bart),
     "marian-seq2seq": (_marian_tokenizer, _marian),
