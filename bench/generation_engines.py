@@ -1,0 +1,243 @@
+"""The engines of `python -m bench.generation`, each measured in a process of its own so that the
+peak RSS it reports is that engine's alone:
+
+    python -m bench.generation_engines < job.json > figures.json
+
+pytorch: transformers' generate() in fp32; optimum: the same generate() over ORTModelForCausalLM;
+onnxserve-<precision>: `onnxserve serve` as a child of the worker, called over gRPC (its peak RSS is
+the server's); llama.cpp: llama-cpp-python on the GGUF. Only the engine's own libraries are
+imported, since they count in its RSS. Every engine gets the same prompt token ids: llama.cpp
+takes them as ids, the others tokenize the text with the same tokenizer.json."""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+MODEL = "gemma-3-270m"
+WARM_UP_TOKENS = 4
+
+
+@dataclass(frozen=True)
+class Generation:
+    token_ids: list[int]  # the generated ones, EOS included when it came
+    engine_seconds: float  # inside the engine: no tokenizing, no transport
+    first_token_seconds: float | None = None  # from the call to the first token at the caller, where streamed
+
+
+class Engine(Protocol):
+    concurrent: bool  # whether calls from several threads at once are served together
+
+    def generate(self, prompt: str, prompt_ids: list[int], new_tokens: int) -> Generation: ...
+
+    def stream(self, prompt: str, prompt_ids: list[int], new_tokens: int) -> Generation: ...
+
+
+class Transformers:
+    """PyTorch generate(), or (optimum) the same generate() over ONNX Runtime sessions."""
+
+    concurrent = False
+
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+
+    def generate(self, prompt: str, prompt_ids: list[int], new_tokens: int) -> Generation:
+        import torch
+
+        inputs = self.tokenizer(prompt, return_tensors="pt")
+        start = time.perf_counter()
+        with torch.inference_mode():
+            output = self.model.generate(
+                **inputs, max_new_tokens=new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id
+            )
+        seconds = time.perf_counter() - start
+        return Generation(output[0, inputs["input_ids"].shape[1] :].tolist(), seconds)
+
+    stream = generate
+
+
+def pytorch(job: dict) -> Transformers:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(job["threads"])
+    model = AutoModelForCausalLM.from_pretrained(job["checkpoint"], dtype=torch.float32).eval()
+    return Transformers(model, AutoTokenizer.from_pretrained(job["checkpoint"]))
+
+
+def optimum(job: dict) -> Transformers:
+    import onnxruntime as ort
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from transformers import AutoTokenizer
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = job["threads"]
+    model = ORTModelForCausalLM.from_pretrained(
+        job["optimum_export"], provider="CPUExecutionProvider", session_options=options
+    )
+    return Transformers(model, AutoTokenizer.from_pretrained(job["checkpoint"]))
+
+
+class LlamaCpp:
+    concurrent = False
+
+    def __init__(self, job: dict) -> None:
+        from llama_cpp import Llama
+
+        context = max(len(ids) for ids in job["prompt_ids"].values()) + job["new_tokens"]
+        self.llama = Llama(
+            model_path=job["gguf"], n_ctx=context, n_threads=job["threads"], n_threads_batch=job["threads"],
+            verbose=False,
+        )  # fmt: skip
+        self.eos = set(job["eos_token_ids"])
+
+    def generate(self, prompt: str, prompt_ids: list[int], new_tokens: int) -> Generation:
+        # reset: llama-cpp-python would otherwise reuse the cache of a previous call's same prefix
+        self.llama.reset()
+        tokens: list[int] = []
+        start = time.perf_counter()
+        for token in self.llama.generate(prompt_ids, temp=0.0, repeat_penalty=1.0):
+            tokens.append(token)
+            if token in self.eos or len(tokens) == new_tokens:
+                break
+        return Generation(tokens, time.perf_counter() - start)
+
+    stream = generate
+
+
+class Onnxserve:
+    """The served model over gRPC; the server runs only while the engine is open."""
+
+    concurrent = True
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def generate(self, prompt: str, prompt_ids: list[int], new_tokens: int) -> Generation:
+        response = self.client.generate(model=MODEL, prompts=[prompt], max_new_tokens=new_tokens, do_sample=False)
+        return Generation(response[0].token_ids, response.metadata.inference_ns / 1e9)
+
+    def stream(self, prompt: str, prompt_ids: list[int], new_tokens: int) -> Generation:
+        start = time.perf_counter()
+        first: float | None = None
+        tokens: list[int] = []
+        chunks = self.client.generate_stream(model=MODEL, prompt=prompt, max_new_tokens=new_tokens, do_sample=False)
+        for chunk in chunks:
+            first = first if first is not None or not chunk.token_ids else time.perf_counter() - start
+            tokens += chunk.token_ids
+        return Generation(tokens, time.perf_counter() - start, first)
+
+
+@contextmanager
+def onnxserve(job: dict) -> Iterator[Onnxserve]:
+    from onnxserve.client import Client
+
+    from bench.engines import server_process
+
+    flags = ["--device", "cpu", "--precision", job["precision"], "--threads", str(job["threads"])]
+    with (
+        server_process(Path(job["repository"]), [MODEL], flags, Path(job["log"])) as target,
+        Client(target, timeout=1800) as client,
+    ):
+        yield Onnxserve(client)
+
+
+@contextmanager
+def opened(job: dict) -> Iterator[Engine]:
+    engine = job["engine"]
+    if engine.startswith("onnxserve-"):
+        with onnxserve(job) as served:
+            yield served
+        return
+    yield {"pytorch": pytorch, "optimum": optimum, "llama.cpp": LlamaCpp}[engine](job)
+
+
+def _timed(call: Callable[[], Generation]) -> tuple[Generation, float]:
+    start = time.perf_counter()
+    generation = call()
+    return generation, time.perf_counter() - start
+
+
+def measure_prompt(engine: Engine, prompt: str, prompt_ids: list[int], new_tokens: int, repeats: int) -> dict:
+    """Prefill: the engine's own time for a one-token call (the prompt's forward pass and the first
+    pick). Time to first token: that call's wall time at the caller, text in. Decode: the tokens
+    after the first over the wall time a full call takes beyond the one-token call. Medians."""
+    engine.generate(prompt, prompt_ids, WARM_UP_TOKENS)
+    firsts, fulls = [], []
+    for _ in range(repeats):
+        firsts.append(_timed(lambda: engine.generate(prompt, prompt_ids, 1)))
+        fulls.append(_timed(lambda: engine.generate(prompt, prompt_ids, new_tokens)))
+    decode = [
+        (len(full.token_ids) - 1) / (full_wall - first_wall)
+        for (_, first_wall), (full, full_wall) in zip(firsts, fulls, strict=True)
+    ]
+    return {
+        "prompt_tokens": len(prompt_ids),
+        "prefill_ms": statistics.median(first.engine_seconds for first, _ in firsts) * 1e3,
+        "time_to_first_token_ms": statistics.median(wall for _, wall in firsts) * 1e3,
+        "decode_tokens_per_s": statistics.median(decode),
+        "generated_tokens": len(fulls[0][0].token_ids),
+        "token_ids": fulls[0][0].token_ids,
+        "samples": {"first_s": [wall for _, wall in firsts], "full_s": [wall for _, wall in fulls]},
+    }
+
+
+def measure_streams(engine: Engine, prompts: list[str], prompt_ids: list[list[int]], new_tokens: int,
+                    concurrency: int) -> dict:  # fmt: skip
+    """Every prompt once, `concurrency` calls in flight at a time: total tokens over the wall time."""
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        streams = list(pool.map(lambda pair: engine.stream(*pair, new_tokens), zip(prompts, prompt_ids, strict=True)))
+    seconds = time.perf_counter() - start
+    firsts = [s.first_token_seconds for s in streams if s.first_token_seconds is not None]
+    tokens = sum(len(s.token_ids) for s in streams)
+    return {
+        "concurrency": concurrency,
+        "calls": len(streams),
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "time_to_first_token_p50_ms": statistics.median(firsts) * 1e3 if firsts else None,
+        "token_ids": [s.token_ids for s in streams],
+    }
+
+
+def peak_rss_bytes(engine: str) -> int:
+    """The server's peak for onnxserve (the worker's only child, waited for), else the worker's own.
+    ru_maxrss is in KiB on Linux."""
+    who = resource.RUSAGE_CHILDREN if engine.startswith("onnxserve-") else resource.RUSAGE_SELF
+    return resource.getrusage(who).ru_maxrss * 1024
+
+
+def run(job: dict) -> dict:
+    prompts, ids = job["prompts"], job["prompt_ids"]
+    with opened(job) as engine:
+        single = {
+            name: measure_prompt(engine, prompts[name], ids[name], job["new_tokens"], job["repeats"])
+            for name in ("short", "long")
+        }
+        levels = job["concurrency"] if engine.concurrent else [1]
+        streams = [
+            measure_streams(engine, job["streams"], job["stream_ids"], job["new_tokens"], level)
+            for level in levels
+            for _ in range(job["stream_repeats"])
+        ]
+    return {"single": single, "streams": streams, "peak_rss_bytes": peak_rss_bytes(job["engine"])}
+
+
+def main() -> None:
+    json.dump(run(json.load(sys.stdin)), sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
