@@ -26,6 +26,9 @@ class ModelSettings:
     intra_op_threads: int = 0  # 0: one per CPU this process may use (affinity and cgroup quota)
     inter_op_threads: int = 1  # graphs run sequentially: parallel operators only fight the intra-op pool
     warmup: bool = True  # run the model once at load, before it takes traffic
+    # Continuous batching of fused decoders: concurrent generations share decode steps, at most this
+    # many rows (prompts) at once; the next wait for a free row (max_queue_size of them). 0: off.
+    max_generation_rows: int = 16
 
 
 @dataclass(frozen=True)

@@ -125,7 +125,7 @@ def _load_into(model: LoadedModel, device: str) -> None:
     model.execution_provider = next(iter(sessions.values())).provider
     pipeline_class = PIPELINES.get(manifest.task)
     if pipeline_class is not None:
-        model.pipeline = pipeline_class(ModelResources(manifest, model.tokenizer, sessions))
+        model.pipeline = pipeline_class(ModelResources(manifest, model.tokenizer, sessions, model.settings))
         forward = getattr(model.pipeline, "forward", None)
         if forward is not None:
             merge = merges_safely(model.name, forward, model.tokenizer)

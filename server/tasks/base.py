@@ -11,6 +11,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 from google.protobuf.message import Message
+from onnxserve.server.config import ModelSettings
 from onnxserve.server.errors import InvalidArgument
 from onnxserve.server.runtime import Session
 from onnxserve.server.tokenization import TextTokenizer, batch_arrays
@@ -44,11 +45,13 @@ class Timings:
 
 @dataclass
 class ModelResources:
-    """What a pipeline is built from: the manifest, the tokenizer and the sessions by role."""
+    """What a pipeline is built from: the manifest, the tokenizer, the sessions by role and the
+    model's serving settings."""
 
     manifest: manifest_pb2.Manifest
     tokenizer: TextTokenizer
     sessions: dict[str, Session]
+    settings: ModelSettings = field(default_factory=ModelSettings)
 
 
 @dataclass

@@ -12,6 +12,8 @@ logits come back to the host."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,25 +24,47 @@ PAST = "past_key_values."
 PRESENT = "present."
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
+#: How a step model runs a graph: `timed(work)` runs `work` and counts its time as inference.
+Timed = Callable[[Callable[[], np.ndarray]], np.ndarray]
+
 
 def past_name(present: str) -> str:
     return PAST + present.removeprefix(PRESENT)
+
+
+def present_name(past: str) -> str:
+    return PRESENT + past.removeprefix(PAST)
 
 
 def is_cross_attention(name: str) -> bool:
     return ".encoder." in name
 
 
-def empty_past(session: Session, batch: int) -> dict[str, np.ndarray]:
-    """A cache of length 0 for every past input of the graph: what the first run is fed."""
-    empty = {}
+@dataclass(frozen=True)
+class PastInput:
+    """One cache input of a graph: [batch, heads, length, head_dim] of `dtype`."""
+
+    name: str
+    heads: int
+    head_dim: int
+    dtype: type[np.floating]
+
+
+def past_inputs(session: Session) -> list[PastInput]:
+    """The graph's cache inputs, in its input order."""
+    found = []
     for graph_input in session.session.get_inputs():
         if graph_input.name.startswith(PAST):
             _, heads, _, head_dim = graph_input.shape
             if not (isinstance(heads, int) and isinstance(head_dim, int)):
                 raise ValueError(f"{graph_input.name} has symbolic heads or head size: {graph_input.shape}")
-            empty[graph_input.name] = np.zeros((batch, heads, 0, head_dim), _DTYPES[graph_input.type])
-    return empty
+            found.append(PastInput(graph_input.name, heads, head_dim, _DTYPES[graph_input.type]))
+    return found
+
+
+def empty_past(session: Session, batch: int) -> dict[str, np.ndarray]:
+    """A cache of length 0 for every past input of the graph: what the first run is fed."""
+    return {p.name: np.zeros((batch, p.heads, 0, p.head_dim), p.dtype) for p in past_inputs(session)}
 
 
 class Cache(ABC):

@@ -1,15 +1,16 @@
-"""Decoder-only models (optimum's text-generation-with-past graph): one prefill over the
-left-padded prompts, then one run per token with the cache fed back."""
+"""Decoder-only models: optimum's text-generation-with-past graph (one prefill over the
+left-padded prompts, then one run per token with the cache fed back), or the fused graph
+(fused.py), picked by `open_causal_model` from the graph's inputs."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from onnxserve.server.runtime import Session
-from onnxserve.server.tasks.generation.cache import Cache, new_cache
-
-Timed = Callable[[Callable[[], np.ndarray]], np.ndarray]
+from onnxserve.server.tasks.generation.cache import Cache, Timed, new_cache
+from onnxserve.server.tasks.generation.decoding import StepModel
+from onnxserve.server.tasks.generation.fused import FusedGraph, FusedModel, is_fused
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -61,7 +62,18 @@ class CausalModel:
 
 
 def open_causal_model(
-    session: Session, prompts: Sequence[Sequence[int]], pad_token_id: int, timed: Timed
-) -> CausalModel:
-    """The step model for a decoder-only graph, whichever layout it was exported with."""
-    return CausalModel(session, prompts, pad_token_id, timed)
+    session: Session,
+    prompts: Sequence[Sequence[int]],
+    pad_token_id: int,
+    timed: Timed,
+    rows: int,
+    max_new_tokens: int,
+) -> StepModel:
+    """The step model for a decoder-only graph, whichever layout it was exported with: the fused
+    graph (docs/decoder-graph.md) or optimum's. `rows` is the most rows it will hold (prompts x
+    beams)."""
+    if not is_fused(session):
+        return CausalModel(session, prompts, pad_token_id, timed)
+    history, _ = left_pad(prompts, pad_token_id)
+    length = max(len(prompt) for prompt in prompts) + max_new_tokens
+    return FusedModel(FusedGraph(session), prompts, history, timed, rows, length)

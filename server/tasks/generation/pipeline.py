@@ -1,26 +1,33 @@
 """Generate and GenerateStream: the generation pipeline of causal and seq2seq models.
 
 `GenerationPipeline.start` checks and tokenizes a request and sets up its decoding as a
-`Generation`, which advances one model step per call. `run` and `stream` drive it from the event
-loop with each step in the executor, so that other models' calls keep being served between steps,
-and so that a cancelled call (the client gone, its deadline passed) stops after the step in
-flight and frees its cache."""
+`Generation`. A `SoloGeneration` has a step model of its own and advances one model step per
+call; a `SharedGeneration` joins the model's shared batch (continuous batching, scheduler.py),
+for fused decoders. `run` and `stream` drive either from the event loop with the steps off it (in
+the executor, or on the scheduler's thread), so that other models' calls keep being served
+between steps, and so that a cancelled call (the client gone, its deadline passed) stops within a
+step and frees its cache."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from contextlib import aclosing
-from dataclasses import dataclass, field
 
+import numpy as np
+from onnxserve.server.config import ModelSettings
 from onnxserve.server.errors import InvalidArgument, ModelLoadError
 from onnxserve.server.tasks.base import ModelResources, Pipeline, Timings, require_batch
 from onnxserve.server.tasks.generation import logits
-from onnxserve.server.tasks.generation.causal import CausalModel, open_causal_model
-from onnxserve.server.tasks.generation.decoding import Decoding, Sampler, decode
+from onnxserve.server.tasks.generation.causal import left_pad, open_causal_model
+from onnxserve.server.tasks.generation.decoding import Decoding, Sampler, StepModel, decode
+from onnxserve.server.tasks.generation.fused import FusedGraph, is_fused
+from onnxserve.server.tasks.generation.scheduler import DecodingStats, Scheduler, SharedRequest
 from onnxserve.server.tasks.generation.seq2seq import Seq2SeqModel
 from onnxserve.server.tasks.generation.settings import GenerationSettings, resolve_settings
 from onnxserve.server.tasks.generation.stopping import OutputSequence, StoppingCriteria
@@ -29,75 +36,31 @@ from onnxserve.server.tasks.generation.streaming import IncrementalDecoder
 from onnxserve.v1 import inference_pb2
 
 
-@dataclass
-class DecodingStats:
-    """What the pipeline's generations did: model steps run, and generations holding a cache."""
-
-    steps: int = 0
-    active: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def add(self, steps: int = 0, active: int = 0) -> None:
-        with self._lock:
-            self.steps += steps
-            self.active += active
-
-
-class Generation:
-    """One request's decoding, a model step per `step()`. Steps and `close()` take a lock, so a
-    close that arrives while a step runs waits for it (on the executor, not the event loop)."""
+class Generation(ABC):
+    """One request's decoding: its prompts, settings and outputs, and the messages made of them.
+    `steps` advances it, yielding after each step it took."""
 
     def __init__(
-        self,
-        prompts: Sequence[str],
-        settings: GenerationSettings,
-        outputs: list[OutputSequence],
-        steps: Iterator[None],
-        release: Callable[[], None],
-        stats: DecodingStats,
-        timings: Timings,
+        self, prompts: Sequence[str], settings: GenerationSettings, outputs: list[OutputSequence], timings: Timings
     ) -> None:
         self.prompts = prompts
         self.settings = settings
         self.outputs = outputs
         self.timings = timings
-        self._steps = steps
-        self._release = release
-        self._stats = stats
-        self._lock = threading.Lock()
-        self._closed = False
-        self._started = False  # the cache fills from the first step on; counted as active from then
         self._prompt_streamed = not settings.return_full_text
 
     @property
     def done(self) -> bool:
         return all(output.finished for output in self.outputs)
 
-    def step(self) -> bool:
-        """Runs the next model step; False once decoding has ended (or was closed)."""
-        with self._lock:
-            if self._closed or self.done:
-                return False
-            if not self._started:
-                self._started = True
-                self._stats.add(active=1)
-            started, inference = time.perf_counter_ns(), self.timings.inference_ns
-            next(self._steps)
-            self._stats.add(steps=1)
-            spent = time.perf_counter_ns() - started
-            self.timings.postprocess_ns += spent - (self.timings.inference_ns - inference)
-            return True
+    @abstractmethod
+    def steps(self, executor: Executor, streaming: bool) -> AsyncIterator[None]:
+        """Decodes, yielding after each step; closing it ends decoding and frees the cache."""
 
-    def close(self) -> None:
-        """Ends decoding and frees the cache; safe to call more than once."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._steps.close()
-            self._release()
-            if self._started:
-                self._stats.add(active=-1)
+    def new_messages(self) -> list[inference_pb2.GenerateStreamResponse]:
+        """The stream messages of the steps taken since the last call."""
+        message = self.stream_message()
+        return [] if message is None else [message]
 
     def _text(self, index: int) -> str:
         text = self.outputs[index].text
@@ -129,23 +92,141 @@ class Generation:
         )
 
 
-async def _steps(generation: Generation, executor: Executor) -> AsyncIterator[None]:
-    loop = asyncio.get_running_loop()
-    try:
-        while await loop.run_in_executor(executor, generation.step):
-            yield
-    finally:
-        # Reached on completion and on cancellation alike. A cancelled step may still be running
-        # in the executor: close there, after it, not on the event loop.
+class SoloGeneration(Generation):
+    """A generation on a step model of its own, a model step per `step()` in the executor. Steps
+    and `close()` take a lock, so a close that arrives while a step runs waits for it (on the
+    executor, not the event loop)."""
+
+    def __init__(
+        self,
+        prompts: Sequence[str],
+        settings: GenerationSettings,
+        outputs: list[OutputSequence],
+        timings: Timings,
+        steps: Iterator[None],
+        release: Callable[[], None],
+        stats: DecodingStats,
+    ) -> None:
+        super().__init__(prompts, settings, outputs, timings)
+        self._steps = steps
+        self._release = release
+        self._stats = stats
+        self._lock = threading.Lock()
+        self._closed = False
+        self._started = False  # the cache fills from the first step on; counted as active from then
+
+    def step(self) -> bool:
+        """Runs the next model step; False once decoding has ended (or was closed)."""
+        with self._lock:
+            if self._closed or self.done:
+                return False
+            if not self._started:
+                self._started = True
+                self._stats.add(active=1)
+            started, inference = time.perf_counter_ns(), self.timings.inference_ns
+            next(self._steps)
+            self._stats.add(steps=1, runs=1)
+            spent = time.perf_counter_ns() - started
+            self.timings.postprocess_ns += spent - (self.timings.inference_ns - inference)
+            return True
+
+    def close(self) -> None:
+        """Ends decoding and frees the cache; safe to call more than once."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._steps.close()
+            self._release()
+            if self._started:
+                self._stats.add(active=-1)
+
+    async def steps(self, executor: Executor, streaming: bool) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
         try:
-            executor.submit(generation.close)
-        except RuntimeError:  # the executor is shut down: nothing runs a step any more
-            generation.close()
+            while await loop.run_in_executor(executor, self.step):
+                yield
+        finally:
+            # Reached on completion and on cancellation alike. A cancelled step may still be
+            # running in the executor: close there, after it, not on the event loop.
+            try:
+                executor.submit(self.close)
+            except RuntimeError:  # the executor is shut down: nothing runs a step any more
+                self.close()
+
+
+class SharedGeneration(Generation):
+    """A generation in the model's shared batch (scheduler.py). The scheduler's thread steps it
+    and hands over what the event loop needs (each stream message, the end) with
+    call_soon_threadsafe, so the event loop never reads outputs that the thread is changing."""
+
+    def __init__(
+        self,
+        prompts: Sequence[str],
+        settings: GenerationSettings,
+        outputs: list[OutputSequence],
+        timings: Timings,
+        scheduler: Scheduler,
+        token_ids: list[list[int]],
+        history: np.ndarray,
+        decoding: Decoding,
+    ) -> None:
+        super().__init__(prompts, settings, outputs, timings)
+        self._scheduler = scheduler
+        self._request = SharedRequest(token_ids, history, outputs, decoding, timings, self._on_step, self._on_end)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._streaming = False
+        self._woken = asyncio.Event()
+        self._messages: list[inference_pb2.GenerateStreamResponse] = []
+        self._left = False
+        self._error: BaseException | None = None
+
+    async def steps(self, executor: Executor, streaming: bool) -> AsyncIterator[None]:
+        self._loop, self._streaming = asyncio.get_running_loop(), streaming
+        self._scheduler.submit(self._request, executor)
+        try:
+            while True:
+                await self._woken.wait()
+                self._woken.clear()
+                if self._error is not None:
+                    raise self._error
+                yield
+                if self._left:
+                    return
+        finally:
+            if not self._left:
+                self._scheduler.cancel(self._request)
+
+    def new_messages(self) -> list[inference_pb2.GenerateStreamResponse]:
+        messages, self._messages = self._messages, []
+        return messages
+
+    def _on_step(self) -> None:
+        """On the scheduler's thread, after each step."""
+        message = self.stream_message() if self._streaming else None
+        self._notify(self._deliver, message)
+
+    def _on_end(self, error: BaseException | None) -> None:
+        """On the scheduler's thread, once the generation left the batch."""
+        self._notify(self._leave, error)
+
+    def _notify(self, callback: Callable, argument: object) -> None:
+        with contextlib.suppress(RuntimeError):  # the event loop is closed: the server stopped, nobody waits
+            self._loop.call_soon_threadsafe(callback, argument)
+
+    def _deliver(self, message: inference_pb2.GenerateStreamResponse | None) -> None:
+        if message is not None:
+            self._messages.append(message)
+        self._woken.set()
+
+    def _leave(self, error: BaseException | None) -> None:
+        self._left, self._error = True, error
+        self._woken.set()
 
 
 async def run(generation: Generation, executor: Executor) -> inference_pb2.GenerateResponse:
     """Decodes to the end; the unary response."""
-    async with aclosing(_steps(generation, executor)) as steps:
+    async with aclosing(generation.steps(executor, streaming=False)) as steps:
         async for _ in steps:
             pass
     return generation.response()
@@ -154,10 +235,9 @@ async def run(generation: Generation, executor: Executor) -> inference_pb2.Gener
 async def stream(generation: Generation, executor: Executor) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
     """One message per new piece of text, as soon as its step ends; the last one ends the stream.
     `aclosing`: a call cancelled while a message is being sent still closes the steps at once."""
-    async with aclosing(_steps(generation, executor)) as steps:
+    async with aclosing(generation.steps(executor, streaming=True)) as steps:
         async for _ in steps:
-            message = generation.stream_message()
-            if message is not None:
+            for message in generation.new_messages():
                 yield message
 
 
@@ -178,6 +258,15 @@ class GenerationPipeline(Pipeline):
         self.eos_token_ids = tuple(self.defaults.eos_token_ids)
         self.pad_token_id = self.defaults.pad_token_id if self.defaults.HasField("pad_token_id") else 0
         self.stats = DecodingStats()
+        self.scheduler = self._scheduler(resources.settings)
+
+    def _scheduler(self, settings: ModelSettings) -> Scheduler | None:
+        """Continuous batching, for a fused decoder with max_generation_rows > 0."""
+        model = self.sessions.get("model")
+        if self.seq2seq or not is_fused(model) or settings.max_generation_rows <= 0:
+            return None
+        graph = FusedGraph(model)
+        return Scheduler(graph, settings.max_generation_rows, settings.max_queue_size, self.context, self.stats)
 
     @property
     def context(self) -> int:
@@ -192,10 +281,17 @@ class GenerationPipeline(Pipeline):
         timings.tokens = sum(len(ids) for ids in token_ids)
         settings = resolve_settings(parameters, self.defaults, self._room(token_ids))
         timings.batch_size = len(prompts) * settings.num_beams
-        model = self._model(token_ids, lambda work: timings.timed("inference", work))
         outputs = [self._output(settings) for _ in prompts]
-        steps = decode(model, outputs, self._decoding(settings, model.history.shape[1]))
-        return Generation(prompts, settings, outputs, steps, model.release, self.stats, timings)
+        history_length = max(len(ids) for ids in token_ids)
+        decoding = self._decoding(settings, 1 if self.seq2seq else history_length)
+        # Beam search reorders its rows at every step, and a request larger than the shared batch
+        # would never fit: those run on a step model of their own.
+        if self.scheduler is not None and settings.num_beams == 1 and self.scheduler.fits(len(prompts)):
+            history, _ = left_pad(token_ids, self.pad_token_id)
+            return SharedGeneration(prompts, settings, outputs, timings, self.scheduler, token_ids, history, decoding)
+        model = self._model(token_ids, settings, lambda work: timings.timed("inference", work))
+        steps = decode(model, outputs, decoding)
+        return SoloGeneration(prompts, settings, outputs, timings, steps, model.release, self.stats)
 
     def _tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
         token_ids = [encoding.ids for encoding in self.tokenizer.tokenizer.encode_batch(list(prompts))]
@@ -217,11 +313,14 @@ class GenerationPipeline(Pipeline):
             return self.context - 1  # the decoder start token takes one position
         return self.context - max(len(ids) for ids in token_ids)
 
-    def _model(self, token_ids: list[list[int]], timed: Callable) -> CausalModel | Seq2SeqModel:
+    def _model(self, token_ids: list[list[int]], settings: GenerationSettings, timed: Callable) -> StepModel:
         if self.seq2seq:
             start = self.defaults.decoder_start_token_id
             return Seq2SeqModel(self.sessions, token_ids, self.pad_token_id, start, timed)
-        return open_causal_model(self.sessions["model"], token_ids, self.pad_token_id, timed)
+        rows = len(token_ids) * settings.num_beams
+        return open_causal_model(
+            self.sessions["model"], token_ids, self.pad_token_id, timed, rows, settings.max_new_tokens
+        )
 
     def _output(self, settings: GenerationSettings) -> OutputSequence:
         criteria = StoppingCriteria(settings.max_new_tokens, frozenset(self.eos_token_ids), settings.stop)
@@ -250,4 +349,3 @@ class GenerationPipeline(Pipeline):
             eos_token_ids=self.eos_token_ids,
             max_new_tokens=settings.max_new_tokens,
         )
-

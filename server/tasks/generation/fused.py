@@ -1,0 +1,198 @@
+"""The fused decoder graph (docs/decoder-graph.md) on preallocated key/value buffers.
+
+Each layer's cache is one buffer of [rows, kv_heads, length, head_dim], bound with ONNX Runtime's
+I/O binding as both the `past_key_values.*` input and the `present.*` output of a run, so that
+GroupQueryAttention writes each new position in place: a step copies nothing and concatenates
+nothing, whatever the sequence length. A run covers a contiguous range of rows (bound by address),
+so a prefill can fill some rows while others hold sequences being decoded. The logits go into a
+preallocated buffer too. `length` is what the sequences need (longest prompt + new tokens), not
+the model's context."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnxruntime as ort
+from onnxserve.server.errors import ModelLoadError
+from onnxserve.server.runtime import CUDA, Session
+from onnxserve.server.tasks.generation.cache import PastInput, Timed, past_inputs, present_name
+
+SEQLENS = "seqlens_k"
+
+
+def is_fused(session: Session) -> bool:
+    """Whether the session runs the fused graph rather than optimum's layout."""
+    return SEQLENS in session.input_names
+
+
+class FusedGraph:
+    """A fused decoder session and what its buffers are made of. The cache lives in numpy arrays
+    on the CPU; under CUDA, in OrtValues on the device (`cache_device`, "cpu" gives that same
+    code path on a machine without a GPU)."""
+
+    def __init__(self, session: Session, cache_device: str | None = None, device_id: int = 0) -> None:
+        self.session = session
+        self.past = past_inputs(session)
+        self.vocab = _vocab(session)
+        self.cache_device = cache_device or ("cuda" if session.provider == CUDA else None)
+        self.device_id = device_id
+
+
+def _vocab(session: Session) -> int:
+    (logits,) = (o for o in session.session.get_outputs() if o.name == "logits")
+    if not isinstance(logits.shape[-1], int):
+        raise ModelLoadError(f"the fused decoder's logits have no fixed vocabulary size: {logits.shape}")
+    return logits.shape[-1]
+
+
+class KVBuffers:
+    """Every cache input's buffer, [rows, heads, length, head_dim] each."""
+
+    def __init__(self, graph: FusedGraph, rows: int, length: int) -> None:
+        self.graph, self.rows, self.length = graph, rows, length
+        self.host: dict[str, np.ndarray] = {}
+        self.device: dict[str, ort.OrtValue] = {}
+        for past in graph.past:
+            shape = (rows, past.heads, length, past.head_dim)
+            if graph.cache_device is None:
+                self.host[past.name] = np.zeros(shape, past.dtype)
+            else:
+                self.device[past.name] = ort.OrtValue.ortvalue_from_shape_and_type(
+                    shape, past.dtype, graph.cache_device, graph.device_id
+                )
+
+    def bind(self, binding: ort.IOBinding, first: int, count: int) -> None:
+        """Binds rows [first, first + count) as both past and present of every layer."""
+        device, device_id = self.graph.cache_device or "cpu", self.graph.device_id
+        for past in self.graph.past:
+            shape = [count, past.heads, self.length, past.head_dim]
+            address = self._address(past) + first * int(np.prod(shape[1:])) * np.dtype(past.dtype).itemsize
+            binding.bind_input(past.name, device, device_id, past.dtype, shape, address)
+            binding.bind_output(present_name(past.name), device, device_id, past.dtype, shape, address)
+
+    def _address(self, past: PastInput) -> int:
+        if self.graph.cache_device is None:
+            return self.host[past.name].ctypes.data
+        return self.device[past.name].data_ptr()
+
+    def copy_rows(self, source: np.ndarray, target: np.ndarray, used: int) -> None:
+        """Copies the first `used` positions of rows `source` into rows `target`."""
+        for array in self.host.values():
+            array[target, :, :used] = array[source, :, :used]
+        # ONNX Runtime has no copy between OrtValues outside a graph: device rows go through the
+        # host, as DeviceCache.take does. Only beam search and finished rows need this.
+        for value in self.device.values():
+            array = value.numpy()
+            array[target, :, :used] = array[source, :, :used]
+            value.update_inplace(array)
+
+    def resized(self, length: int, rows_used: int, used: int) -> KVBuffers:
+        """New buffers of `length` positions holding the first `used` positions of rows [0, rows_used)."""
+        grown = KVBuffers(self.graph, self.rows, length)
+        for name, array in self.host.items():
+            grown.host[name][:rows_used, :, :used] = array[:rows_used, :, :used]
+        for name, value in self.device.items():
+            array = grown.device[name].numpy()
+            array[:rows_used, :, :used] = value.numpy()[:rows_used, :, :used]
+            grown.device[name].update_inplace(array)
+        return grown
+
+
+class FusedBatch:
+    """Rows of key/value buffers with each row's length (tokens in its cache), run by prefills and
+    decode steps over contiguous rows. The logits returned are a view of the batch's logits
+    buffer: valid until the next run."""
+
+    def __init__(self, graph: FusedGraph, rows: int, length: int) -> None:
+        self.graph = graph
+        self.buffers = KVBuffers(graph, rows, length)
+        self.lengths = np.zeros(rows, dtype=np.int32)
+        self.logits = np.zeros((rows, 1, graph.vocab), dtype=np.float32)
+
+    @property
+    def length(self) -> int:
+        return self.buffers.length
+
+    def prefill(self, first: int, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """Runs the prompts into rows [first, first + len(prompts)); their next-token logits."""
+        lengths = np.array([len(prompt) for prompt in prompts], dtype=np.int32)
+        input_ids = np.zeros((len(prompts), int(lengths.max())), dtype=np.int64)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, : len(prompt)] = prompt  # right-padded: every row's cache starts at 0
+        self.lengths[first : first + len(prompts)] = lengths
+        return self._run(first, input_ids, lengths - 1, input_ids.shape[1])
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        """Feeds one token to each of rows [0, len(tokens)); their next-token logits."""
+        past = self.lengths[: len(tokens)]
+        logits = self._run(0, tokens.astype(np.int64)[:, None], past, int(past.max()) + 1)
+        past += 1
+        return logits
+
+    def _run(self, first: int, input_ids: np.ndarray, seqlens_k: np.ndarray, total: int) -> np.ndarray:
+        session = self.graph.session
+        binding = session.session.io_binding()
+        binding.bind_cpu_input("input_ids", input_ids)
+        binding.bind_cpu_input(SEQLENS, seqlens_k)
+        binding.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
+        count = len(input_ids)
+        self.buffers.bind(binding, first, count)
+        logits = self.logits[first : first + count]
+        binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        session.session.run_with_iobinding(binding)
+        return logits[:, 0]
+
+    def copy_rows(self, source: np.ndarray, target: np.ndarray) -> None:
+        """Rows `target` take the cache and length of rows `source` (taken before any is written)."""
+        used = int(self.lengths[source].max(initial=0))
+        self.buffers.copy_rows(source, target, used)
+        self.lengths[target] = self.lengths[source]
+
+    def keep(self, rows: np.ndarray) -> None:
+        """Rows [0, len(rows)) become the given rows, in that order."""
+        front = np.arange(len(rows))
+        if not np.array_equal(rows, front):
+            self.copy_rows(rows, front)
+
+    def grow(self, length: int, rows_used: int) -> None:
+        """Makes room for `length` positions per row, keeping rows [0, rows_used)."""
+        used = int(self.lengths[:rows_used].max(initial=0))
+        self.buffers = self.buffers.resized(length, rows_used, used)
+
+
+class FusedModel:
+    """One request's prompts on the fused graph, alone: the StepModel of the decoding loops.
+    `rows` is the most rows it will hold (prompts x beams), `length` its longest prompt plus
+    max_new_tokens; `history` the left-padded prompts, as transformers sees them."""
+
+    def __init__(
+        self,
+        graph: FusedGraph,
+        prompts: Sequence[Sequence[int]],
+        history: np.ndarray,
+        timed: Timed,
+        rows: int,
+        length: int,
+    ) -> None:
+        self.prompts = prompts
+        self.history = history
+        self.timed = timed
+        self.batch: FusedBatch | None = FusedBatch(graph, rows, length)
+
+    def start(self) -> np.ndarray:
+        return self.timed(lambda: self._batch().prefill(0, self.prompts))
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        return self.timed(lambda: self._batch().decode(tokens))
+
+    def keep(self, rows: np.ndarray) -> None:
+        self._batch().keep(rows)
+
+    def release(self) -> None:
+        self.batch = None
+
+    def _batch(self) -> FusedBatch:
+        if self.batch is None:
+            raise RuntimeError("the fused model was released")
+        return self.batch

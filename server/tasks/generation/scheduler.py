@@ -1,0 +1,265 @@
+"""Continuous batching: the concurrent generations of one fused decoder share its decode steps.
+
+Iteration-level scheduling, as TGI and vLLM do it. One loop per model, on a thread of the
+generation executor while there is work, repeats: drop the rows whose sequence ended or whose
+caller left (the last row moves into the hole, so the rows in use stay contiguous and a finished
+row costs nothing); prefill waiting requests, each alone, into free rows of the shared KV buffers
+(first come, first served, while rows are free); then run one decode step over every row in use
+and hand each request the logits of its own rows. So a request joins the running batch at the
+next step after it arrives and leaves it at once when it ends.
+
+Each request keeps its own decoding state: its logits processors, sampler and seed, stopping
+criteria and outputs, driven by the same decoding loop (`decoding.decode`) as a request decoded
+alone, over a `SharedRows` step model whose logits come from the shared runs. Beam search
+reorders its rows every step and runs on its own step model instead (pipeline.py)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+from onnxserve.server.errors import ResourceExhausted
+from onnxserve.server.tasks.base import Timings
+from onnxserve.server.tasks.generation.decoding import Decoding, decode
+from onnxserve.server.tasks.generation.fused import FusedBatch, FusedGraph
+from onnxserve.server.tasks.generation.stopping import OutputSequence
+
+
+@dataclass
+class DecodingStats:
+    """What a pipeline's generations did: `steps` each generation took (one token per row),
+    `runs` of the model (prefills and decode steps; a shared decode step counts once, however many
+    generations it advanced), and generations holding a cache (`active`)."""
+
+    steps: int = 0
+    runs: int = 0
+    active: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, steps: int = 0, runs: int = 0, active: int = 0) -> None:
+        with self._lock:
+            self.steps += steps
+            self.runs += runs
+            self.active += active
+
+
+class SharedRows:
+    """The StepModel of one request inside the shared batch: the scheduler runs the model and
+    leaves each run's logits for the request's rows here before the decoding loop asks for them."""
+
+    def __init__(self, history: np.ndarray) -> None:
+        self.history = history
+        self.logits = np.empty((0, 0), dtype=np.float32)
+
+    def start(self) -> np.ndarray:
+        return self.logits
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        return self.logits
+
+    def keep(self, rows: np.ndarray) -> None:
+        """Nothing to move: the scheduler frees a finished row before the next step."""
+
+    def release(self) -> None:
+        """The scheduler frees the rows when the request leaves."""
+
+
+@dataclass(eq=False)
+class SharedRequest:
+    """One generation submitted to the scheduler. `on_step` runs on the scheduler's thread after
+    each of its steps, `on_end` once when it leaves the batch (None: it ended; else the error)."""
+
+    prompts: Sequence[Sequence[int]]
+    history: np.ndarray  # the left-padded prompts, as its logits processors see them
+    outputs: Sequence[OutputSequence]
+    decoding: Decoding
+    timings: Timings
+    on_step: Callable[[], None]
+    on_end: Callable[[BaseException | None], None]
+    cancelled: bool = False
+    submitted_ns: int = field(default_factory=time.perf_counter_ns)
+    model: SharedRows = field(init=False)
+    steps: Iterator[None] = field(init=False)
+    rows: dict[int, int] = field(init=False, default_factory=dict)  # output index -> batch row
+
+    @property
+    def length(self) -> int:
+        """Cache positions its longest row needs."""
+        return max(len(prompt) for prompt in self.prompts) + self.decoding.max_new_tokens
+
+    def live(self) -> list[int]:
+        """Output indices still decoding, in order: the rows the decoding loop steps next."""
+        return [index for index, output in enumerate(self.outputs) if not output.finished]
+
+
+class Scheduler:
+    """The shared batch of one fused decoder: at most `max_rows` rows decode together, at most
+    `max_waiting` requests wait for rows (one more is refused with RESOURCE_EXHAUSTED); `context`
+    caps the buffer length."""
+
+    def __init__(self, graph: FusedGraph, max_rows: int, max_waiting: int, context: int, stats: DecodingStats) -> None:
+        self.graph = graph
+        self.max_rows = max_rows
+        self.max_waiting = max_waiting
+        self.context = context
+        self.stats = stats
+        self._lock = threading.Lock()
+        self._waiting: deque[SharedRequest] = deque()
+        self._looping = False
+        # Touched by the loop's thread only:
+        self._running: list[SharedRequest] = []
+        self._owners: list[tuple[SharedRequest, int]] = []  # batch row -> (request, output index)
+        self._batch: FusedBatch | None = None
+
+    def fits(self, rows: int) -> bool:
+        return rows <= self.max_rows
+
+    def submit(self, request: SharedRequest, executor: Executor) -> None:
+        """Queues the request; the loop starts on `executor` if it is not running."""
+        with self._lock:
+            if len(self._waiting) >= self.max_waiting:
+                raise ResourceExhausted(
+                    f"{len(self._waiting)} generations are waiting for a free row of the shared batch, "
+                    "the model's max_queue_size; retry later"
+                )
+            self._waiting.append(request)
+            if not self._looping:
+                executor.submit(self._loop)
+                self._looping = True
+
+    def cancel(self, request: SharedRequest) -> None:
+        """The caller left: a waiting request leaves the queue now, a running one before the next step."""
+        request.cancelled = True
+        with self._lock:
+            if request in self._waiting:
+                self._waiting.remove(request)
+
+    def _loop(self) -> None:
+        while self._iteration():
+            pass
+
+    def _iteration(self) -> bool:
+        """One scheduling step; False once nothing runs or waits (the loop then ends)."""
+        self._admit()
+        self._drop_ended()  # before the step: sequences that ended at their first token, callers that left
+        if not self._running:
+            with self._lock:
+                if not self._waiting:
+                    self._looping = False
+                    self._batch = None  # an idle model holds no cache
+                    return False
+            return True
+        self._decode()
+        self._drop_ended()  # after it: the rows are free for the next admissions
+        return True
+
+    def _drop_ended(self) -> None:
+        """Frees the rows of finished sequences and of requests whose caller left."""
+        ended = [request for request in self._running if request.cancelled or not request.live()]
+        for row in reversed(range(len(self._owners))):
+            request, index = self._owners[row]
+            if request in ended or request.outputs[index].finished:
+                self._free(row)
+        for request in ended:
+            self._running.remove(request)
+            self._leave(request, None)
+
+    def _free(self, row: int) -> None:
+        """The last row in use moves into `row`, so that the rows in use stay [0, n)."""
+        last = len(self._owners) - 1
+        request, index = self._owners[row]
+        del request.rows[index]
+        if row != last:
+            self._batch.copy_rows(np.array([last]), np.array([row]))
+            self._owners[row] = self._owners[last]
+            moved, moved_index = self._owners[row]
+            moved.rows[moved_index] = row
+        self._owners.pop()
+
+    def _admit(self) -> None:
+        """Prefills waiting requests into free rows, in order, while the next one fits."""
+        while True:
+            with self._lock:
+                if not self._waiting or len(self._owners) + len(self._waiting[0].prompts) > self.max_rows:
+                    return
+                request = self._waiting.popleft()
+            self._start(request)
+
+    def _start(self, request: SharedRequest) -> None:
+        first = len(self._owners)
+        self._make_room(request.length)
+        request.timings.queue_ns = time.perf_counter_ns() - request.submitted_ns
+        request.model = SharedRows(request.history)
+        request.steps = decode(request.model, request.outputs, request.decoding)
+        self.stats.add(active=1)
+        try:
+            request.model.logits = self._timed([request], lambda: self._batch.prefill(first, request.prompts))
+        except Exception as error:  # the request fails with it; the batch goes on
+            self._leave(request, error)
+            return
+        for index in range(len(request.prompts)):
+            request.rows[index] = first + index
+            self._owners.append((request, index))
+        request.timings.batch_size = max(request.timings.batch_size, len(self._owners))
+        self._running.append(request)
+        self._advance(request)
+
+    def _make_room(self, length: int) -> None:
+        """Buffers of at least `length` positions: doubled when they grow, so growing is rare."""
+        if self._batch is None:
+            self._batch = FusedBatch(self.graph, self.max_rows, length)
+        elif length > self._batch.length:
+            self._batch.grow(min(max(length, 2 * self._batch.length), self.context), len(self._owners))
+
+    def _decode(self) -> None:
+        """One decode step over every row in use; each request then chooses its next tokens."""
+        tokens = np.array([request.outputs[index].tokens[-1] for request, index in self._owners])
+        try:
+            logits = self._timed(self._running, lambda: self._batch.decode(tokens))
+        except Exception as error:  # the shared cache is lost: every request fails
+            self._fail_all(error)
+            return
+        for request in list(self._running):
+            request.model.logits = logits[[request.rows[index] for index in request.live()]]
+            request.timings.batch_size = max(request.timings.batch_size, len(tokens))
+            self._advance(request)
+
+    def _advance(self, request: SharedRequest) -> None:
+        """The request's decoding loop takes its logits: chooses, appends and checks its tokens."""
+        started = time.perf_counter_ns()
+        try:
+            next(request.steps)
+        except Exception as error:  # a failing request leaves; the others go on
+            for row in sorted(request.rows.values(), reverse=True):
+                self._free(row)
+            self._running.remove(request)
+            self._leave(request, error)
+            return
+        request.timings.postprocess_ns += time.perf_counter_ns() - started
+        self.stats.add(steps=1)
+        request.on_step()
+
+    def _timed(self, requests: Sequence[SharedRequest], run: Callable[[], np.ndarray]) -> np.ndarray:
+        started = time.perf_counter_ns()
+        logits = run()
+        elapsed = time.perf_counter_ns() - started
+        for request in requests:
+            request.timings.inference_ns += elapsed
+        self.stats.add(runs=1)
+        return logits
+
+    def _fail_all(self, error: BaseException) -> None:
+        for request in self._running:
+            request.rows.clear()
+            self._leave(request, error)
+        self._running, self._owners, self._batch = [], [], None
+
+    def _leave(self, request: SharedRequest, error: BaseException | None) -> None:
+        request.steps.close()
+        self.stats.add(active=-1)
+        request.on_end(error)
