@@ -1,7 +1,8 @@
 """`onnxserve export`: a transformers checkpoint to a validated, versioned model-repository entry.
 
 The flow: read the checkpoint (config, fast tokenizer, task) -> optimum's ONNX exporter -> graph
-optimization (fp32) -> fp16 and int8 variants derived from it -> each variant validated against
+optimization (fp32; Llama-family causal LMs get the fused decoder graph of decoder_graph
+instead) -> fp16 and int8 variants derived from it -> each variant validated against
 PyTorch and gated -> tokenizer, generation config and manifest written beside the ONNX files ->
 the hidden staging folder renamed to the next version number.
 """
@@ -14,7 +15,9 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from onnxserve.export.checkpoint import Checkpoint, load_config, load_tokenizer, open_source
+from onnxserve.export.decoder_graph import build_decoder_graph, supports_fused_decoder
 from onnxserve.export.errors import ExportError
 from onnxserve.export.manifest import describe_model, now_rfc3339
 from onnxserve.export.optimize import (
@@ -32,7 +35,7 @@ from onnxserve.export.quantize import quantize_int8
 from onnxserve.export.tasks import TaskSpec, check_exportable, detect_task, task_spec
 from onnxserve.export.validate import NotRunnable, Validator
 from onnxserve.export.writer import publish, sha256, staging
-from transformers import GenerationConfig, PretrainedConfig, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedTokenizerFast
 
 from onnxserve.repository import TOKENIZER_FILE, RepositoryError, validate_model_name
 from onnxserve.v1 import common_pb2, manifest_pb2
@@ -141,21 +144,26 @@ def _make_variants(model: _Model, stage: Path, wanted: list[str], steps: Steps) 
     derives from it. int8 derives from the graph before fusion: the quantizer needs standard ops
     to infer types, and ONNX Runtime fuses the quantized graph itself when it loads it."""
     work = stage / "optimum"
-    with steps.step(f"exporting {model.spec.name} with optimum"), quiet():
-        _run_optimum(model, work)
     names = [Path(file).stem for files in model.spec.graphs.values() for file in files]
 
     def parts(kind: str) -> dict[str, Path]:
         return {name: work / f"{name}.{kind}.onnx" for name in names}
 
-    with steps.step("optimizing the graph (fp32)"):
-        plain = parts("plain")
-        recipes = {"plain": _convert(optimize_basic, {name: work / f"{name}.onnx" for name in names}, plain)}
-        files = {"plain": plain, "fp32": plain}
-        recipes["fp32"] = recipes["plain"]
-        if can_fuse(model.config.model_type):
-            files["fp32"] = parts("fp32")
-            recipes["fp32"] += "; " + _convert(fuse, plain, files["fp32"])
+    if _has_fused_decoder(model):
+        with steps.step("building the fused decoder graph (fp32)"), quiet():
+            files = {"fp32": parts("fp32")}
+            recipes = {"fp32": _build_fused_decoder(model, files["fp32"]["model"])}
+    else:
+        with steps.step(f"exporting {model.spec.name} with optimum"), quiet():
+            _run_optimum(model, work)
+        with steps.step("optimizing the graph (fp32)"):
+            plain = parts("plain")
+            recipes = {"plain": _convert(optimize_basic, {name: work / f"{name}.onnx" for name in names}, plain)}
+            files = {"plain": plain, "fp32": plain}
+            recipes["fp32"] = recipes["plain"]
+            if can_fuse(model.config.model_type):
+                files["fp32"] = parts("fp32")
+                recipes["fp32"] += "; " + _convert(fuse, plain, files["fp32"])
     derived = {"fp16": (to_fp16, "fp32"), "int8": (quantize_int8, "plain")}
     for precision, (converter, origin) in derived.items():
         if precision in wanted:
@@ -169,6 +177,18 @@ def _make_variants(model: _Model, stage: Path, wanted: list[str], steps: Steps) 
     ]
     shutil.rmtree(work)
     return variants
+
+
+def _has_fused_decoder(model: _Model) -> bool:
+    return model.spec.proto == common_pb2.TASK_TEXT_GENERATION and supports_fused_decoder(model.config)
+
+
+def _build_fused_decoder(model: _Model, target: Path) -> str:
+    """The fused decoder graph (docs/decoder-graph.md) from the fp32 PyTorch model; its rotary
+    caches cover the manifest's generation max_length."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    causal_lm = AutoModelForCausalLM.from_pretrained(model.checkpoint.path, dtype=torch.float32).eval()
+    return build_decoder_graph(causal_lm, target, max_length=model.manifest.generation.max_length)
 
 
 def _convert(converter: Callable[[Path, Path], str], sources: dict[str, Path], targets: dict[str, Path]) -> str:
