@@ -116,6 +116,11 @@ class Scheduler:
         self._owners: list[tuple[SharedRequest, int]] = []  # batch row -> (request, output index)
         self._batch: FusedBatch | None = None
 
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for free rows."""
+        return len(self._waiting)
+
     def fits(self, rows: int) -> bool:
         return rows <= self.max_rows
 
