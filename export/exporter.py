@@ -2,9 +2,9 @@
 
 The flow: read the checkpoint (config, fast tokenizer, task) -> optimum's ONNX exporter -> graph
 optimization (fp32; Llama-family causal LMs get the fused decoder graph of decoder_graph
-instead) -> fp16 and int8 variants derived from it -> each variant validated against
-PyTorch and gated -> tokenizer, generation config and manifest written beside the ONNX files ->
-the hidden staging folder renamed to the next version number.
+instead) -> fp16, int8 (and, for decoders, int4) variants derived from it -> each
+variant validated against PyTorch and gated -> tokenizer, generation config and manifest written
+beside the ONNX files -> the hidden staging folder renamed to the next version number.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from onnxserve.export.checkpoint import Checkpoint, load_config, load_tokenizer, open_source
 from onnxserve.export.decoder_graph import build_decoder_graph, supports_fused_decoder
 from onnxserve.export.errors import ExportError
+from onnxserve.export.generative_gate import DEFAULT_GATE, GenerativeGate, GenerativeValidator
 from onnxserve.export.manifest import describe_model, now_rfc3339
 from onnxserve.export.optimize import (
     can_fuse,
@@ -34,20 +35,24 @@ from onnxserve.export.progress import Steps, quiet
 from onnxserve.export.quantize import quantize_int8
 from onnxserve.export.tasks import TaskSpec, check_exportable, detect_task, task_spec
 from onnxserve.export.validate import NotRunnable, Validator
+from onnxserve.export.weight_only import quantize_int4_weights, quantize_int8_weights
 from onnxserve.export.writer import publish, sha256, staging
 from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedTokenizerFast
 
 from onnxserve.repository import TOKENIZER_FILE, RepositoryError, validate_model_name
 from onnxserve.v1 import common_pb2, manifest_pb2
 
-__all__ = ["DEFAULT_PRECISIONS", "ExportError", "export_model"]
+__all__ = ["DEFAULT_PRECISIONS", "ExportError", "GenerativeGate", "export_model"]
 
 PRECISIONS = {
     "fp32": common_pb2.PRECISION_FP32,
     "fp16": common_pb2.PRECISION_FP16,
     "int8": common_pb2.PRECISION_INT8,
+    "int4": common_pb2.PRECISION_INT4,
 }
-DEFAULT_PRECISIONS = tuple(PRECISIONS)
+DEFAULT_PRECISIONS = ("fp32", "fp16", "int8")
+# Decoder-only models also get int4 weights: decoding reads every weight once per token.
+CAUSAL_LM_PRECISIONS = (*DEFAULT_PRECISIONS, "int4")
 GENERATION_CONFIG_FILE = "generation_config.json"
 
 
@@ -77,16 +82,19 @@ def export_model(
     *,
     name: str | None = None,
     task: str | None = None,
-    precisions: Sequence[str] = DEFAULT_PRECISIONS,
+    precisions: Sequence[str] | None = None,
     force: bool = False,
     show_progress: bool = True,
+    generative_gate: GenerativeGate = DEFAULT_GATE,
 ) -> Path:
     """Exports SOURCE (a checkpoint folder, a Hub id or a .gguf file) into REPOSITORY/NAME as the
-    next version; returns the version folder. Variants that miss their validation gates are left
-    out with a warning (an ExportError when none is left) unless `force`, which writes them marked
-    as failed."""
+    next version; returns the version folder. `precisions` defaults to the task's
+    (CAUSAL_LM_PRECISIONS for text generation, else DEFAULT_PRECISIONS). Variants that miss their
+    validation gates (`generative_gate` for text generation) are left out with a warning (an
+    ExportError when none is left) unless `force`, which writes them marked as failed."""
     source = str(source)
-    wanted = _check_precisions(precisions)
+    if precisions is not None:
+        _check_precisions(precisions)
     if name is not None:
         _check_name(name)
     if task is not None:
@@ -95,13 +103,14 @@ def export_model(
         with steps.step(f"reading {source}"), quiet():
             checkpoint = stack.enter_context(open_source(source))
             model = _read(checkpoint, task)
+        wanted = _task_precisions(model.spec, precisions)
         model_dir = Path(repository) / _check_name(name or checkpoint.default_name)
         try:
             stage = stack.enter_context(staging(model_dir))
         except OSError as error:
             raise ExportError(f"cannot write into the model repository: {error}") from error
         variants = _make_variants(model, stage, wanted, steps)
-        variants = _validate(model, variants, steps, force)
+        variants = _validate(model, variants, steps, force, generative_gate)
         with steps.step("writing the version"):
             return _write(model, stage, variants)
 
@@ -111,6 +120,19 @@ def _check_precisions(precisions: Sequence[str]) -> list[str]:
     if unknown or not precisions:
         raise ExportError(f"unknown precision {', '.join(unknown) or '(none)'}: use {', '.join(PRECISIONS)}")
     return [p for p in PRECISIONS if p in precisions]
+
+
+def _task_precisions(spec: TaskSpec, precisions: Sequence[str] | None) -> list[str]:
+    """The precisions to make for the task: the asked ones, else the task's defaults."""
+    causal = spec.proto == common_pb2.TASK_TEXT_GENERATION
+    if precisions is None:
+        return list(CAUSAL_LM_PRECISIONS if causal else DEFAULT_PRECISIONS)
+    if "int4" in precisions and not causal:
+        raise ExportError(
+            f"int4 is for text-generation models (weight-only, for token-by-token decoding); "
+            f"{spec.name} exports fp32, fp16 and int8"
+        )
+    return _check_precisions(precisions)
 
 
 def _check_name(name: str) -> str:
@@ -165,6 +187,9 @@ def _make_variants(model: _Model, stage: Path, wanted: list[str], steps: Steps) 
                 files["fp32"] = parts("fp32")
                 recipes["fp32"] += "; " + _convert(fuse, plain, files["fp32"])
     derived = {"fp16": (to_fp16, "fp32"), "int8": (quantize_int8, "plain")}
+    if model.spec.proto == common_pb2.TASK_TEXT_GENERATION:
+        # Weight-only from the graph that is served in fp32: activations stay fp32.
+        derived |= {"int8": (quantize_int8_weights, "fp32"), "int4": (quantize_int4_weights, "fp32")}
     for precision, (converter, origin) in derived.items():
         if precision in wanted:
             with steps.step(f"making the {precision} variant"):
@@ -234,20 +259,15 @@ def _run_optimum(model: _Model, output: Path) -> None:
         raise ExportError(f"optimum's ONNX exporter wrote no {', '.join(missing)} for {model.spec.name}")
 
 
-def _validate(model: _Model, variants: list[_Variant], steps: Steps, force: bool) -> list[_Variant]:
+def _validate(
+    model: _Model, variants: list[_Variant], steps: Steps, force: bool, generative_gate: GenerativeGate
+) -> list[_Variant]:
     """Fills each variant's validation and returns the variants to write. A variant that misses its
     gates, or that ONNX Runtime cannot run here (fp16 of some graphs on a CPU-only machine), is
     left out with a warning naming the gate and figures, or written marked as failed under
     `force`; when no variant is left, nothing is written and the error says why."""
     with steps.step("computing the PyTorch reference"), quiet():
-        validator = Validator(
-            model.spec,
-            model.checkpoint.path,
-            model.config,
-            model.tokenizer,
-            model.manifest.pooling,
-            model.manifest.max_length,
-        )
+        validator = _validator(model, generative_gate)
     kept, problems = [], []
     for variant in variants:
         with steps.step(f"validating {variant.precision} against PyTorch"):
@@ -266,7 +286,22 @@ def _validate(model: _Model, variants: list[_Variant], steps: Steps, force: bool
     return kept
 
 
-def _check(validator: Validator, variant: _Variant) -> str | None:
+def _validator(model: _Model, generative_gate: GenerativeGate) -> Validator | GenerativeValidator:
+    """Text generation is judged on greedy decoding and perplexity through the serving code, which
+    runs whichever graph layout the export made; the other tasks on their outputs for sample inputs."""
+    if model.spec.proto == common_pb2.TASK_TEXT_GENERATION:
+        return GenerativeValidator(model.checkpoint.path, model.tokenizer, model.generation, generative_gate)
+    return Validator(
+        model.spec,
+        model.checkpoint.path,
+        model.config,
+        model.tokenizer,
+        model.manifest.pooling,
+        model.manifest.max_length,
+    )
+
+
+def _check(validator: Validator | GenerativeValidator, variant: _Variant) -> str | None:
     """Validates a variant; returns what is wrong with it, if anything."""
     try:
         variant.validation = validator.validate(variant.graphs, variant.precision)

@@ -3,7 +3,7 @@
 Each sample's main output is compared over the tokens its attention mask keeps (padding rows are
 undefined and fused attention kernels need not agree there):
   - max_abs_diff: the largest absolute difference of the main output (last_hidden_state, logits,
-    start/end logits; for generation the first step's logits);
+    start/end logits; for seq2seq generation the first decoder step's logits);
   - top1_agreement (logits only): the share of top-1 predictions (argmax over the last axis: one per
     sample for sequence-level heads, one per kept token for token-level heads) that agree. A
     near-tie, where the reference's probabilities (softmax over the last axis) for its top-1 and
@@ -13,7 +13,8 @@ undefined and fused attention kernels need not agree there):
   - mean/min cosine: per sample, between pooled embeddings for feature extraction, else between
     the sample's flattened logits.
 Variants run on ONNX Runtime's CPU provider, which every machine has; a graph it cannot run (fp16
-kernels some builds lack) raises NotRunnable rather than failing a gate.
+kernels some builds lack) raises NotRunnable rather than failing a gate. Text generation has its
+own gate, on greedy decoding and perplexity (export/generative_gate.py).
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ GATES = {
 
 # What ONNX Runtime raises for a graph it cannot run here, e.g. NOT_IMPLEMENTED for a kernel its
 # CPU provider lacks at some type; bad inputs (InvalidArgument) are bugs and are not caught.
-_CANNOT_RUN = (
+CANNOT_RUN = (
     ort_state.Fail, ort_state.NotImplemented, ort_state.RuntimeException, ort_state.InvalidGraph, ort_state.EPFail,
 )  # fmt: skip
 
@@ -125,7 +126,7 @@ class Validator:
         for batch in self.batches:
             try:
                 outputs = self.family.run_onnx(sessions, batch)
-            except _CANNOT_RUN as error:
+            except CANNOT_RUN as error:
                 raise NotRunnable(f"ONNX Runtime failed to run it on the CPU: {error}") from error
             exported.append(self._samples(outputs, batch))
         reference = [s for samples in self.reference for s in samples]
@@ -145,7 +146,7 @@ class Validator:
 def _session(path: Path) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except _CANNOT_RUN as error:
+    except CANNOT_RUN as error:
         raise NotRunnable(f"ONNX Runtime cannot load {path.name} on the CPU: {error}") from error
 
 
@@ -203,10 +204,8 @@ class _Inputs:
     config: PretrainedConfig
     max_length: int
 
-    def tokenize(self, *texts: Sequence[str], padding: bool = True) -> Batch:
-        encoded = self.tokenizer(
-            *texts, padding=padding, truncation=True, max_length=self.max_length, return_tensors="np"
-        )
+    def tokenize(self, *texts: Sequence[str]) -> Batch:
+        encoded = self.tokenizer(*texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="np")
         return {name: array.astype(np.int64) for name, array in encoded.items()}
 
 
@@ -301,15 +300,6 @@ def _choices(inputs: _Inputs) -> list[Batch]:
     return [{name: array.reshape(len(prompts), len(CHOICES), -1) for name, array in flat.items()}]
 
 
-def _prompts(inputs: _Inputs) -> list[Batch]:
-    # One prompt per batch: decoder tokenizers often have no pad token, and without padding the
-    # positions simply count from 0.
-    batches = [inputs.tokenize([text], padding=False) for text in TEXTS]
-    for batch in batches:
-        batch["position_ids"] = np.arange(batch["input_ids"].shape[1], dtype=np.int64)[None, :]
-    return batches
-
-
 def _sources(inputs: _Inputs) -> list[Batch]:
     batch = inputs.tokenize(list(TEXTS))
     start = inputs.config.decoder_start_token_id
@@ -333,6 +323,5 @@ _FAMILIES = {
     "question-answering": _Family(_questions, _run_single, _spans),
     "fill-mask": _Family(_masked_texts, _run_single, _per_token),
     "multiple-choice": _Family(_choices, _run_single, _per_sequence),
-    "text-generation": _Family(_prompts, _run_single, _per_token),
     "text2text-generation": _Family(_sources, _run_seq2seq, _per_sequence),
 }

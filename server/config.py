@@ -13,7 +13,7 @@ from pathlib import Path
 class ModelSettings:
     """How each model is served."""
 
-    precision: str = "auto"  # auto, fp32, fp16 or int8
+    precision: str = "auto"  # auto, fp32, fp16, int8 or int4 (decoders)
     device: str = ""  # "" follows the server's device; auto, cpu or cuda for this model alone
     # Dynamic batching: one run merges requests, up to max_batch_size sequences and
     # max_batch_tokens padded tokens (rows x longest row); a request over either is split.

@@ -38,7 +38,7 @@ CHOICES = {
     "log_level": ("debug", "info", "warning", "error"),
     "log_format": ("text", "json"),
     "models.device": ("", "auto", "cpu", "cuda"),
-    "models.precision": ("auto", "fp32", "fp16", "int8"),
+    "models.precision": ("auto", "fp32", "fp16", "int8", "int4"),
 }
 AT_LEAST_ONE = {
     "models.max_batch_size", "models.max_batch_tokens", "models.max_queue_size",

@@ -23,17 +23,20 @@ PRECISIONS = {
     "fp32": common_pb2.PRECISION_FP32,
     "fp16": common_pb2.PRECISION_FP16,
     "int8": common_pb2.PRECISION_INT8,
+    "int4": common_pb2.PRECISION_INT4,
 }
 
 
 def choose_variant(manifest: manifest_pb2.Manifest, precision: str, device: str) -> manifest_pb2.Variant:
     """The variant to serve. `auto` follows the device: fp16 on CUDA, int8 on the CPU (int8 does
-    not help on the CUDA provider), falling back to fp32 when the preferred one was not exported."""
+    not help on the CUDA provider), falling back to fp32 when the preferred one was not exported.
+    int4 (decoders) is served only when asked for, or when it is all there is: it trades quality
+    for speed, and its gate bounds perplexity rather than greedy agreement."""
     variants = {v.precision: v for v in manifest.variants}
     if precision != "auto":
         wanted = PRECISIONS.get(precision)
         if wanted is None:
-            raise ModelLoadError(f"unknown precision {precision!r}: use auto, fp32, fp16 or int8")
+            raise ModelLoadError(f"unknown precision {precision!r}: use auto, {', '.join(PRECISIONS)}")
         if wanted not in variants:
             held = ", ".join(common_pb2.Precision.Name(p) for p in variants) or "none"
             raise ModelLoadError(f"precision {precision} was asked for but the repository holds {held}")

@@ -89,7 +89,7 @@ def test_flags_alone_suffice(tmp_path):
         ("[server]\nlog_format = 'xml'", ["server.log_format", "'json'"]),
         ("[server]\nauth_tokens = 'secret'", ["server.auth_tokens", "list of strings"]),
         ("[models]\nmax_batch_size = 0", ["models.max_batch_size", "at least 1"]),
-        ("[models]\nprecision = 'int4'", ["models.precision", "'int8'"]),
+        ("[models]\nprecision = 'int2'", ["models.precision", "'int4'"]),
         ("[models.m]\nwarmup = 'yes'", ["models.m.warmup", "bool"]),
         ("[models.'../up']\nwarmup = true", ["models.../up", "invalid model name"]),
         ("[serve]\nport = 1", ["serve", "unknown key"]),

@@ -378,8 +378,8 @@ def test_invalid_name_and_precision(checkpoint: Checkpoints, tmp_path: Path) -> 
     source = checkpoint("bert-sequence-classification")
     with pytest.raises(ExportError, match="invalid model name"):
         _export(source, tmp_path, name="../escape")
-    with pytest.raises(ExportError, match="unknown precision int4"):
-        _export(source, tmp_path, precisions=("fp32", "int4"))
+    with pytest.raises(ExportError, match="unknown precision int2"):
+        _export(source, tmp_path, precisions=("fp32", "int2"))
     assert list(tmp_path.iterdir()) == []
 
 

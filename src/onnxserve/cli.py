@@ -30,7 +30,7 @@ def _export(args: argparse.Namespace) -> None:
     try:
         path = export_model(
             args.source, Path(args.repository), name=args.name, task=args.task,
-            precisions=args.precision or ("fp32", "fp16", "int8"), force=args.force,
+            precisions=args.precision, force=args.force,
         )
     except ExportError as error:
         console.print(f"[red]export failed:[/red] {error}")
@@ -178,8 +178,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--repository", required=True, help="the model repository directory")
     export.add_argument("--name", help="the model's name in the repository (default: the source's)")
     export.add_argument("--task", help="the task (default: detected from config.architectures)")
-    export.add_argument("--precision", action="append", choices=("fp32", "fp16", "int8"),
-                        help="a precision to export; repeat for several (default: all three)")
+    export.add_argument("--precision", action="append", choices=("fp32", "fp16", "int8", "int4"),
+                        help="a precision to export; repeat for several (default: fp32, fp16 and int8, "
+                             "and int4 for text generation; int4 is for text generation only)")
     export.add_argument("--force", action="store_true", help="write variants that miss their gates")
     export.set_defaults(run=_export)
 

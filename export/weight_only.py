@@ -1,0 +1,88 @@
+"""Weight-only int8 and int4 variants of decoder graphs, with onnxruntime's MatMulNBitsQuantizer.
+
+Every MatMul whose weight is a constant becomes a MatMulNBits (com.microsoft): the weight in
+blocks of BLOCK_SIZE values along K, each with its own scale (and zero point when asymmetric);
+activations stay fp32. At int4 the token embedding's Gather becomes a GatherBlockQuantized, blocks
+along the hidden axis (onnxruntime's quantizer quantizes a Gather to 4 bits only, so the int8
+variant keeps its embedding fp32). Decoding one token reads every weight once, so its speed
+follows the bytes of the weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+from onnxserve.export.optimize import save_model
+
+
+@dataclass(frozen=True)
+class WeightOnlyRecipe:
+    """How MatMulNBitsQuantizer is set up for one precision."""
+
+    bits: int
+    block_size: int
+    symmetric: bool
+    accuracy_level: int  # MatMulNBits' compute type: 4 quantizes activations to int8 per block
+    quantize_embedding: bool  # the embedding Gather as GatherBlockQuantized (4 bits only)
+
+    def describe(self, matmuls: int, gathers: int) -> str:
+        symmetry = "symmetric" if self.symmetric else "asymmetric"
+        text = (
+            f"weight-only int{self.bits}: {matmuls} MatMuls as MatMulNBits, blocks of {self.block_size}, "
+            f"{symmetry}, accuracy_level {self.accuracy_level}"
+        )
+        if self.quantize_embedding:
+            text += f"; {gathers} embedding Gather as GatherBlockQuantized"
+        return text
+
+
+RECIPES = {
+    "int8": WeightOnlyRecipe(bits=8, block_size=32, symmetric=False, accuracy_level=4, quantize_embedding=False),
+    "int4": WeightOnlyRecipe(bits=4, block_size=32, symmetric=False, accuracy_level=4, quantize_embedding=True),
+}
+
+
+def quantize_weight_only(source: Path, target: Path, recipe: WeightOnlyRecipe) -> str:
+    """Writes the weight-only quantized copy of `source` to `target`; returns the recipe in words."""
+    op_types = ("MatMul", "Gather") if recipe.quantize_embedding else ("MatMul",)
+    quantizer = MatMulNBitsQuantizer(
+        onnx.load(str(source)),
+        bits=recipe.bits,
+        block_size=recipe.block_size,
+        is_symmetric=recipe.symmetric,
+        accuracy_level=recipe.accuracy_level,
+        op_types_to_quantize=op_types,
+        # The embedding [vocab, hidden] is quantized in blocks along the hidden axis, as each
+        # gathered row is then dequantized from its own blocks.
+        quant_axes=(("MatMul", 0), ("Gather", 1)),
+    )
+    # Quantizing a Gather raises the model to opset 21 and IR 10 (int4 tensors), which the
+    # quantizer warns "may not be a valid model": the gate runs the result, which is what tells.
+    # Its numpy code divides by all-zero blocks' zero scale in branches np.where then discards.
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        quantizer.process()
+    model = quantizer.model.model
+    save_model(model, target)
+    return recipe.describe(_count(model, "MatMulNBits"), _count(model, "GatherBlockQuantized"))
+
+
+def _count(model: onnx.ModelProto, op_type: str) -> int:
+    return sum(node.op_type == op_type for node in model.graph.node)
+
+
+def quantize_int8_weights(source: Path, target: Path) -> str:
+    """The int8 variant of a decoder graph."""
+    return quantize_weight_only(source, target, RECIPES["int8"])
+
+
+def quantize_int4_weights(source: Path, target: Path) -> str:
+    """The int4 variant of a decoder graph."""
+    return quantize_weight_only(source, target, RECIPES["int4"])
