@@ -1,6 +1,7 @@
-"""Continuous batching on the fused decoder: concurrent Generate and GenerateStream calls share
-decode steps, and each still gets exactly the output it gets alone; a cancelled stream frees its
-row for a waiting request; past the rows and the queue, a call is refused with RESOURCE_EXHAUSTED.
+"""Continuous batching on the fused decoder (which Llama-family exports get): concurrent Generate
+and GenerateStream calls share decode steps, and each still gets exactly the output it gets
+alone; a cancelled stream frees its row for a waiting request; past the rows and the queue, a
+call is refused with RESOURCE_EXHAUSTED.
 
 Every decode run is slowed down a little (the tiny model decodes a token in about a millisecond),
 so that the staggered calls surely overlap."""
@@ -16,7 +17,6 @@ import grpc
 import pytest
 
 from tests.generation_reference import PROMPTS
-from tests.test_fused_decoding import fused_export
 
 MODEL = "llama-causal-lm"
 SLOW_RUN_S = 0.01
@@ -36,8 +36,8 @@ CALLS = [
 
 
 @pytest.fixture(scope="module")
-def exported(export, tmp_path_factory):
-    return {MODEL: fused_export(export(MODEL, precisions=("fp32",)), tmp_path_factory.mktemp("fused"))}
+def exported(export):
+    return {MODEL: export(MODEL, precisions=("fp32",))}
 
 
 def slowed(server) -> object:

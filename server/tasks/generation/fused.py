@@ -101,8 +101,7 @@ class KVBuffers:
 
 class FusedBatch:
     """Rows of key/value buffers with each row's length (tokens in its cache), run by prefills and
-    decode steps over contiguous rows. The logits returned are a view of the batch's logits
-    buffer: valid until the next run."""
+    decode steps over contiguous rows."""
 
     def __init__(self, graph: FusedGraph, rows: int, length: int) -> None:
         self.graph = graph
@@ -141,7 +140,9 @@ class FusedBatch:
         logits = self.logits[first : first + count]
         binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         session.session.run_with_iobinding(binding)
-        return logits[:, 0]
+        # The caller's own copy (a row's logits are 1 MB for Gemma's vocabulary, a fraction of a
+        # run): the buffer is written again by the next run, and callers may keep logits.
+        return logits[:, 0].copy()
 
     def copy_rows(self, source: np.ndarray, target: np.ndarray) -> None:
         """Rows `target` take the cache and length of rows `source` (taken before any is written)."""
