@@ -246,6 +246,18 @@ def stream_summary(figures: dict) -> list[dict]:
     return summary
 
 
+def prompt_mismatches(results: dict[str, dict], prompt_ids: dict[str, list[int]]) -> list[str]:
+    """Engines that tokenized a prompt into another length than the bench's tokenizer did: their
+    agreement compares different inputs (an export whose tokenizer.json changed, say)."""
+    return [
+        f"{engine}: the {name} prompt is {figures['single'][name]['prompt_tokens']} tokens there, not {len(ids)}"
+        for engine, figures in results.items()
+        if "failed" not in figures
+        for name, ids in prompt_ids.items()
+        if figures["single"][name]["prompt_tokens"] != len(ids)
+    ]
+
+
 def _ratio(value: float | None, base: float | None) -> float | None:
     return value / base if value and base else None
 
@@ -410,6 +422,7 @@ def main(argv: list[str] | None = None) -> None:
         load[engine] = [before, os.getloadavg()]
     ratios = derived(results)
     found = aims(results, ratios)
+    mismatches = prompt_mismatches(results, shared["prompt_ids"])
     manifests = {
         engine: json.loads((Path(job["version_dir"]) / "manifest.json").read_text())
         for engine, job in jobs.items()
@@ -428,6 +441,7 @@ def main(argv: list[str] | None = None) -> None:
         "prompt_tokens": {name: len(ids) for name, ids in shared["prompt_ids"].items()},
         "manifests": manifests,
         "skipped": skipped,
+        "prompt_mismatches": mismatches,
         "results": results,
         "ratios": ratios,
         "aims": found,
@@ -437,6 +451,8 @@ def main(argv: list[str] | None = None) -> None:
     path.write_text(json.dumps(report, indent=2) + "\n")
     console = Console(width=200)
     print_tables(results, ratios, skipped, console)
+    for mismatch in mismatches:
+        console.print(f"[red]warning[/red]: {mismatch}")
     for aim in found:
         outcome = "met" if aim["met"] else "[red]NOT met[/red]"
         console.print(f"{aim['engine']}: {aim['aim']}: {aim['value']}, {outcome}")

@@ -31,6 +31,7 @@ WARM_UP_TOKENS = 4
 class Generation:
     token_ids: list[int]  # the generated ones, EOS included when it came
     engine_seconds: float  # inside the engine: no tokenizing, no transport
+    prompt_tokens: int  # as the engine tokenized the prompt
     first_token_seconds: float | None = None  # from the call to the first token at the caller, where streamed
 
 
@@ -61,7 +62,8 @@ class Transformers:
                 **inputs, max_new_tokens=new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id
             )
         seconds = time.perf_counter() - start
-        return Generation(output[0, inputs["input_ids"].shape[1] :].tolist(), seconds)
+        prompt_tokens = inputs["input_ids"].shape[1]
+        return Generation(output[0, prompt_tokens:].tolist(), seconds, prompt_tokens)
 
     stream = generate
 
@@ -110,7 +112,7 @@ class LlamaCpp:
             tokens.append(token)
             if token in self.eos or len(tokens) == new_tokens:
                 break
-        return Generation(tokens, time.perf_counter() - start)
+        return Generation(tokens, time.perf_counter() - start, len(prompt_ids))
 
     stream = generate
 
@@ -125,7 +127,8 @@ class Onnxserve:
 
     def generate(self, prompt: str, prompt_ids: list[int], new_tokens: int) -> Generation:
         response = self.client.generate(model=MODEL, prompts=[prompt], max_new_tokens=new_tokens, do_sample=False)
-        return Generation(response[0].token_ids, response.metadata.inference_ns / 1e9)
+        metadata = response.metadata
+        return Generation(response[0].token_ids, metadata.inference_ns / 1e9, metadata.tokens)
 
     def stream(self, prompt: str, prompt_ids: list[int], new_tokens: int) -> Generation:
         start = time.perf_counter()
@@ -135,7 +138,7 @@ class Onnxserve:
         for chunk in chunks:
             first = first if first is not None or not chunk.token_ids else time.perf_counter() - start
             tokens += chunk.token_ids
-        return Generation(tokens, time.perf_counter() - start, first)
+        return Generation(tokens, time.perf_counter() - start, chunk.metadata.tokens, first)
 
 
 @contextmanager
@@ -182,7 +185,7 @@ def measure_prompt(engine: Engine, prompt: str, prompt_ids: list[int], new_token
         for (_, first_wall), (full, full_wall) in zip(firsts, fulls, strict=True)
     ]
     return {
-        "prompt_tokens": len(prompt_ids),
+        "prompt_tokens": firsts[0][0].prompt_tokens,
         "prefill_ms": statistics.median(first.engine_seconds for first, _ in firsts) * 1e3,
         "time_to_first_token_ms": statistics.median(wall for _, wall in firsts) * 1e3,
         "decode_tokens_per_s": statistics.median(decode),
