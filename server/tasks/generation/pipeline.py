@@ -188,10 +188,13 @@ class SharedGeneration(Generation):
             while True:
                 await self._woken.wait()
                 self._woken.clear()
+                # Read before yielding: what was delivered before the end is taken at this yield;
+                # an end that arrives during it wakes the loop for one more.
+                left = self._left
                 if self._error is not None:
                     raise self._error
                 yield
-                if self._left:
+                if left:
                     return
         finally:
             if not self._left:

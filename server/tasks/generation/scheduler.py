@@ -15,6 +15,7 @@ reorders its rows every step and runs on its own step model instead (pipeline.py
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -28,6 +29,8 @@ from onnxserve.server.tasks.base import Timings
 from onnxserve.server.tasks.generation.decoding import Decoding, decode
 from onnxserve.server.tasks.generation.fused import FusedBatch, FusedGraph
 from onnxserve.server.tasks.generation.stopping import OutputSequence
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -145,8 +148,18 @@ class Scheduler:
                 self._waiting.remove(request)
 
     def _loop(self) -> None:
-        while self._iteration():
-            pass
+        try:
+            while self._iteration():
+                pass
+        except Exception as error:
+            # A bug, not a request's failure (those leave on their own): every request fails with
+            # it rather than wait forever, and the next one starts a fresh loop.
+            log.exception("the shared decoding loop failed")
+            self._fail_all(error)
+            with self._lock:
+                waiting, self._waiting, self._looping = list(self._waiting), deque(), False
+            for request in waiting:
+                request.on_end(error)
 
     def _iteration(self) -> bool:
         """One scheduling step; False once nothing runs or waits (the loop then ends)."""
@@ -197,12 +210,12 @@ class Scheduler:
 
     def _start(self, request: SharedRequest) -> None:
         first = len(self._owners)
-        self._make_room(request.length)
         request.timings.queue_ns = time.perf_counter_ns() - request.submitted_ns
         request.model = SharedRows(request.history)
         request.steps = decode(request.model, request.outputs, request.decoding)
         self.stats.add(active=1)
         try:
+            self._make_room(request.length)
             request.model.logits = self._timed([request], lambda: self._batch.prefill(first, request.prompts))
         except Exception as error:  # the request fails with it; the batch goes on
             self._leave(request, error)
