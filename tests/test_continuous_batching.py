@@ -167,3 +167,16 @@ def test_a_cancelled_stream_frees_its_row_and_a_full_queue_refuses(one_row):
     assert queued == [expected]
     # The queued call got the row long before the stream's 200 steps: the cancel freed it.
     assert stats.steps - before - queued_steps < 200
+
+
+def test_a_passed_deadline_frees_the_rows(pipeline):
+    server, generation = pipeline
+    stats = generation.stats
+    wait_until_idle(stats)
+    before = stats.steps
+    # 200 steps take at least 2 s at SLOW_RUN_S a run.
+    with server.client(timeout=0.5) as client, pytest.raises(grpc.RpcError) as raised:
+        client.generate(model=MODEL, prompts=PROMPTS[:2], max_new_tokens=200)
+    wait_until_idle(stats)
+    assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert stats.steps - before < 200
