@@ -137,6 +137,25 @@ def onnxserve_export(work: Path, precisions: list[str]) -> Path:
     return versions[max(versions)]
 
 
+def onnxserve_jobs(work: Path, wanted: list[str]) -> tuple[dict[str, dict], dict[str, str]]:
+    """Per precision, what its engine needs to know of the export, or why it is skipped."""
+    precisions, skipped = exportable_precisions(wanted)
+    if not precisions:
+        return {}, skipped
+    try:
+        version_dir = onnxserve_export(work, precisions)
+    except subprocess.CalledProcessError as error:
+        return {}, {**skipped, **{p: f"`onnxserve export` failed (exit status {error.returncode})" for p in precisions}}
+    jobs = {}
+    for precision in precisions:
+        if _holds(version_dir, [precision]):
+            jobs[precision] = {"precision": precision, "repository": str(version_dir.parents[1]),
+                               "version_dir": str(version_dir)}  # fmt: skip
+        else:
+            skipped[precision] = f"not in the export {version_dir}"
+    return jobs, skipped
+
+
 def long_prompt(tokenizer: Tokenizer, tokens: int) -> str:
     """The start of LONG that the tokenizer makes `tokens` tokens of (BOS included)."""
     encoding = tokenizer.encode(generation_prompts.LONG)
@@ -172,14 +191,9 @@ def plan(args: argparse.Namespace) -> tuple[dict, dict[str, dict], dict[str, str
         own["optimum"]["optimum_export"] = str(optimum_export(args.work, checkpoint))
     if "llama.cpp" in own:
         own["llama.cpp"]["gguf"] = str(gguf_file(args.work))
-    wanted = [p for p in PRECISIONS if f"onnxserve-{p}" in own]
-    precisions, skipped = exportable_precisions(wanted)
-    if precisions:
-        version_dir = onnxserve_export(args.work, precisions)
-        for precision in precisions:
-            own[f"onnxserve-{precision}"].update(
-                precision=precision, repository=str(version_dir.parents[1]), version_dir=str(version_dir)
-            )
+    served, skipped = onnxserve_jobs(args.work, [p for p in PRECISIONS if f"onnxserve-{p}" in own])
+    for precision, job in served.items():
+        own[f"onnxserve-{precision}"].update(job)
     reasons = {f"onnxserve-{p}": reason for p, reason in skipped.items()}
     return shared, {e: job for e, job in own.items() if e not in reasons}, reasons
 
