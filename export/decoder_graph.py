@@ -181,8 +181,10 @@ class _DecoderGraph:
             query = self.head_norm(attention.q_norm, query, heads, f"{name}.q_norm")
             key = self.head_norm(attention.k_norm, key, kv_heads, f"{name}.k_norm")
         cos, sin = self.rotary(index)
-        # Both count the keys a query sees, its own included (tests/test_decoder_graph.py crosses it).
+        # transformers' sliding_window and GQA's local_window_size both count the keys a query
+        # sees, its own included (tests/test_decoder_graph.py decodes across the window).
         window = getattr(attention, "sliding_window", None)
+        # No softcap: transformers' Gemma 3 attention never applies attn_logit_softcapping.
         output, _, _ = self.node(
             "GroupQueryAttention",
             [query, key, value, f"past_key_values.{index}.key", f"past_key_values.{index}.value",
