@@ -88,11 +88,16 @@ def _greedy_or_sample(
 ) -> Iterator[None]:
     rows = np.arange(len(outputs))
     chain = how.processors + how.warpers if how.sampler else how.processors
+    # The history grows into a buffer sized for the whole generation: a step writes one column
+    # instead of copying everything before it.
+    length = history.shape[1]
+    history = np.concatenate([history, np.zeros((len(rows), how.max_new_tokens), dtype=history.dtype)], axis=1)
     logits = model.start()
     while True:
-        scores = chain(history, logits)
+        scores = chain(history[:, :length], logits)
         tokens = how.sampler(scores) if how.sampler else scores.argmax(axis=-1)
-        history = np.concatenate([history, tokens[:, None]], axis=1)
+        history[:, length] = tokens
+        length += 1
         for row, token in zip(rows, tokens.tolist(), strict=True):
             outputs[row].append(token)
         yield
