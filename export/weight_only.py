@@ -22,13 +22,22 @@ work, so wall time meant little); fp32 decodes 11.5 tokens/s there, 1,744 MB.
     4     32     sym       4 bits     32.1      0 of 6           1 1 2 1 5 0         +57.5%      273 MB
     4     128    asym      4 bits     44.3      0 of 6           0 1 0 0 4 0         +95.4%      234 MB
 
+The same recipes on the fused decoder graph (export/decoder_graph.py) of the same model, fp32
+11.3 tokens/s in CPU time and 20.6 wall on two threads (load about 1.5):
+
+    variant  tokens/s CPU  wall, 2 threads  full agreement  common prefixes    perplexity  file
+    int8     30.3          45.4             3 of 6          18 64 64 1 6 64    +2.4%       1,048 MB
+    int4     45.5          63.0             0 of 6          3 1 2 1 17 0       +15.5%      347 MB
+
 All with accuracy_level 4 (int8 activations inside MatMulNBits, per block). Blocks of 32 keep
 int8's agreement on most prompts, and they alone keep int4's perplexity near the reference;
 asymmetric blocks fit the skewed weight distributions that symmetric ones waste levels on. The
 4-bit embedding costs int8 two prompts' agreement, so int8 keeps it fp32, and saves int4 560 MB.
 On a tiny Llama (hidden 32), accuracy_level 4 with blocks of 32 gives bit-identical logits for a
 row alone and in a batch of 3 (continuous batching relies on it); accuracy_level 0 and blocks of
-128 differ by up to 4e-6.
+128 differ by up to 4e-6. 8 bits at accuracy_level 0 (fp32 compute) ran the gate on Gemma's fused
+graph for over 400 s where accuracy_level 4 took 25 s: too slow to consider. Keeping Gemma's
+lm_head at 8 bits in int4 gave +12.2% perplexity instead of +16%, but 25% slower decoding.
 """
 
 from __future__ import annotations
