@@ -83,8 +83,10 @@ def test_every_variant_carries_its_gate_figures(variants):
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_served_greedy_agreement_is_the_manifests(exported, variants, start_server, precision):
     """Each gate prompt served alone: the common prefix of the served tokens with transformers'
-    generate() is the figure the manifest states, so the gate measured what the server runs."""
+    generate() is the figure the manifest states, so the gate measured what the server runs. In
+    one batch, each prompt gets the tokens it got alone: the quantized kernels treat rows apart."""
     stated = variants[precision].validation.greedy_agreement
+    alone = []
     with start_server({KIND: exported}, precision=precision, intra_op_threads=1).client() as client:
         for prompt, agreement in zip(PROMPTS, stated, strict=True):
             response = client.generate(model=KIND, prompts=[prompt], max_new_tokens=NEW_TOKENS)
@@ -93,6 +95,9 @@ def test_served_greedy_agreement_is_the_manifests(exported, variants, start_serv
                 exported.checkpoint, [prompt], max_new_tokens=NEW_TOKENS, do_sample=False
             )
             assert common_prefix(response[0].token_ids, expected) == agreement
+            alone.append(response[0].token_ids)
+        batched = client.generate(model=KIND, prompts=list(PROMPTS), max_new_tokens=NEW_TOKENS)
+    assert [result.token_ids for result in batched] == alone
 
 
 def test_int4_is_refused_for_an_encoder(checkpoint, tmp_path):
