@@ -290,7 +290,13 @@ def _validator(model: _Model, generative_gate: GenerativeGate) -> Validator | Ge
     """Text generation is judged on greedy decoding and perplexity through the serving code, which
     runs whichever graph layout the export made; the other tasks on their outputs for sample inputs."""
     if model.spec.proto == common_pb2.TASK_TEXT_GENERATION:
-        return GenerativeValidator(model.checkpoint.path, model.tokenizer, model.generation, generative_gate)
+        return GenerativeValidator(
+            model.checkpoint.path,
+            model.tokenizer,
+            model.generation,
+            generative_gate,
+            model.manifest.generation.max_length,
+        )
     return Validator(
         model.spec,
         model.checkpoint.path,

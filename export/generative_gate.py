@@ -98,14 +98,16 @@ class GenerativeValidator:
         tokenizer: PreTrainedTokenizerFast,
         generation: GenerationConfig,
         gate: GenerativeGate,
+        max_length: int,
     ) -> None:
+        """`max_length`: the longest sequence the model takes, which the perplexity text is cut to."""
         self.gate = gate
         self.pad_token_id = generation.pad_token_id if generation.pad_token_id is not None else 0
         eos = generation.eos_token_id
         self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else eos or ())
         model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
         prompts = [tokenizer(prompt)["input_ids"] for prompt in PROMPTS]
-        text = tokenizer(TEXT)["input_ids"]
+        text = tokenizer(TEXT, truncation=True, max_length=max_length)["input_ids"]
         with torch.inference_mode():
             continuations = [self._torch_greedy(model, prompt, generation) for prompt in prompts]
             logits = model(torch.tensor([text])).logits[0].numpy()
