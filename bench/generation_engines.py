@@ -32,15 +32,42 @@ class Generation:
     token_ids: list[int]  # the generated ones, EOS included when it came
     engine_seconds: float  # inside the engine: no tokenizing, no transport
     prompt_tokens: int  # as the engine tokenized the prompt
-    first_token_seconds: float | None = None  # from the call to the first token at the caller, where streamed
+    token_times: list[float]  # per token, seconds from the call to its arrival at the caller; [] when not streamed
+
+    @property
+    def first_token_seconds(self) -> float | None:
+        return self.token_times[0] if self.token_times else None
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        """The tokens after the first over the time from the first to the last."""
+        span = self.token_times[-1] - self.token_times[0] if self.token_times else 0
+        return (len(self.token_times) - 1) / span if span > 0 else None
 
 
 class Engine(Protocol):
+    """generate: the engine's plain call; stream: one that notes when each token arrives (the same
+    call where the engine's caller sees every token anyway)."""
+
     concurrent: bool  # whether calls from several threads at once are served together
 
     def generate(self, prompt: str, prompt_ids: list[int], new_tokens: int) -> Generation: ...
 
     def stream(self, prompt: str, prompt_ids: list[int], new_tokens: int) -> Generation: ...
+
+
+class _TokenClock:
+    """A generate() streamer that notes when each token comes; its first put is the prompt."""
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.times: list[float] = []
+
+    def put(self, value: Any) -> None:
+        self.times.append(time.perf_counter() - self.start)
+
+    def end(self) -> None:
+        pass
 
 
 class Transformers:
@@ -55,15 +82,18 @@ class Transformers:
     def generate(self, prompt: str, prompt_ids: list[int], new_tokens: int) -> Generation:
         import torch
 
-        inputs = self.tokenizer(prompt, return_tensors="pt")
         start = time.perf_counter()
+        inputs = self.tokenizer(prompt, return_tensors="pt")
+        clock = _TokenClock(start)
+        started = time.perf_counter()
         with torch.inference_mode():
             output = self.model.generate(
-                **inputs, max_new_tokens=new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id
-            )
-        seconds = time.perf_counter() - start
+                **inputs, max_new_tokens=new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
+                streamer=clock,
+            )  # fmt: skip
+        seconds = time.perf_counter() - started
         prompt_tokens = inputs["input_ids"].shape[1]
-        return Generation(output[0, prompt_tokens:].tolist(), seconds, prompt_tokens)
+        return Generation(output[0, prompt_tokens:].tolist(), seconds, prompt_tokens, clock.times[1:])
 
     stream = generate
 
@@ -107,12 +137,14 @@ class LlamaCpp:
         # reset: llama-cpp-python would otherwise reuse the cache of a previous call's same prefix
         self.llama.reset()
         tokens: list[int] = []
+        times: list[float] = []
         start = time.perf_counter()
         for token in self.llama.generate(prompt_ids, temp=0.0, repeat_penalty=1.0):
             tokens.append(token)
+            times.append(time.perf_counter() - start)
             if token in self.eos or len(tokens) == new_tokens:
                 break
-        return Generation(tokens, time.perf_counter() - start, len(prompt_ids))
+        return Generation(tokens, times[-1], len(prompt_ids), times)
 
     stream = generate
 
@@ -128,17 +160,18 @@ class Onnxserve:
     def generate(self, prompt: str, prompt_ids: list[int], new_tokens: int) -> Generation:
         response = self.client.generate(model=MODEL, prompts=[prompt], max_new_tokens=new_tokens, do_sample=False)
         metadata = response.metadata
-        return Generation(response[0].token_ids, metadata.inference_ns / 1e9, metadata.tokens)
+        return Generation(response[0].token_ids, metadata.inference_ns / 1e9, metadata.tokens, [])
 
     def stream(self, prompt: str, prompt_ids: list[int], new_tokens: int) -> Generation:
         start = time.perf_counter()
-        first: float | None = None
         tokens: list[int] = []
+        times: list[float] = []
         chunks = self.client.generate_stream(model=MODEL, prompt=prompt, max_new_tokens=new_tokens, do_sample=False)
         for chunk in chunks:
-            first = first if first is not None or not chunk.token_ids else time.perf_counter() - start
             tokens += chunk.token_ids
-        return Generation(tokens, time.perf_counter() - start, chunk.metadata.tokens, first)
+            times += [time.perf_counter() - start] * len(chunk.token_ids)
+        metadata = chunk.metadata
+        return Generation(tokens, metadata.inference_ns / 1e9, metadata.tokens, times)
 
 
 @contextmanager
@@ -173,25 +206,27 @@ def _timed(call: Callable[[], Generation]) -> tuple[Generation, float]:
 
 def measure_prompt(engine: Engine, prompt: str, prompt_ids: list[int], new_tokens: int, repeats: int) -> dict:
     """Prefill: the engine's own time for a one-token call (the prompt's forward pass and the first
-    pick). Time to first token: that call's wall time at the caller, text in. Decode: the tokens
-    after the first over the wall time a full call takes beyond the one-token call. Medians."""
-    engine.generate(prompt, prompt_ids, WARM_UP_TOKENS)
+    pick). Time to first token: that call's wall time at the caller, text in. Decode: in a streamed
+    call of `new_tokens`, the tokens after the first over the time from the first to the last.
+    Medians over `repeats`, after a warm-up."""
+    engine.stream(prompt, prompt_ids, WARM_UP_TOKENS)
     firsts, fulls = [], []
     for _ in range(repeats):
         firsts.append(_timed(lambda: engine.generate(prompt, prompt_ids, 1)))
-        fulls.append(_timed(lambda: engine.generate(prompt, prompt_ids, new_tokens)))
-    decode = [
-        (len(full.token_ids) - 1) / (full_wall - first_wall)
-        for (_, first_wall), (full, full_wall) in zip(firsts, fulls, strict=True)
-    ]
+        fulls.append(engine.stream(prompt, prompt_ids, new_tokens))
+    decode = [full.decode_tokens_per_s for full in fulls if full.decode_tokens_per_s is not None]
     return {
         "prompt_tokens": firsts[0][0].prompt_tokens,
         "prefill_ms": statistics.median(first.engine_seconds for first, _ in firsts) * 1e3,
         "time_to_first_token_ms": statistics.median(wall for _, wall in firsts) * 1e3,
-        "decode_tokens_per_s": statistics.median(decode),
-        "generated_tokens": len(fulls[0][0].token_ids),
-        "token_ids": fulls[0][0].token_ids,
-        "samples": {"first_s": [wall for _, wall in firsts], "full_s": [wall for _, wall in fulls]},
+        "decode_tokens_per_s": statistics.median(decode) if decode else None,
+        "generated_tokens": len(fulls[0].token_ids),
+        "token_ids": fulls[0].token_ids,
+        "samples": {
+            "one_token_call_s": [wall for _, wall in firsts],
+            "streamed_first_token_s": [full.first_token_seconds for full in fulls],
+            "streamed_last_token_s": [full.token_times[-1] for full in fulls],
+        },
     }
 
 
