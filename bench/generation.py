@@ -432,12 +432,12 @@ def main(argv: list[str] | None = None) -> None:
     shared, jobs, skipped = plan(args)
     for engine, reason in skipped.items():
         print(f"skipping {engine}: {reason}", flush=True)
-    load = {}
+    conditions = {}  # per engine: the load average before and after, and the wall time of its worker
     results = {}
     for engine, job in jobs.items():
-        before = os.getloadavg()
+        before, began = os.getloadavg(), time.perf_counter()
         results[engine] = run_engine(engine, {**shared, **job}, logs)
-        load[engine] = [before, os.getloadavg()]
+        conditions[engine] = {"load_average": [before, os.getloadavg()], "seconds": time.perf_counter() - began}
     ratios = derived(results)
     found = aims(results, ratios)
     mismatches = prompt_mismatches(results, shared["prompt_ids"])
@@ -453,7 +453,7 @@ def main(argv: list[str] | None = None) -> None:
         "tree": _tree(),
         "exporter_digest": _exporter_fingerprint(),
         "machine": machine("cpu", "CPUExecutionProvider"),
-        "load_average_before_after": load,
+        "conditions": conditions,
         "settings": {key: value for key, value in shared.items() if key not in ("prompts", "prompt_ids", "stream_ids")},
         "prompts": shared["prompts"],
         "prompt_tokens": {name: len(ids) for name, ids in shared["prompt_ids"].items()},
