@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from onnxserve.export.errors import ExportError
+from tokenizers import AddedToken
+from tokenizers.models import BPE
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerFast
 
 from onnxserve.v1 import common_pb2
@@ -103,6 +105,7 @@ def _from_gguf(source: str, local: Path) -> Iterator[Checkpoint]:
     with tempfile.TemporaryDirectory(prefix="onnxserve-gguf-") as folder:
         try:
             tokenizer = AutoTokenizer.from_pretrained(location, gguf_file=file_name)
+            _merge_by_score(tokenizer, local if local.is_file() else None)
             model = AutoModelForCausalLM.from_pretrained(location, gguf_file=file_name, dtype=torch.float32)
         except (OSError, ValueError) as error:
             raise ExportError(f"cannot load GGUF file {source!r}: {error}") from error
@@ -110,6 +113,41 @@ def _from_gguf(source: str, local: Path) -> Iterator[Checkpoint]:
         model.save_pretrained(folder)
         del model
         yield Checkpoint(Path(folder), origin, Path(file_name).stem)
+
+
+def _merge_by_score(tokenizer: PreTrainedTokenizerFast, gguf_file: Path | None) -> None:
+    """transformers reads a Gemma GGUF's SentencePiece vocabulary as a Unigram model, but Gemma's
+    SentencePiece model is BPE: pieces merge pairwise, the highest-scoring result first, as
+    SentencePiece and llama.cpp do. As Unigram, "The capital" came out as "The ▁c ap ..." although
+    "▁capital" is a piece. The vocabulary is rebuilt as that BPE: each piece's splits into two
+    pieces are its merges, ranked by the piece's score. SentencePiece's user-defined pieces (runs
+    of spaces and newlines) are matched whole before any merge, so they become added tokens."""
+    backend = tokenizer.backend_tokenizer
+    model = json.loads(backend.to_str())["model"]
+    if model["type"] != "Unigram":
+        return
+    pieces = [piece for piece, _ in model["vocab"]]
+    ids = {piece: index for index, piece in enumerate(pieces)}
+    ranked = sorted(range(len(pieces)), key=lambda index: -model["vocab"][index][1])
+    merges = [
+        (piece[:cut], piece[cut:])
+        for piece in (pieces[index] for index in ranked)
+        for cut in range(1, len(piece))
+        if piece[:cut] in ids and piece[cut:] in ids
+    ]
+    unk = pieces[model["unk_id"]] if model.get("unk_id") is not None else None
+    backend.model = BPE(ids, merges, unk_token=unk, fuse_unk=True, byte_fallback=model.get("byte_fallback", False))
+    if gguf_file is not None:
+        symbols = [pieces[index] for index in _user_defined_ids(gguf_file)]
+        backend.add_tokens([AddedToken(symbol, normalized=True, special=False) for symbol in symbols])
+
+
+def _user_defined_ids(gguf_file: Path) -> list[int]:
+    from gguf import GGUFReader, TokenType
+
+    field = GGUFReader(gguf_file).fields["tokenizer.ggml.token_type"]
+    types = [int(field.parts[index][0]) for index in field.data]
+    return [index for index, kind in enumerate(types) if kind == TokenType.USER_DEFINED]
 
 
 def load_config(checkpoint: Path) -> PretrainedConfig:

@@ -423,12 +423,11 @@ def _gpt2(tokenizer: PreTrainedTokenizerFast) -> GPT2LMHeadModel:
 def _llama(tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
+        hidden_size=64,  # heads of 16: ONNX Runtime's GroupQueryAttention wants a multiple of 16
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,  # grouped-query attention, as Llama 2 70B and Llama 3 use
-        head_dim=16,  # ONNX Runtime's GroupQueryAttention wants a multiple of 16
         max_position_embeddings=_DECODER_POSITIONS,
         initializer_range=0.2,
         bos_token_id=tokenizer.bos_token_id,
