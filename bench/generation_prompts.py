@@ -1,7 +1,7 @@
-"""The prompts of `python -m bench.generation`: a short one (17 tokens with the served Gemma
-tokenizer, BOS included) and a long one (the first --long-tokens tokens of LONG) for prefill, time to
-first token and decode speed, and eight short ones for the concurrent streams. Plain prose, fixed,
-so that every engine and every run sees the same inputs."""
+"""The prompts of `python -m bench.generation`: a short one (10 tokens with the exporter's Gemma
+tokenizer, BOS included) and a long one (the first --long-tokens tokens of LONG, which has 546)
+for prefill, time to first token and decode speed, and eight short ones for the concurrent streams.
+Plain prose, fixed, so that every engine and every run sees the same inputs."""
 
 SHORT = "Once upon a time, in a small village"
 
