@@ -53,9 +53,13 @@ def scan(repository: Path) -> dict[str, tuple[Path, Fingerprint]]:
 async def warm_up(model: LoadedModel) -> None:
     """Runs one request's worth of work through the model the way calls do: tokenizing, then the
     batcher when the model has one, so that the first call does not pay for lazy allocations."""
+    if model.runner is None:
+        # Generation tokenizes with the bare tokenizer; a configured copy would only take memory
+        # (a third of a GB for Gemma's 262k-piece vocabulary).
+        model.tokenizer.tokenizer.encode(WARMUP_TEXT)
+        return
     sequences = model.tokenizer.encode([WARMUP_TEXT])  # one short text: microseconds on the loop
-    if model.runner is not None:
-        await model.runner.infer(sequences, Timings())
+    await model.runner.infer(sequences, Timings())
 
 
 class ModelLifecycle:
