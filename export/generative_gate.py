@@ -59,13 +59,14 @@ class Bounds:
 # reorders sums: 6 of 6 prompts agree for all 64 tokens, perplexity within 1e-6. int8 keeps 3 or
 # 4 of 6 whole, at +2.4% or +1.2% perplexity: the two graphs' int8 differ by as much as int8 from
 # fp32, so the bound leaves room for that. int4 leaves greedy decoding within a few tokens on most
-# prompts, so its bound is on perplexity: the recipe measures +16%, where symmetric blocks (+57%)
-# or blocks of 128 (+95%) fail. fp16 was not measured on Gemma here (no GPU): int8's bounds.
+# prompts, so its bound is on perplexity: with Gemma's text tokenized right, the recipe measures
+# +29% (blocks of 16: +21%), where symmetric blocks (+48%) or blocks of 128 (+95% before the fix)
+# fail. fp16 was not measured on Gemma here (no GPU): int8's bounds.
 BOUNDS = {
     "fp32": Bounds(min_full_agreement=1.0, max_perplexity_change=0.001),
     "fp16": Bounds(min_full_agreement=0.5, max_perplexity_change=0.04),
     "int8": Bounds(min_full_agreement=0.5, max_perplexity_change=0.04),
-    "int4": Bounds(min_full_agreement=0.0, max_perplexity_change=0.25),
+    "int4": Bounds(min_full_agreement=0.0, max_perplexity_change=0.35),
 }
 
 
