@@ -128,6 +128,13 @@ def _merge_by_score(tokenizer: PreTrainedTokenizerFast, gguf_file: Path | None) 
         return
     pieces = [piece for piece, _ in model["vocab"]]
     ids = {piece: index for index, piece in enumerate(pieces)}
+    # transformers renames the byte piece <0x09> to "\t", which Gemma also has as a piece of its
+    # own: the byte piece gets its name back, so that it keeps its id.
+    pieces = [
+        f"<0x{ord(piece):02X}>" if len(piece) == 1 and ids[piece] != index else piece
+        for index, piece in enumerate(pieces)
+    ]
+    ids = {piece: index for index, piece in enumerate(pieces)}
     ranked = sorted(range(len(pieces)), key=lambda index: -model["vocab"][index][1])
     merges = [
         (piece[:cut], piece[cut:])
