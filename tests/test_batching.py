@@ -308,14 +308,14 @@ def test_generation_busy_on_every_thread_does_not_stall_encoders(exported, expor
     from onnxserve.server.tasks.generation import pipeline as generation
 
     entered, release = threading.Semaphore(0), threading.Event()
-    step = generation.Generation.step
+    step = generation.SoloGeneration.step
 
     def held_step(self) -> bool:
         entered.release()
         release.wait(60)
         return step(self)
 
-    monkeypatch.setattr(generation.Generation, "step", held_step)
+    monkeypatch.setattr(generation.SoloGeneration, "step", held_step)
     server = start_server({KIND: exported, "gpt2": export("gpt2-causal-lm", precisions=("fp32",))})
     threads = server.server.generation_executor._max_workers
     with ThreadPoolExecutor(threads + 2) as pool, server.client(timeout=60) as client:
