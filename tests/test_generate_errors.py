@@ -32,6 +32,7 @@ def client(server):
         ({"top_p": 0.0}, ["top_p", "(0, 1]"]),
         ({"top_p": 1.5}, ["top_p", "(0, 1]"]),
         ({"num_beams": 0}, ["num_beams", "at least 1"]),
+        ({"num_beams": 2**31}, ["num_beams", "limit of 64"]),
         ({"repetition_penalty": 0.0}, ["repetition_penalty"]),
         ({"stop": [""]}, ["stop", "empty"]),
     ],
@@ -76,3 +77,10 @@ def test_an_empty_batch_is_invalid(client):
         client.generate(model=CAUSAL, prompts=[])
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "prompts" in raised.value.details()
+
+
+def test_too_many_sequences_in_one_request_is_invalid(client):
+    with pytest.raises(grpc.RpcError) as raised:
+        client.generate(model=CAUSAL, prompts=["hello"] * 9, num_beams=32, max_new_tokens=2)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "288 sequences" in raised.value.details() and "limit of 256" in raised.value.details()

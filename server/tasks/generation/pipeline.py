@@ -29,7 +29,7 @@ from onnxserve.server.tasks.generation.decoding import Decoding, Sampler, StepMo
 from onnxserve.server.tasks.generation.fused import FusedGraph, is_fused
 from onnxserve.server.tasks.generation.scheduler import DecodingStats, Scheduler, SharedRequest
 from onnxserve.server.tasks.generation.seq2seq import Seq2SeqModel
-from onnxserve.server.tasks.generation.settings import GenerationSettings, resolve_settings
+from onnxserve.server.tasks.generation.settings import MAX_SEQUENCES, GenerationSettings, resolve_settings
 from onnxserve.server.tasks.generation.stopping import OutputSequence, StoppingCriteria
 from onnxserve.server.tasks.generation.streaming import IncrementalDecoder
 
@@ -284,6 +284,11 @@ class GenerationPipeline(Pipeline):
         timings.tokens = sum(len(ids) for ids in token_ids)
         settings = resolve_settings(parameters, self.defaults, self._room(token_ids))
         timings.batch_size = len(prompts) * settings.num_beams
+        if timings.batch_size > MAX_SEQUENCES:
+            raise InvalidArgument(
+                f"{len(prompts)} prompts x {settings.num_beams} beams make {timings.batch_size} sequences, "
+                f"over the server's limit of {MAX_SEQUENCES} per request"
+            )
         outputs = [self._output(settings) for _ in prompts]
         history_length = max(len(ids) for ids in token_ids)
         decoding = self._decoding(settings, 1 if self.seq2seq else history_length)

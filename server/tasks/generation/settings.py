@@ -14,6 +14,10 @@ from onnxserve.server.errors import InvalidArgument
 from onnxserve.v1 import inference_pb2, manifest_pb2
 
 DEFAULT_MAX_NEW_TOKENS = 20
+# Every beam is a row of the decoding batch with a cache of its own, so the bound keeps what one
+# request may allocate in proportion to the model (an unbounded count took the server's memory).
+MAX_NUM_BEAMS = 64
+MAX_SEQUENCES = 256  # prompts x beams of one request: each is a row with its own cache
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ def resolve_settings(
     _require(not (temperature < 0 or math.isnan(temperature)), f"temperature must be >= 0, got {temperature}")
     _require(0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}")
     _require(num_beams >= 1, f"num_beams must be at least 1, got {num_beams}")
+    _require(num_beams <= MAX_NUM_BEAMS, f"num_beams is {num_beams}, over the server's limit of {MAX_NUM_BEAMS}")
     _require(repetition_penalty > 0, f"repetition_penalty must be > 0, got {repetition_penalty}")
     _require(all(p.stop), "stop holds an empty string: every stop sequence needs at least one character")
     return GenerationSettings(
