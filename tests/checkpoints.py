@@ -420,6 +420,23 @@ def _gpt2(tokenizer: PreTrainedTokenizerFast) -> GPT2LMHeadModel:
     )
 
 
+def _decoder_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
+    """The special ids a decoder-only config and its generation config both carry."""
+    return {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def _randomize(model: PreTrainedModel, suffix: str) -> None:
+    """Uniform values in [-0.5, 0.5] for the parameters whose names end with `suffix`."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(suffix):
+                parameter.uniform_(-0.5, 0.5)
+
+
 def _llama(tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -430,16 +447,9 @@ def _llama(tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
         num_key_value_heads=2,  # grouped-query attention, as Llama 2 70B and Llama 3 use
         max_position_embeddings=_DECODER_POSITIONS,
         initializer_range=0.2,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        **_decoder_token_ids(tokenizer),
     )
-    return _with_generation(
-        LlamaForCausalLM(config),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    return _with_generation(LlamaForCausalLM(config), **_decoder_token_ids(tokenizer))
 
 
 def _gemma3(tokenizer: PreTrainedTokenizerFast) -> Gemma3ForCausalLM:
@@ -462,23 +472,13 @@ def _gemma3(tokenizer: PreTrainedTokenizerFast) -> Gemma3ForCausalLM:
         tie_word_embeddings=False,  # a tied random head mostly repeats the token it was fed
         max_position_embeddings=_DECODER_POSITIONS,
         initializer_range=0.2,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        **_decoder_token_ids(tokenizer),
     )
     model = Gemma3ForCausalLM(config)
     # Gemma initialises its norms' weights to zero (it scales by 1 + weight); random ones make
     # every norm count.
-    with torch.no_grad():
-        for name, weight in model.named_parameters():
-            if name.endswith("norm.weight"):
-                weight.uniform_(-0.5, 0.5)
-    return _with_generation(
-        model,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    _randomize(model, "norm.weight")
+    return _with_generation(model, **_decoder_token_ids(tokenizer))
 
 
 def _qwen2(tokenizer: PreTrainedTokenizerFast) -> Qwen2ForCausalLM:
@@ -493,21 +493,11 @@ def _qwen2(tokenizer: PreTrainedTokenizerFast) -> Qwen2ForCausalLM:
         head_dim=16,
         max_position_embeddings=_DECODER_POSITIONS,
         initializer_range=0.3,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        **_decoder_token_ids(tokenizer),
     )
     model = Qwen2ForCausalLM(config)
-    with torch.no_grad():  # initialised to zero, the biases would not be exercised
-        for name, bias in model.named_parameters():
-            if name.endswith("proj.bias"):
-                bias.uniform_(-0.5, 0.5)
-    return _with_generation(
-        model,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    _randomize(model, "proj.bias")  # initialised to zero, the biases would not be exercised
+    return _with_generation(model, **_decoder_token_ids(tokenizer))
 
 
 def _t5(tokenizer: PreTrainedTokenizerFast) -> T5ForConditionalGeneration:
