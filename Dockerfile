@@ -7,8 +7,11 @@
 # docs/deploy.md has the rest (Kubernetes, KServe).
 
 ARG PYTHON_IMAGE=python:3.12-slim
-# onnxruntime-gpu 1.31 runs on CUDA 12 with cuDNN 9; the runtime flavour has no compilers.
-ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+# The CUDA major version must be the onnxruntime-gpu wheel's (1.31: CUDA 13.0, cuDNN 9; its
+# provider library links libcudart.so.13 and libcublasLt.so.13), or the CUDA provider cannot be
+# created; tests/test_deploy.py compares the two. CUDA 13 needs a host driver of 580 or newer. The
+# runtime flavour carries cuBLAS and no compilers; Ubuntu 24.04's python3 is 3.12 (the wheel needs 3.11+).
+ARG CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 
 # --- wheel: the onnxserve wheel; its build hook generates the gRPC stubs from protos/ -------------
 FROM ${PYTHON_IMAGE} AS wheel
