@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from onnxserve.server.runtime import available_cpus, cuda_device_count
+from onnxserve.server.runtime.sessions import available_cpus, cuda_device_count
 from rich.console import Console
 from rich.table import Table
 from tokenizers import Tokenizer

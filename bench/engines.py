@@ -28,9 +28,9 @@ from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from onnxserve.server.models import choose_variant
-from onnxserve.server.runtime import Session, SessionSettings, available_cpus
-from onnxserve.server.tokenization import TextTokenizer, batch_arrays
+from onnxserve.server.models.loading import choose_variant
+from onnxserve.server.runtime.sessions import Session, SessionSettings, available_cpus
+from onnxserve.server.runtime.tokenizer import TextTokenizer, batch_arrays
 
 from bench.minilm import Model
 from onnxserve.repository import TOKENIZER_FILE, read_manifest

@@ -41,7 +41,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from onnxserve.server.runtime import available_cpus
+from onnxserve.server.runtime.sessions import available_cpus
 from rich.console import Console
 from rich.table import Table
 from tokenizers import Tokenizer
@@ -113,7 +113,7 @@ def exportable_precisions(wanted: list[str]) -> tuple[list[str], dict[str, str]]
     """The wanted precisions that this tree's exporter makes and its server serves, and why the
     others are skipped."""
     from onnxserve.export.exporter import PRECISIONS as EXPORTED
-    from onnxserve.server.config_loader import CHOICES
+    from onnxserve.server.config.loader import CHOICES
 
     served = CHOICES["models.precision"]
     skipped = {

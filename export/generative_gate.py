@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from onnxserve.export.validate import CANNOT_RUN, NotRunnable
 from onnxserve.server.errors import ModelLoadError
-from onnxserve.server.runtime import Session, SessionSettings
+from onnxserve.server.runtime.sessions import Session, SessionSettings
 from onnxserve.server.tasks.generation.causal import open_causal_model
 from onnxserve.server.tasks.generation.decoding import StepModel
 from onnxserve.server.tasks.generation.logits import log_softmax

@@ -13,16 +13,16 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from onnxserve.server import kserve
-from onnxserve.server.config import ServerSettings
-from onnxserve.server.interceptors import ConcurrencyLimit
-from onnxserve.server.lifecycle import ModelLifecycle
-from onnxserve.server.metrics import Metrics
-from onnxserve.server.models import LoadedModel
-from onnxserve.server.registry import ModelRegistry
-from onnxserve.server.security import TokenAuthInterceptor, server_credentials
-from onnxserve.server.servicer import InferenceServicer, ModelsServicer
-from onnxserve.server.telemetry import TelemetryInterceptor
+from onnxserve.server.api.interceptors import ConcurrencyLimit
+from onnxserve.server.api.kserve import servicer as kserve
+from onnxserve.server.api.security import TokenAuthInterceptor, server_credentials
+from onnxserve.server.api.typed import InferenceServicer, ModelsServicer
+from onnxserve.server.config.settings import ServerSettings
+from onnxserve.server.models.lifecycle import ModelLifecycle
+from onnxserve.server.models.loading import LoadedModel
+from onnxserve.server.models.registry import ModelRegistry
+from onnxserve.server.observability.metrics import Metrics
+from onnxserve.server.observability.telemetry import TelemetryInterceptor
 
 from onnxserve.v1 import inference_pb2, inference_pb2_grpc, models_pb2, models_pb2_grpc
 
@@ -60,7 +60,7 @@ class OnnxServer:
         self.executor = ThreadPoolExecutor(max_workers=max(4, os.cpu_count() or 1), thread_name_prefix="onnxserve")
         # Generation steps get threads of their own, so that however many generations run (or a
         # long prefill), encoder calls still get theirs for tokenizing; encoder runs have a
-        # thread per model (batching.py).
+        # thread per model (runtime/batching.py).
         self.generation_executor = ThreadPoolExecutor(
             max_workers=max(4, os.cpu_count() or 1), thread_name_prefix="onnxserve-generation"
         )

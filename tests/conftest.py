@@ -18,7 +18,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from onnxserve.client import Client
 from onnxserve.server.app import OnnxServer
-from onnxserve.server.config import ModelSettings, ServerSettings
+from onnxserve.server.config.settings import ModelSettings, ServerSettings
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from google.protobuf.message import Message
-from onnxserve.server.config import ModelSettings
-from onnxserve.server.models import LoadedModel, load_model
+from onnxserve.server.config.settings import ModelSettings
+from onnxserve.server.models.loading import LoadedModel, load_model
 
 from onnxserve.v1 import inference_pb2
 from tests.checkpoints import CORPUS

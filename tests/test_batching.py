@@ -13,9 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
-from onnxserve.server.batching import BatchRunner, batchmate_drift, plan_runs
-from onnxserve.server.config import ModelSettings
+from onnxserve.server.config.settings import ModelSettings
 from onnxserve.server.errors import DeadlineExceeded, ResourceExhausted
+from onnxserve.server.runtime.batching import BatchRunner, batchmate_drift, plan_runs
 from onnxserve.server.tasks.base import Timings
 from tokenizers import Encoding, Tokenizer, models, pre_tokenizers
 

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from onnxserve.server.config import ModelSettings
-from onnxserve.server.config_loader import ConfigError, add_flags, flags_given, load_settings
+from onnxserve.server.config.loader import ConfigError, add_flags, flags_given, load_settings
+from onnxserve.server.config.settings import ModelSettings
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from onnxserve.export.decoder_graph import build_decoder_graph, supports_fused_decoder
-from onnxserve.server.runtime import Session, SessionSettings
+from onnxserve.server.runtime.sessions import Session, SessionSettings
 from onnxserve.server.tasks.generation.fused import FusedBatch, FusedGraph
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config
 

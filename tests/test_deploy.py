@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 from onnxserve.server.app import SERVICE_NAMES
-from onnxserve.server.config_loader import load_settings
+from onnxserve.server.config.loader import load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

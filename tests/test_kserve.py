@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from onnxserve.server.kserve_tensors import decode_inputs, split_bytes, to_raw
+from onnxserve.server.api.kserve.tensors import decode_inputs, split_bytes, to_raw
 
 import onnxserve
 from onnxserve.kserve_v2 import grpc_predict_v2_pb2 as v2

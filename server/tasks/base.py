@@ -11,10 +11,10 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 from google.protobuf.message import Message
-from onnxserve.server.config import ModelSettings
+from onnxserve.server.config.settings import ModelSettings
 from onnxserve.server.errors import InvalidArgument
-from onnxserve.server.runtime import Session
-from onnxserve.server.tokenization import TextTokenizer, batch_arrays
+from onnxserve.server.runtime.sessions import Session
+from onnxserve.server.runtime.tokenizer import TextTokenizer, batch_arrays
 from tokenizers import Encoding
 
 from onnxserve.v1 import manifest_pb2

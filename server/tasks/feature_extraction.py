@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
+from onnxserve.server.runtime.tokenizer import TokenizeOptions
 from onnxserve.server.tasks.base import EncoderPipeline, Prepared, RowOutputs, require_batch
-from onnxserve.server.tokenization import TokenizeOptions
 
 from onnxserve.v1 import common_pb2, inference_pb2, manifest_pb2
 

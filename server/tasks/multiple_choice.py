@@ -7,9 +7,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from onnxserve.server.errors import InvalidArgument
+from onnxserve.server.runtime.tokenizer import batch_arrays
 from onnxserve.server.tasks.base import EncoderPipeline, Prepared, RowOutputs, require_batch, softmax
 from onnxserve.server.tasks.text_classification import candidate_results, encode_candidates
-from onnxserve.server.tokenization import batch_arrays
 from tokenizers import Encoding
 
 from onnxserve.v1 import inference_pb2

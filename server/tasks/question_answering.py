@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from onnxserve.server.errors import InvalidArgument
+from onnxserve.server.runtime.tokenizer import TokenizeOptions
 from onnxserve.server.tasks.base import EncoderPipeline, ModelResources, Prepared, RowOutputs, require_batch, softmax
-from onnxserve.server.tokenization import TokenizeOptions
 from tokenizers import Encoding
 
 from onnxserve.v1 import inference_pb2

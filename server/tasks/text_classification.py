@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 from onnxserve.server.errors import InvalidArgument
+from onnxserve.server.runtime.tokenizer import TextTokenizer, TokenizeOptions
 from onnxserve.server.tasks.base import (
     EncoderPipeline,
     Prepared,
@@ -16,7 +17,6 @@ from onnxserve.server.tasks.base import (
     sigmoid,
     softmax,
 )
-from onnxserve.server.tokenization import TextTokenizer, TokenizeOptions
 
 from onnxserve.v1 import inference_pb2
 

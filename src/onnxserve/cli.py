@@ -16,7 +16,7 @@ import grpc
 from rich.console import Console
 from rich.table import Table
 
-from onnxserve.server.config_loader import ConfigError, add_flags, flags_given, load_settings
+from onnxserve.server.config.loader import ConfigError, add_flags, flags_given, load_settings
 
 console = Console()
 
@@ -41,7 +41,7 @@ def _export(args: argparse.Namespace) -> None:
 def _serve(args: argparse.Namespace) -> None:
     from onnxserve.server.app import serve
     from onnxserve.server.errors import ModelLoadError
-    from onnxserve.server.logs import configure_logging
+    from onnxserve.server.observability.logs import configure_logging
 
     config = args.config or os.environ.get("ONNXSERVE_CONFIG")
     try:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from onnxserve.server.runtime import CUDA, Session
+from onnxserve.server.runtime.sessions import CUDA, Session
 
 PAST = "past_key_values."
 PRESENT = "present."

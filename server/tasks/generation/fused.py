@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnxruntime as ort
 from onnxserve.server.errors import ModelLoadError
-from onnxserve.server.runtime import CUDA, Session
+from onnxserve.server.runtime.sessions import CUDA, Session
 from onnxserve.server.tasks.generation.cache import PastInput, Timed, past_inputs, present_name
 
 SEQLENS = "seqlens_k"

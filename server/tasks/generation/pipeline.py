@@ -20,7 +20,7 @@ from concurrent.futures import Executor
 from contextlib import aclosing
 
 import numpy as np
-from onnxserve.server.config import ModelSettings
+from onnxserve.server.config.settings import ModelSettings
 from onnxserve.server.errors import InvalidArgument, ModelLoadError
 from onnxserve.server.tasks.base import ModelResources, Pipeline, Timings, require_batch
 from onnxserve.server.tasks.generation import logits

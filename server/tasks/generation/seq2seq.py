@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from onnxserve.server.runtime import Session
+from onnxserve.server.runtime.sessions import Session
 from onnxserve.server.tasks.generation.cache import Cache, new_cache
 from onnxserve.server.tasks.generation.causal import Timed
 

@@ -16,19 +16,19 @@ import grpc
 import numpy as np
 from google.protobuf.message import Message
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as GraphRefused
-from onnxserve.server.errors import InvalidArgument, Unimplemented
-from onnxserve.server.kserve_tensors import (
+from onnxserve.server.api.kserve.tensors import (
     ORT_DATATYPES,
     datatype_of,
     decode_inputs,
     encode_outputs,
     select_outputs,
 )
-from onnxserve.server.kserve_text import TEXT_INPUT, TEXT_RPCS, build_request, response_tensors
-from onnxserve.server.models import LoadedModel
-from onnxserve.server.registry import ModelRegistry
-from onnxserve.server.runtime import Session
-from onnxserve.server.servicer import guarded
+from onnxserve.server.api.kserve.text import TEXT_INPUT, TEXT_RPCS, build_request, response_tensors
+from onnxserve.server.api.typed import guarded
+from onnxserve.server.errors import InvalidArgument, Unimplemented
+from onnxserve.server.models.loading import LoadedModel
+from onnxserve.server.models.registry import ModelRegistry
+from onnxserve.server.runtime.sessions import Session
 from onnxserve.server.tasks.base import EncoderPipeline, Timings
 from onnxserve.server.tasks.generation import pipeline as generation_pipeline
 from onnxserve.server.tasks.generation.pipeline import GenerationPipeline

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from onnxserve.server.config import ModelSettings, ServerSettings
+from onnxserve.server.config.settings import ModelSettings, ServerSettings
 
 from onnxserve.repository import RepositoryError, validate_model_name
 

@@ -14,9 +14,9 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
-from onnxserve.server.interceptors import Call, Continuation, wrap_calls
-from onnxserve.server.logs import REQUEST_ID
-from onnxserve.server.metrics import NO_MODEL, Metrics
+from onnxserve.server.api.interceptors import Call, Continuation, wrap_calls
+from onnxserve.server.observability.logs import REQUEST_ID
+from onnxserve.server.observability.metrics import NO_MODEL, Metrics
 
 REQUEST_ID_KEY = "x-request-id"
 # A caller's id ends up in logs, so only short, plain ones are taken as they are.

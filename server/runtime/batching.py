@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
-from onnxserve.server.config import ModelSettings
+from onnxserve.server.config.settings import ModelSettings
 from onnxserve.server.errors import DeadlineExceeded, ResourceExhausted
+from onnxserve.server.runtime.tokenizer import TextTokenizer
 from onnxserve.server.tasks.base import RowOutputs, Timings
-from onnxserve.server.tokenization import TextTokenizer
 from tokenizers import Encoding
 
 log = logging.getLogger(__name__)

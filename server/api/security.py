@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import grpc
-from onnxserve.server.config import ServerSettings
-from onnxserve.server.interceptors import HEALTH_PREFIX, Continuation, replace_behavior
+from onnxserve.server.api.interceptors import HEALTH_PREFIX, Continuation, replace_behavior
+from onnxserve.server.config.settings import ServerSettings
 
 
 def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:

@@ -7,7 +7,7 @@ import logging
 from collections import Counter
 
 from onnxserve.server.errors import InvalidArgument, NotFound, Unavailable
-from onnxserve.server.models import LoadedModel
+from onnxserve.server.models.loading import LoadedModel
 
 from onnxserve.repository import RepositoryError, validate_model_name
 from onnxserve.v1 import models_pb2

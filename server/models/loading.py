@@ -6,13 +6,13 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from onnxserve.server.batching import BatchRunner, merges_safely
-from onnxserve.server.config import ModelSettings
+from onnxserve.server.config.settings import ModelSettings
 from onnxserve.server.errors import InvalidArgument, ModelLoadError, Unimplemented
-from onnxserve.server.runtime import Session, SessionSettings
+from onnxserve.server.runtime.batching import BatchRunner, merges_safely
+from onnxserve.server.runtime.sessions import Session, SessionSettings
+from onnxserve.server.runtime.tokenizer import TextTokenizer
 from onnxserve.server.tasks import PIPELINES, TASK_RPCS
 from onnxserve.server.tasks.base import ModelResources, Pipeline
-from onnxserve.server.tokenization import TextTokenizer
 
 from onnxserve.repository import TOKENIZER_FILE, RepositoryError, read_manifest
 from onnxserve.v1 import common_pb2, manifest_pb2, models_pb2

@@ -13,9 +13,9 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import Message
 from onnxserve.server.errors import ServingError
-from onnxserve.server.models import LoadedModel
-from onnxserve.server.registry import ModelRegistry
-from onnxserve.server.tasks import tokenization
+from onnxserve.server.models.loading import LoadedModel
+from onnxserve.server.models.registry import ModelRegistry
+from onnxserve.server.tasks import tokenizer_rpcs
 from onnxserve.server.tasks.base import EncoderPipeline, Timings
 from onnxserve.server.tasks.feature_extraction import model_pooling
 from onnxserve.server.tasks.generation import pipeline as generation_pipeline
@@ -170,13 +170,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     @guarded
     async def Tokenize(self, request: inference_pb2.TokenizeRequest, context: grpc.aio.ServicerContext) -> Message:
-        return await self._run_tokenizer(request, tokenization.tokenize)
+        return await self._run_tokenizer(request, tokenizer_rpcs.tokenize)
 
     @guarded
     async def Detokenize(
         self, request: inference_pb2.DetokenizeRequest, context: grpc.aio.ServicerContext
     ) -> Message:
-        return await self._run_tokenizer(request, tokenization.detokenize)
+        return await self._run_tokenizer(request, tokenizer_rpcs.detokenize)
 
 
 def model_info(model: LoadedModel, versions: list[int]) -> models_pb2.ModelInfo:

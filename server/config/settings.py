@@ -1,5 +1,5 @@
 """Server settings: what `onnxserve serve` takes. These dataclasses are the one definition of
-every setting: config_loader.py derives the TOML keys, ONNXSERVE_* variables and CLI flags
+every setting: loader.py derives the TOML keys, ONNXSERVE_* variables and CLI flags
 from their fields, so a field added here is configurable everywhere."""
 
 from __future__ import annotations

@@ -16,10 +16,10 @@ from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
-from onnxserve.server.config import ServerSettings
-from onnxserve.server.models import LoadedModel, load_model
-from onnxserve.server.registry import ModelRegistry
-from onnxserve.server.runtime import resolve_device
+from onnxserve.server.config.settings import ServerSettings
+from onnxserve.server.models.loading import LoadedModel, load_model
+from onnxserve.server.models.registry import ModelRegistry
+from onnxserve.server.runtime.sessions import resolve_device
 from onnxserve.server.tasks.base import Timings
 
 from onnxserve.repository import RepositoryError, model_dirs, version_dirs

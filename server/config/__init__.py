@@ -1,0 +1,1 @@
+"""The server's settings and how they are read (TOML, environment, flags)."""

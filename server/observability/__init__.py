@@ -1,0 +1,1 @@
+"""Request ids and access logs, Prometheus metrics, log formatting."""

@@ -1,0 +1,1 @@
+"""What runs a model: ONNX Runtime sessions, the tokenizer, and the per-model batcher."""
