@@ -3,6 +3,8 @@ that try to leave the repository."""
 
 from __future__ import annotations
 
+import json
+
 import grpc
 import pytest
 import trustme
@@ -112,3 +114,57 @@ def test_a_message_over_the_limit_gets_resource_exhausted(exported, start_server
         assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "larger than max" in error.value.details()
         assert client.classify(model=KIND, texts=["small enough"])
+
+
+# --- the `onnxserve` command against a secured server ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def secured(exported, start_server, pki, tmp_path_factory):
+    """An mTLS server with tokens, and the files a client needs to reach it."""
+    server = start_server(exported, settings={**tls_settings(pki, mutual=True), "auth_tokens": ("cli-token",)})
+    folder = tmp_path_factory.mktemp("client-pki")
+    (folder / "client.pem").write_bytes(b"".join(blob.bytes() for blob in pki["client"].cert_chain_pems))
+    pki["client"].private_key_pem.write_to_path(folder / "client.key")
+    files = {"--tls-ca": pki["files"]["ca"], "--tls-cert": folder / "client.pem", "--tls-key": folder / "client.key"}
+    return server, {option: str(path) for option, path in files.items()}
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    """`onnxserve ARGV` in this process: its exit status, and what it printed on stdout and stderr."""
+    from onnxserve.cli import main
+
+    try:
+        main(["classify", "--model", KIND, "--json", *argv, "through the command"])
+        status = 0
+    except SystemExit as error:
+        status = error.code
+    printed = capsys.readouterr()
+    return status, printed.out + printed.err
+
+
+def test_the_command_reaches_an_mtls_server_with_a_token(secured, capsys, monkeypatch):
+    server, files = secured
+    for name in ("ONNXSERVE_TARGET", "ONNXSERVE_TOKEN", *(f"ONNXSERVE_CLIENT_TLS_{k}" for k in ("CA", "CERT", "KEY"))):
+        monkeypatch.delenv(name, raising=False)
+    options = [item for pair in files.items() for item in pair]
+    status, printed = run_cli(capsys, "--target", server.target, *options, "--token", "cli-token")
+    assert status == 0 and json.loads(printed)["results"][0]["labels"], printed
+    # The same through the variables alone.
+    monkeypatch.setenv("ONNXSERVE_TARGET", server.target)
+    monkeypatch.setenv("ONNXSERVE_TOKEN", "cli-token")
+    for option, variable in (("--tls-ca", "CA"), ("--tls-cert", "CERT"), ("--tls-key", "KEY")):
+        monkeypatch.setenv(f"ONNXSERVE_CLIENT_TLS_{variable}", files[option])
+    status, printed = run_cli(capsys)
+    assert status == 0 and json.loads(printed)["results"][0]["labels"], printed
+    # A flag wins over its variable; the refusals name what was wrong.
+    status, printed = run_cli(capsys, "--token", "wrong-token")
+    assert status == 1 and "UNAUTHENTICATED" in printed and "invalid" in printed
+    monkeypatch.delenv("ONNXSERVE_CLIENT_TLS_CERT")
+    monkeypatch.delenv("ONNXSERVE_CLIENT_TLS_KEY")
+    status, printed = run_cli(capsys, "--tls-cert", files["--tls-cert"])
+    assert status == 2 and "--tls-key" in printed
+    status, printed = run_cli(capsys, "--timeout", "10")  # no client certificate: the mTLS handshake fails
+    assert status == 1 and "UNAVAILABLE" in printed
+    status, printed = run_cli(capsys, "--tls-ca", "/no/such/ca.pem")
+    assert status == 2 and "/no/such/ca.pem" in printed

@@ -10,15 +10,25 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from onnxserve.client.client import DEFAULT_TARGET
 from onnxserve.server.config.loader import ConfigError, add_flags, flags_given, load_settings
 
 console = Console()
+errors = Console(stderr=True)
+
+
+def _fail(what: str, detail: object, status: int) -> NoReturn:
+    """Prints the failure on stderr and exits; `detail` is escaped, so that its own brackets
+    (`[server]`, `[MASK]`) are printed instead of read as rich markup."""
+    errors.print(f"[red]{escape(what)}:[/red] {escape(str(detail))}")
+    raise SystemExit(status)
 
 
 # --- export and serve ---------------------------------------------------------------------------
@@ -33,9 +43,8 @@ def _export(args: argparse.Namespace) -> None:
             precisions=args.precision, force=args.force,
         )
     except ExportError as error:
-        console.print(f"[red]export failed:[/red] {error}")
-        raise SystemExit(1) from error
-    console.print(f"exported to [bold]{path}[/bold]")
+        _fail("export failed", error, 1)
+    console.print(f"exported to [bold]{escape(str(path))}[/bold]")
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -47,14 +56,12 @@ def _serve(args: argparse.Namespace) -> None:
     try:
         settings = load_settings(Path(config) if config else None, os.environ, flags_given(args))
     except ConfigError as error:
-        console.print(f"[red]invalid configuration:[/red] {error}")
-        raise SystemExit(2) from error
+        _fail("invalid configuration", error, 2)
     configure_logging(settings.log_level, settings.log_format)
     try:
         asyncio.run(serve(settings))
     except ModelLoadError as error:
-        console.print(f"[red]cannot serve:[/red] {error}")
-        raise SystemExit(1) from error
+        _fail("cannot serve", error, 1)
 
 
 # --- RPC subcommands ----------------------------------------------------------------------------
@@ -67,7 +74,7 @@ def _print(args: argparse.Namespace, value: Any, columns: Sequence[str], rows: I
         return
     table = Table(*columns)
     for row in rows:
-        table.add_row(*(f"{cell:.4f}" if isinstance(cell, float) else str(cell) for cell in row))
+        table.add_row(*(escape(f"{cell:.4f}" if isinstance(cell, float) else str(cell)) for cell in row))
     console.print(table)
 
 
@@ -155,18 +162,73 @@ def _model(client: Any, args: argparse.Namespace) -> None:
     _print(args, info, ("field", "value"), dataclasses.asdict(info).items())
 
 
+def _read(path: str | None, option: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        _fail(option, f"cannot read {path}: {error.strerror}", 2)
+
+
+def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    """TLS when a CA, a client certificate or --tls is given; else plaintext."""
+    if (args.tls_cert is None) != (args.tls_key is None):
+        _fail("--tls-cert and --tls-key", "give both (mTLS), or neither", 2)
+    if not (args.tls or args.tls_ca or args.tls_cert):
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(args.tls_ca, "--tls-ca"),  # None: the system's roots
+        private_key=_read(args.tls_key, "--tls-key"),
+        certificate_chain=_read(args.tls_cert, "--tls-cert"),
+    )
+
+
 def _client_command(handler: Callable[[Any, argparse.Namespace], None]) -> Callable[[argparse.Namespace], None]:
     def run(args: argparse.Namespace) -> None:
         from onnxserve.client import Client
 
-        with Client(args.target, timeout=args.timeout) as client:
+        with Client(args.target, timeout=args.timeout, credentials=_credentials(args), token=args.token) as client:
             try:
                 handler(client, args)
             except grpc.RpcError as error:
-                console.print(f"[red]{error.code().name}:[/red] {error.details()}")
-                raise SystemExit(1) from error
+                _fail(error.code().name, error.details(), 1)
 
     return run
+
+
+# The client subcommands' variables; the server's own are its settings (config_loader.py).
+CLIENT_VARIABLES = {
+    "target": "ONNXSERVE_TARGET",
+    "tls_ca": "ONNXSERVE_CLIENT_TLS_CA",
+    "tls_cert": "ONNXSERVE_CLIENT_TLS_CERT",
+    "tls_key": "ONNXSERVE_CLIENT_TLS_KEY",
+    "token": "ONNXSERVE_TOKEN",
+}
+
+
+def _connection_options() -> argparse.ArgumentParser:
+    """Where the client subcommands connect and how; each option has a variable, the option wins.
+    The TLS variables are not ONNXSERVE_TLS_CERT and _KEY: those are the server's own."""
+    environ = {key: os.environ.get(variable) or None for key, variable in CLIENT_VARIABLES.items()}
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("connection")
+    group.add_argument("--target", default=environ["target"] or DEFAULT_TARGET, metavar="HOST:PORT",
+                       help=f"the server (default: ${CLIENT_VARIABLES['target']}, else {DEFAULT_TARGET})")
+    group.add_argument("--tls", action="store_true",
+                       help="speak TLS, trusting the system's CAs (implied by --tls-ca and --tls-cert)")
+    group.add_argument("--tls-ca", default=environ["tls_ca"], metavar="PEM",
+                       help=f"CA bundle that signed the server's certificate; implies TLS "
+                            f"(default: ${CLIENT_VARIABLES['tls_ca']})")
+    group.add_argument("--tls-cert", default=environ["tls_cert"], metavar="PEM",
+                       help=f"client certificate chain, for a server that requires mTLS "
+                            f"(default: ${CLIENT_VARIABLES['tls_cert']})")
+    group.add_argument("--tls-key", default=environ["tls_key"], metavar="PEM",
+                       help=f"the client certificate's private key (default: ${CLIENT_VARIABLES['tls_key']})")
+    group.add_argument("--token", default=environ["token"],
+                       help=f"bearer token for a server with auth_tokens; prefer the variable, which other "
+                            f"users cannot read from the process list (default: ${CLIENT_VARIABLES['token']})")
+    return parent
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -192,9 +254,10 @@ def _parser() -> argparse.ArgumentParser:
     add_flags(serve)
     serve.set_defaults(run=_serve)
 
+    connection = _connection_options()
+
     def rpc(name: str, handler: Callable, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text)
-        sub.add_argument("--target", default=os.environ.get("ONNXSERVE_TARGET", "127.0.0.1:50051"))
+        sub = commands.add_parser(name, help=help_text, parents=[connection])
         sub.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
         sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
         sub.add_argument("--model", required=name not in ("models",), default=None)
