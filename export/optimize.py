@@ -21,6 +21,8 @@ from onnxruntime.transformers.fusion_options import FusionOptions
 from onnxruntime.transformers.onnx_model import OnnxModel
 from onnxruntime.transformers.optimizer import optimize_model
 
+# A decoder's KV cache inputs and outputs (optimum's names, which the fused graph keeps).
+KV_CACHE_PREFIXES = ("past_key_values.", "present.")
 _FORCE_EXTERNAL_DATA = "FORCE_ONNX_EXTERNAL_DATA"  # optimum's saver: weights in an external file
 # Encoder-only model types whose attention blocks match onnxruntime's BERT fusion patterns.
 FUSED_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "albert"})
@@ -48,14 +50,25 @@ def fuse(source: Path, target: Path) -> str:
 
 
 def to_fp16(source: Path, target: Path) -> str:
-    """Writes an fp16 copy of `source` that keeps fp32 inputs and outputs (the server feeds and
-    reads fp32 whatever the variant)."""
-    model = OnnxModel(convert_float_to_float16(str(source), keep_io_types=True))
+    """Writes an fp16 copy of `source` whose inputs and outputs stay fp32 (the server feeds and
+    reads fp32 whatever the variant), except a decoder's KV cache (`past_key_values.*` in,
+    `present.*` out), which becomes fp16: the server allocates the cache at the graph's own type,
+    and an fp32 cache would take twice the memory and put a Cast of each layer's whole cache both
+    ways around its attention at every step (GroupQueryAttention could then not write the shared
+    buffer in place)."""
+    kept = [name for name in _float_io(source) if not name.startswith(KV_CACHE_PREFIXES)]
+    model = OnnxModel(convert_float_to_float16(str(source), keep_io_types=kept))
     # The converter appends its input casts at the end of the node list; ONNX wants nodes in
     # topological order (ONNX Runtime sorts by itself, the checker and optimum's merge do not).
     model.topological_sort()
     save_model(model.model, target)
-    return "float16 conversion (onnxruntime converter), fp32 inputs and outputs"
+    return "float16 conversion (onnxruntime converter), fp32 inputs and outputs but an fp16 KV cache"
+
+
+def _float_io(path: Path) -> list[str]:
+    """The graph's float32 inputs and outputs."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [v.name for v in (*graph.input, *graph.output) if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
 
 
 def merge_decoders(decoder: Path, decoder_with_past: Path, target: Path) -> None:
