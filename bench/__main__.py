@@ -36,7 +36,7 @@ from tokenizers import Tokenizer
 
 from bench import workloads
 from bench.engines import InProcess, Load, RawSession, Sample, Server, TransformersPipeline, served
-from bench.minilm import CLASSIFIER, ENCODER, prepare
+from bench.minilm import CLASSIFIER, ENCODER, Model, held_precisions, prepare
 from onnxserve.repository import TOKENIZER_FILE
 
 RESULTS = Path(__file__).parent / "results"
@@ -152,17 +152,31 @@ def measure_cell(
     return [measurement(name, precision, cell, sample) for name, sample in best_of(measures, args.repeats).items()]
 
 
-def run(args: argparse.Namespace) -> tuple[list[Measurement], str]:
-    """Every cell on every engine. The engines measure a cell in turns, so that their ratios are
-    taken under the same load on the machine."""
+def exported_precisions(models: dict[str, Model], wanted: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The wanted precisions that every model's export holds, and why the others are skipped."""
+    missing = {p: [m.name for m in models.values() if p not in held_precisions(m.version_dir)] for p in wanted}
+    skipped = {
+        p: f"not exported for {', '.join(names)} (the exporter leaves out a variant that misses its gate)"
+        for p, names in missing.items() if names
+    }  # fmt: skip
+    return [p for p in wanted if p not in skipped], skipped
+
+
+def run(args: argparse.Namespace, results: list[Measurement]) -> str:
+    """Every cell on every engine, appended to `results` as measured (so that a failure keeps what
+    ran); returns the provider. The engines measure a cell in turns, so that their ratios are
+    taken under the same load on the machine. Precisions that were not exported are skipped:
+    `args.precisions` becomes those that run, and `args.skipped` says why the others do not."""
     models = prepare(args.work, args.precisions)
+    args.precisions, args.skipped = exported_precisions(models, args.precisions)
+    for precision, reason in args.skipped.items():
+        print(f"skipping {precision}: {reason}", flush=True)
     tokenizer = Tokenizer.from_file(str(models[ENCODER].version_dir / TOKENIZER_FILE))
     texts = {name: workloads.build(name, tokenizer).texts for name in args.workloads}
     pipelines = {
         t: TransformersPipeline(models[TASKS[t].model], TASKS[t].pipeline_task, args.device, args.pipeline_precision)
         for t in args.tasks
     }
-    results: list[Measurement] = []
     provider = ""
     for precision in args.precisions:
         raw = {t: RawSession(models[TASKS[t].model], precision, args.device) for t in args.tasks}
@@ -177,7 +191,7 @@ def run(args: argparse.Namespace) -> tuple[list[Measurement], str]:
                 for found in measure_cell(cell, precision, engines, server, texts[cell.workload], args):
                     results.append(found)
                     print(_progress(found), flush=True)
-    return results, provider
+    return provider
 
 
 def _progress(m: Measurement) -> str:
@@ -216,6 +230,8 @@ def ratios(results: list[Measurement], args: argparse.Namespace) -> list[Ratios]
         pipeline = _find(results, "pipeline", args.pipeline_precision, cell)
         for precision in args.precisions:
             server, raw = _find(results, "server", precision, cell), _find(results, "raw", precision, cell)
+            if server is None or raw is None:  # the run stopped before this cell
+                continue
             found.append(
                 Ratios(
                     cell,
@@ -311,6 +327,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args.precisions = args.precisions or (["fp32", "fp16"] if args.device == "cuda" else ["fp32", "int8"])
     # PyTorch runs in fp16 where the server may (CUDA), else fp32: its int8 is no serving path.
     args.pipeline_precision = "fp16" if args.device == "cuda" and "fp16" in args.precisions else "fp32"
+    args.skipped = {}
     args.work.mkdir(parents=True, exist_ok=True)
     return args
 
@@ -319,7 +336,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     load_before = os.getloadavg()
     started = time.time()
-    results, provider = run(args)
+    results: list[Measurement] = []
+    provider, failure = "", None
+    try:
+        provider = run(args, results)
+    except Exception as error:  # the report keeps what did run, then the failure is raised
+        failure = error
     found = ratios(results, args)
     report = {
         "command": shlex.join(["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)]),
@@ -334,6 +356,8 @@ def main(argv: list[str] | None = None) -> None:
             "texts_per_workload": workloads.TEXTS_PER_WORKLOAD,
             "pipeline_precision": args.pipeline_precision,
         },
+        "skipped": args.skipped,
+        "failure": None if failure is None else f"{type(failure).__name__}: {failure}",
         "measurements": [asdict(m) for m in results],
         "ratios": [{**asdict(r), "cell": asdict(r.cell)} for r in found],
         "aims": aims(found, args.precisions),
@@ -346,7 +370,11 @@ def main(argv: list[str] | None = None) -> None:
         for aim, outcome in outcomes.items():
             print(f"{precision}: {aim}: worst {outcome['worst']}, {'met' if outcome['met'] else 'NOT met'}")
     print(f"load average before/after: {load_before} / {report['machine']['load_after']}")
+    for precision, reason in args.skipped.items():
+        print(f"{precision}: skipped, {reason}")
     print(f"written to {path}")
+    if failure is not None:
+        raise failure
 
 
 if __name__ == "__main__":

@@ -38,22 +38,27 @@ def _classifier_checkpoint(source: Path, work: Path) -> Path:
     return checkpoint
 
 
-def _holds(version_dir: Path, precisions: Sequence[str]) -> bool:
-    held = {common_pb2.Precision.Name(v.precision) for v in read_manifest(version_dir).variants}
-    return {f"PRECISION_{p.upper()}" for p in precisions} <= held
+def held_precisions(version_dir: Path) -> set[str]:
+    """The precisions a version holds, as "fp32", "int8"..."""
+    return {common_pb2.Precision.Name(v.precision).removeprefix("PRECISION_").lower()
+            for v in read_manifest(version_dir).variants}  # fmt: skip
 
 
 def _exported(checkpoint: Path, repository: Path, name: str, precisions: Sequence[str]) -> Path:
-    """The latest version holding every precision wanted, exported when there is none. The
-    classifier is forced: its random head's int8 logits miss the accuracy gate, which speed does
-    not need."""
+    """The latest version holding every precision wanted, or the one exported for them that holds
+    fewer (the exporter leaves out a variant that misses its gate: int8 on some CPUs, fp16 without
+    a GPU); exported when there is neither. The classifier is forced: its random head's int8
+    logits miss the accuracy gate, which speed does not need."""
+    asked = repository / name / f".asked-{'-'.join(sorted(precisions))}"  # hidden: not a version
     versions = version_dirs(repository / name)
-    if versions and _holds(versions[max(versions)], precisions):
+    if versions and (set(precisions) <= held_precisions(versions[max(versions)]) or asked.is_file()):
         return versions[max(versions)]
     from onnxserve.export.exporter import export_model
 
     print(f"exporting {name} ({', '.join(precisions)}) into {repository}; later runs reuse it", flush=True)
-    return export_model(str(checkpoint), repository, name=name, precisions=precisions, force=name == CLASSIFIER)
+    version_dir = export_model(str(checkpoint), repository, name=name, precisions=precisions, force=name == CLASSIFIER)
+    asked.touch()
+    return version_dir
 
 
 def _exporter_fingerprint() -> str:
