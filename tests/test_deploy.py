@@ -12,6 +12,7 @@ import shlex
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,17 @@ import pytest
 import yaml
 from onnxserve.server.app import SERVICE_NAMES
 from onnxserve.server.config.loader import load_settings
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 KUBERNETES_VERSION = "1.30"
 IMAGE = "ghcr.io/onnxserve/onnxserve"
+# nvidia/cuda's "-cudnn-" images of CUDA 12.x and 13.x carry cuDNN 9.
+IMAGE_CUDNN_MAJOR = 9
+# The python3 of each Ubuntu release the CUDA images are built on.
+UBUNTU_PYTHON3 = {"ubuntu22.04": "3.10", "ubuntu24.04": "3.12"}
 
 
 def documents(path: Path) -> list[dict[str, Any]]:
@@ -230,13 +237,39 @@ def stages() -> dict[str, Stage]:
     return {stage.name: stage for stage in dockerfile_stages()}
 
 
-def test_dockerfile_stages(stages):
+@pytest.fixture(scope="module")
+def runtime_base(stages) -> str:
+    """The runtime stage's base image, its ARG default filled in."""
+    arguments = dict(a.split("=", 1) for a in re.findall(r"ARG (\S+=\S+)", (ROOT / "Dockerfile").read_text()))
+    return stages["runtime"].base.replace("${CUDA_IMAGE}", arguments["CUDA_IMAGE"])
+
+
+def test_dockerfile_stages(stages, runtime_base):
     assert list(stages) == ["wheel", "export", "runtime"]  # runtime last: the default target
     export = " ".join(stages["export"].all("RUN"))
     assert "torch" in export and "[export]" in export
-    arguments = dict(a.split("=", 1) for a in re.findall(r"ARG (\S+=\S+)", (ROOT / "Dockerfile").read_text()))
-    runtime_base = stages["runtime"].base.replace("${CUDA_IMAGE}", arguments["CUDA_IMAGE"])
     assert runtime_base.startswith("nvidia/cuda:") and "-runtime-" in runtime_base
+
+
+def test_runtime_image_carries_the_cuda_the_onnxruntime_gpu_wheel_was_built_for(runtime_base):
+    """onnxruntime-gpu's CUDA provider links one CUDA major version (1.31: libcudart.so.13,
+    libcublasLt.so.13) and one cuDNN major; on an image with another, creating the provider fails
+    and every model falls back or fails. The wheel's own build info and requirements are compared
+    with the image's tag, and the image's python3 with the wheel's Requires-Python."""
+    from onnxruntime.capi import build_and_package_info as build
+
+    tag = re.fullmatch(r"nvidia/cuda:(\d+)\.\d+\.\d+-cudnn-runtime-(ubuntu\d+\.\d+)", runtime_base)
+    assert tag, runtime_base
+    assert build.package_name == "onnxruntime-gpu"
+    wheel_cuda_major = int(build.cuda_version.split(".")[0])
+    assert int(tag[1]) == wheel_cuda_major, f"image CUDA {tag[1]}, onnxruntime-gpu built for CUDA {build.cuda_version}"
+    # The wheel's `cudnn` extra names the cuDNN build it needs, e.g. nvidia-cudnn-cu13~=9.0.
+    [cudnn] = [r for r in metadata.requires("onnxruntime-gpu") if r.startswith("nvidia-cudnn-")]
+    requirement = Requirement(cudnn)
+    assert requirement.name == f"nvidia-cudnn-cu{wheel_cuda_major}"
+    assert requirement.specifier.contains(f"{IMAGE_CUDNN_MAJOR}.0"), (cudnn, IMAGE_CUDNN_MAJOR)
+    python = UBUNTU_PYTHON3[tag[2]]
+    assert SpecifierSet(metadata.metadata("onnxruntime-gpu")["Requires-Python"]).contains(python), (tag[2], python)
 
 
 def test_runtime_stage_holds_no_export_stack(stages):
