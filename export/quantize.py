@@ -1,64 +1,25 @@
-"""Int8 variants of exported fp32 ONNX models: per-token activation quantization.
+"""Int8 variants of exported fp32 ONNX models: per-token activations, and integer GEMMs that are
+exact on every x86 CPU.
 
-Recipe (`quantize_int8`): every MatMul whose weight is a constant 2-D fp32 matrix becomes a
-MatMulIntegerToFloat (com.microsoft) times a row scale, fed by
+Every MatMul whose weight is a constant 2-D fp32 matrix becomes a MatMulIntegerToFloat
+(com.microsoft) times a row scale, fed by
 - the weight in int8, symmetric, one scale per output channel (quantized once, here);
 - the activation in uint8, asymmetric, one scale and zero point per row (token), computed in the
-  graph: ReduceMax/ReduceMin over the row, QuantizeLinear along axis 0 of the [tokens, K] view.
-A row's answer never depends on its batchmates, whereas dynamic quantization takes one scale over
-the whole batch tensor, so that padding and neighbours move every answer.
+  graph, so that a row's answer never depends on its batchmates.
+MatMulInteger kernels take one zero point for all of A, so the per-row zero point is folded into
+the same GEMM: extra activation columns hold the row's zero point and meet extra weight rows that
+sum to minus each column's weight sum.
 
-MatMulInteger kernels take one zero point for all of A, so a per-row zero point cannot be passed.
-It is folded into the same integer GEMM instead: J extra activation columns hold the row's zero
-point and meet J extra int8 weight rows that sum to minus each column's weight sum, which
-subtracts zero_point * column_sum exactly in the int32 accumulator (the GEMM's time does not move
-with K + J). The channel scales are MatMulIntegerToFloat's B scale; the row scale is a Mul.
-Activations shared by several MatMuls (query, key, value) are quantized once.
+The bound that makes it portable: ONNX Runtime's uint8 x int8 kernels on AVX2, and on AVX-512
+without VNNI, add each two adjacent products into a saturating int16 (`vpmaddubsw`), where VNNI and
+AMX accumulate in int32. So every weight column is scaled so that any two adjacent int8 weights
+sum to at most PAIR_LIMIT in magnitude (255 * 128 = 32,640 fits in int16), the zero-point rows stay
+within ZERO_POINT_PART, and a zero row separates them from the weight. `integer_gemm_pair_sums`
+checks the bound on the written graph. Recipe choices and their measurements: docs/int8.md.
 
 Graphs with control flow (If/Loop/Scan subgraphs), opset < 13 or no constant-weight MatMul get
-ONNX Runtime's per-channel dynamic quantization instead, and the description says so.
-
-Measured on all-MiniLM-L6-v2 (`python -m bench.int8_schemes`), from the graph the exporter hands
-over (ONNX Runtime's basic optimizations): mean/min cosine of mean-pooled embeddings vs fp32 over
-60 texts of 3 to 61 tokens; invariance: the worst cosine of a text alone vs inside a padded batch
-of 8; texts/s at batch 32 (16-token and 128-token texts) on a 2-vCPU Xeon (Sapphire Rapids, AMX)
-shared with other jobs, best of 6 interleaved rounds. Wall time, 2 intra-op threads, in a quiet
-spell (busier runs measured per-token at 2.5-2.9x and 1.4-1.9x):
-
-    scheme                          mean    min     invariance  16-token texts/s  128-token texts/s
-    fp32                            1.0000  1.0000  1.000000      868 (1.00x)      100 (1.00x)
-    dynamic, per-tensor weights     0.9552  0.7491  0.948538    1,995 (2.30x)      217 (2.18x)
-    dynamic, per-channel weights    0.9921  0.9450  0.943027    2,011 (2.32x)      228 (2.29x)
-    static QDQ, MinMax calibration  0.9258  0.6696  1.000000    1,459 (1.68x)      147 (1.48x)
-    per-token (this recipe)         0.9986  0.9886  1.000000    1,712 (1.97x)      192 (1.93x)
-
-CPU time of one intra-op thread (`--cpu-time`, the figure neighbours disturb least): per-token
-2.54x fp32 on 16-token texts and 2.03x on 128-token texts; dynamic per-channel 2.66x and 2.22x.
-So per-token meets the quality and invariance gates and is about 2x fp32, but just under it on
-two threads: beyond dynamic it pays for the row statistics in separate ops (ReduceMax, ReduceMin,
-QuantizeLinear, whose per-axis kernel runs row by row on one thread, and the zero-point Concat:
-about 20% of its time on two threads) and for the row-scale Mul (about 9%), where ONNX Runtime's
-DynamicQuantizeMatMul does all of it in one fused, parallel pass over the whole tensor.
-
-Tried and dropped, measured the same way during development (cosines mean / min, speed vs fp32
-at 128 tokens on one thread):
-- symmetric per token (zero point 128): 0.9966 / 0.9686. A [CLS] row carries one huge channel
-  (28 against a median of 0.1), so its other values round to zero; an asymmetric range spends no
-  levels on values the row does not have. Keeping the value projections fp32 as well: 0.9984 /
-  0.9844, and slower.
-- SmoothQuant-style channel smoothing (alpha 0.5) calibrated on random tokens, symmetric:
-  0.9985 / 0.9861, and it needs calibration data and an extra Mul per activation.
-- the zero-point correction as a float rank-1 Mul + Sub on the output: same cosines, 1.36x.
-- MatMulNBits 8-bit weights: 0.9997 / 0.9984 and invariant, but 0.9x fp32; with int8 compute
-  (accuracy_level 4) 0.85x at block 32, and not invariant at block 128 (0.9985).
-- ONNX Runtime's transformer fusions first (Attention, MultiHeadAttention, SkipLayerNormalization,
-  BiasGelu): slower on this CPU, fp32 0.84-0.90x of the plain graph, per-token 1.64x vs 2.02x.
-- the row scale as MatMulIntegerToFloat's A scale: same speed on one thread, but the kernel
-  applies it on one thread where a Mul uses all of them.
-- opset-21 blocked QuantizeLinear (per-row scales on the 3-D tensor): wrong values on ORT 1.31.
-- per-token QuantizeLinear rebuilt as Mul + Add + per-tensor QuantizeLinear (all parallel): the
-  two extra float passes cost more than the serial kernel saves (27.0 vs 25.8 ms of kernel time
-  per 16-token batch on two threads).
+ONNX Runtime's per-channel dynamic quantization with 7-bit weights (`reduce_range`), which keeps
+the same bound, and the description says so.
 """
 
 from __future__ import annotations
@@ -71,14 +32,20 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
-from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType, quantize_nparray
+from onnxruntime.quantization.quant_utils import quantize_nparray
 from onnxserve.export.optimize import save_model
 
 _MS_DOMAIN = "com.microsoft"
 _MIN_OPSET = 13  # QuantizeLinear's per-axis scales
 _REDUCE_AXES_AS_INPUT = 18  # ReduceMax/ReduceMin take `axes` as an input from opset 18 on
-_INT8_MAX = int(get_qmin_qmax_for_qType(TensorProto.INT8, symmetric=True)[1])  # 127
 _UINT8_LEVELS = 255.0
+# 255 * (|w_k| + |w_k+1|) must fit in int16 (32,767) wherever vpmaddubsw adds two products: so any
+# two adjacent weights sum to at most 128 in magnitude. Scaling to 127 leaves room for rounding.
+PAIR_LIMIT = 128
+_PAIR_SCALE = 127
+ZERO_POINT_PART = PAIR_LIMIT // 2  # two adjacent zero-point rows stay within the pair limit
+INT16_MAX = int(np.iinfo(np.int16).max)
+_UINT8_MAX = int(np.iinfo(np.uint8).max)
 _PREFIX = "per_token_int8"
 _SUBGRAPH_ATTRIBUTES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
 
@@ -91,17 +58,55 @@ def quantize_int8(source: Path, target: Path) -> str:
     if reason is None:
         quantized, total = _per_token_rewrite(model)
         if quantized:
+            _check_pair_sums(model)
             save_model(model, target)
             return (
                 f"per-token int8: {quantized} of {total} MatMuls as MatMulIntegerToFloat, int8 weights "
-                "per output channel, uint8 activations with a scale and zero point per token"
+                f"per output channel with adjacent pairs within ±{PAIR_LIMIT}, uint8 activations with a "
+                "scale and zero point per token"
             )
         reason = "no MatMul with a constant 2-D fp32 weight"
     _quantize_dynamic(source, target, large=model.ByteSize() >= onnx.checker.MAXIMUM_PROTOBUF)
+    _check_pair_sums(onnx.load(str(target)))
     return (
-        f"dynamic int8 ({reason}): per-channel int8 MatMul weights, one uint8 activation scale "
+        f"dynamic int8 ({reason}): per-channel 7-bit MatMul weights, one uint8 activation scale "
         "per batch tensor (answers depend on batchmates)"
     )
+
+
+# Integer GEMMs: the input index of their uint8 activation operand (or float, quantized to uint8
+# inside the kernel) and of their int8 weight.
+_INTEGER_GEMMS = {
+    "MatMulInteger": (0, 1),
+    "MatMulIntegerToFloat": (0, 1),
+    "DynamicQuantizeMatMul": (0, 1),
+    "QLinearMatMul": (0, 3),
+}
+
+
+def integer_gemm_pair_sums(model: onnx.ModelProto) -> dict[str, int]:
+    """Each integer GEMM's largest possible pair sum, 255 * (|w_k| + |w_k+1|) over adjacent weight
+    rows: what vpmaddubsw computes in int16 on AVX2. A GEMM whose weight is not a constant int8
+    matrix cannot be bounded and raises ValueError, naming it."""
+    initializers = {init.name: init for init in model.graph.initializer}
+    sums = {}
+    for node in model.graph.node:
+        if node.op_type not in _INTEGER_GEMMS:
+            continue
+        weight = initializers.get(node.input[_INTEGER_GEMMS[node.op_type][1]])
+        if weight is None or weight.data_type != TensorProto.INT8:
+            raise ValueError(f"{node.op_type} {node.name!r} has no constant int8 weight to bound")
+        magnitudes = np.abs(numpy_helper.to_array(weight).astype(np.int64))
+        magnitudes = magnitudes.reshape(-1, magnitudes.shape[-1])
+        pairs = magnitudes[:-1] + magnitudes[1:] if len(magnitudes) > 1 else magnitudes
+        sums[node.name or node.output[0]] = _UINT8_MAX * int(pairs.max(initial=0))
+    return sums
+
+
+def _check_pair_sums(model: onnx.ModelProto) -> None:
+    over = {name: value for name, value in integer_gemm_pair_sums(model).items() if value > INT16_MAX}
+    if over:
+        raise AssertionError(f"integer GEMMs whose pair sums overflow int16 on AVX2: {over}")
 
 
 def _unsuited(model: onnx.ModelProto) -> str | None:
@@ -124,6 +129,7 @@ def _quantize_dynamic(source: Path, target: Path, large: bool) -> None:
         target,
         op_types_to_quantize=["MatMul"],
         per_channel=True,
+        reduce_range=True,  # weights within ±64: pair sums fit in int16 (see PAIR_LIMIT)
         weight_type=QuantType.QInt8,
         use_external_data_format=large,
         extra_options={
@@ -145,21 +151,25 @@ class _Weight:
 
     @property
     def zero_point_rows(self) -> int:
-        """Extra rows needed so that each column's int8 parts can sum to minus its column sum."""
-        return max(1, -(-int(np.abs(self.column_sums).max()) // _INT8_MAX))
+        """Extra rows needed: a zero row that keeps the last weight row from pairing with a
+        zero-point row, then enough parts within ZERO_POINT_PART for each column to sum to minus its
+        column sum."""
+        return 1 + max(1, -(-int(np.abs(self.column_sums).max()) // ZERO_POINT_PART))
 
     @property
     def column_sums(self) -> np.ndarray:
         return self.values.astype(np.int64).sum(axis=0)
 
     def with_zero_point_rows(self, rows: int) -> np.ndarray:
-        """The weight with `rows` int8 rows appended whose column sums are minus the weight's: against
-        activation columns that all hold a row's zero point z, they add -z * column_sum."""
-        total = -self.column_sums
-        # floor(total * (j + 1) / rows) - floor(total * j / rows): parts differ by at most one and
-        # stay within int8 as |total| <= 127 * rows.
-        steps = np.arange(rows + 1)[:, None] * total[None, :] // rows
-        return np.concatenate([self.values, np.diff(steps, axis=0).astype(np.int8)])
+        """The weight with `rows` int8 rows appended, a zero row and then parts whose column sums are
+        minus the weight's: against activation columns that all hold a row's zero point z, they add
+        -z * column_sum."""
+        total, parts = -self.column_sums, rows - 1
+        # floor(total * (j + 1) / parts) - floor(total * j / parts): parts differ by at most one and
+        # stay within ZERO_POINT_PART as |total| <= ZERO_POINT_PART * parts.
+        steps = np.arange(parts + 1)[:, None] * total[None, :] // parts
+        separator = np.zeros((1, self.values.shape[1]), np.int8)
+        return np.concatenate([self.values, separator, np.diff(steps, axis=0).astype(np.int8)])
 
 
 def _per_token_rewrite(model: onnx.ModelProto) -> tuple[int, int]:
@@ -201,8 +211,12 @@ def _quantizable_weights(graph: onnx.GraphProto) -> list[_Weight]:
 
 
 def _quantize_weight(node: onnx.NodeProto, weight: np.ndarray) -> _Weight:
-    peak = np.abs(weight).max(axis=0)
-    scales = np.where(peak > 0, peak / _INT8_MAX, 1.0).astype(np.float32)
+    """Per output channel, the scale maps the column's largest sum of two adjacent magnitudes to
+    _PAIR_SCALE: about one bit finer than 7-bit weights, as a column's peak rarely sits beside
+    another large weight."""
+    magnitudes = np.abs(weight)
+    peak = (magnitudes[:-1] + magnitudes[1:]).max(axis=0) if len(weight) > 1 else magnitudes.max(axis=0)
+    scales = np.where(peak > 0, peak / _PAIR_SCALE, 1.0).astype(np.float32)
     return _Weight(node, quantize_nparray(TensorProto.INT8, weight, scales, 0), scales)
 
 

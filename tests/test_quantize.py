@@ -1,5 +1,6 @@
 """export/quantize.py on a tiny random BERT: integer MatMuls, batch invariance, closeness to fp32,
-and the dynamic fallback for graphs with control flow."""
+the dynamic fallback for graphs with control flow, and the int16 pair-sum bound that makes the
+integer GEMMs exact on AVX2 (checked on the graphs, and on a numpy model of vpmaddubsw)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from onnxserve.export.quantize import quantize_int8
+from onnxserve.export.quantize import INT16_MAX, integer_gemm_pair_sums, quantize_int8
 
 VOCAB = 200
+HIDDEN, INTERMEDIATE = 32, 64
 LENGTHS = (3, 17, 9, 30, 1, 12)  # a text of each length; the batch pads them to 30
 
 
@@ -25,7 +27,7 @@ def int8_and_fp32(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path,
     folder = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)
     config = BertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=VOCAB
+        hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2, intermediate_size=INTERMEDIATE, vocab_size=VOCAB
     )
     BertModel(config).eval().save_pretrained(folder / "checkpoint")
     main_export(
@@ -82,9 +84,75 @@ def test_int8_stays_close_to_fp32(int8_and_fp32):
     assert cosines.min() >= 0.99
 
 
-def test_control_flow_falls_back_to_dynamic(tmp_path):
+def vpmaddubsw_matmul(activations: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """uint8 [M, K] x int8 [K, N] as ONNX Runtime's AVX2 U8S8 kernel computes it: each two adjacent
+    products are added into a saturating int16 (vpmaddubsw), then the pairs into int32."""
+    a, w = activations.astype(np.int64), weights.astype(np.int64)
+    if a.shape[1] % 2:
+        a, w = np.pad(a, ((0, 0), (0, 1))), np.pad(w, ((0, 1), (0, 0)))
+    products = a[:, :, None] * w[None, :, :]
+    pairs = products[:, 0::2] + products[:, 1::2]
+    return np.clip(pairs, -INT16_MAX - 1, INT16_MAX).sum(axis=1)
+
+
+def _integer_gemms(path: Path) -> list[np.ndarray]:
+    """The int8 weight of every integer GEMM in the graph at `path`."""
+    model = onnx.load(str(path))
+    initializers = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    return [initializers[node.input[1]] for node in model.graph.node if node.op_type == "MatMulIntegerToFloat"]
+
+
+def _per_token_uint8(rows: np.ndarray, zero_point_columns: int) -> np.ndarray:
+    """Rows quantized as the graph does (asymmetric uint8 per row), with their zero point repeated."""
+    high, low = np.maximum(rows.max(1, keepdims=True), 0), np.maximum(-rows.min(1, keepdims=True), 0)
+    scale = (high + low) / 255
+    zero_point = np.round(low / scale)
+    quantized = np.clip(np.round(rows / scale) + zero_point, 0, 255)
+    return np.concatenate([quantized, np.repeat(zero_point, zero_point_columns, axis=1)], axis=1).astype(np.uint8)
+
+
+def test_every_integer_gemm_fits_int16_pairs(int8_and_fp32, tmp_path):
+    """The bound on the written graphs: any uint8 activation times any two adjacent weights fits int16,
+    for the per-token recipe and for the dynamic fallback (7-bit weights)."""
+    _, int8, _ = int8_and_fp32
+    sums = integer_gemm_pair_sums(onnx.load(str(int8)))
+    assert len(sums) == 12
+    assert max(sums.values()) <= INT16_MAX
+    source, target = tmp_path / "if.onnx", tmp_path / "if.int8.onnx"
+    onnx.save(_graph_with_if(np.random.default_rng(0).normal(size=(16, 8)) * 5), source)
+    quantize_int8(source, target)
+    dynamic = integer_gemm_pair_sums(onnx.load(str(target)))
+    assert dynamic == {} or max(dynamic.values()) <= INT16_MAX
+
+
+def test_the_avx2_kernel_model_is_exact_on_the_graph_and_clips_full_range_weights(int8_and_fp32):
+    """The numpy model of vpmaddubsw against the exact int32 product: every weight of the int8 graph,
+    zero-point rows included, meets worst-case and realistic activations without clipping; the same
+    fp32 weights quantized to the full int8 range with the old zero-point rows (±127) do clip."""
+    fp32, int8, _ = int8_and_fp32
+    rng = np.random.default_rng(1)
+    for weight in _integer_gemms(int8):
+        total = weight.shape[0]
+        depth = max(d for d in (HIDDEN, INTERMEDIATE) if d <= total)  # the rest are zero-point rows
+        worst = np.full((1, total), 255, np.uint8)
+        realistic = _per_token_uint8(rng.normal(-0.5, 1.0, size=(8, depth)), total - depth)  # zero points ~160
+        activations = np.concatenate([worst, realistic])
+        assert np.array_equal(vpmaddubsw_matmul(activations, weight), activations.astype(np.int64) @ weight)
+    reference = {init.name: numpy_helper.to_array(init) for init in onnx.load(str(fp32)).graph.initializer}
+    full_range = next(w for w in reference.values() if w.ndim == 2 and w.shape[0] == HIDDEN)
+    scales = np.abs(full_range).max(axis=0) / 127
+    quantized = np.round(full_range / scales).astype(np.int64)
+    sums = -quantized.sum(axis=0)
+    rows = -(-np.abs(sums).max() // 127)
+    parts = np.diff(np.arange(rows + 1)[:, None] * sums[None, :] // rows, axis=0)
+    old = np.concatenate([quantized, parts])
+    activations = _per_token_uint8(rng.normal(-0.5, 1.0, size=(8, HIDDEN)), rows)
+    assert not np.array_equal(vpmaddubsw_matmul(activations, old), activations.astype(np.int64) @ old)
+
+
+def _graph_with_if(weight: np.ndarray) -> onnx.ModelProto:
     """A MatMul inside an If branch: the per-token rewrite walks the main graph only."""
-    weight = numpy_helper.from_array(np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32), "w")
+    initializer = numpy_helper.from_array(weight.astype(np.float32), "w")
     branch = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["y_branch"])],
         "branch",
@@ -99,10 +167,14 @@ def test_control_flow_falls_back_to_dynamic(tmp_path):
             helper.make_tensor_value_info("flag", TensorProto.BOOL, []),
         ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 8])],
-        [weight],
+        [initializer],
     )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def test_control_flow_falls_back_to_dynamic(tmp_path):
     source, target = tmp_path / "if.onnx", tmp_path / "if.int8.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), source)
+    onnx.save(_graph_with_if(np.random.default_rng(0).normal(size=(16, 8))), source)
     recipe = quantize_int8(source, target)
     assert recipe.startswith("dynamic int8 (control-flow subgraphs)"), recipe
     x = np.ones((2, 16), dtype=np.float32)
