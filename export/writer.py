@@ -7,7 +7,6 @@ see a half-written version, and a failed export leaves nothing behind.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import uuid
@@ -15,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from onnxserve.repository import sha256 as sha256  # the exporter's, shared with the server's check
 from onnxserve.repository import write_manifest
 from onnxserve.v1 import manifest_pb2
 
@@ -63,11 +63,3 @@ def publish(folder: Path, manifest: manifest_pb2.Manifest) -> Path:
 def _next_version(model_dir: Path) -> int:
     # Every numbered entry counts, complete or not, so a number is never reused.
     return 1 + max((int(child.name) for child in model_dir.iterdir() if child.name.isdigit()), default=0)
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -33,6 +33,8 @@ SERVICE_NAMES = (
     models_pb2.DESCRIPTOR.services_by_name["Models"].full_name,
     kserve.SERVICE_NAME,
 )
+# Health entries that report the process, not the models' readiness.
+LIVENESS_NAMES = ("", models_pb2.DESCRIPTOR.services_by_name["Models"].full_name)
 
 
 def channel_options(settings: ServerSettings) -> list[tuple[str, int]]:
@@ -64,7 +66,7 @@ class OnnxServer:
         self.generation_executor = ThreadPoolExecutor(
             max_workers=max(4, os.cpu_count() or 1), thread_name_prefix="onnxserve-generation"
         )
-        self.registry = ModelRegistry()
+        self.registry = ModelRegistry(settings.required_models)
         self.metrics = Metrics(self.registry.models) if settings.metrics_port is not None else None
         self.lifecycle = ModelLifecycle(
             settings, self.registry, self.executor, on_change=self._publish_health, on_ready=self._observe_runs
@@ -122,11 +124,16 @@ class OnnxServer:
             model.runner.on_run = functools.partial(self.metrics.observe_batch, model.name)
 
     async def _publish_health(self) -> None:
-        """Overall and per-service health, plus one entry per model name."""
+        """Health per service and per model name. The overall entry ("") and the Models service
+        are SERVING while the process runs (liveness: restarting would not mend a bad model, and
+        Models is how its reason is read). The inference services are readiness: SERVING only
+        while the registry is ready (every required model READY), so that a replica whose models
+        failed leaves its Service's endpoints instead of answering UNAVAILABLE."""
         serving = health_pb2.HealthCheckResponse.SERVING
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        ready = self.registry.ready()
         for name in ("", *SERVICE_NAMES):
-            await self.health.set(name, serving)
+            await self.health.set(name, serving if ready or name in LIVENESS_NAMES else not_serving)
         names = self.registry.names()
         for name in self._published - names:  # unloaded
             await self.health.set(name, not_serving)

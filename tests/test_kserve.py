@@ -3,6 +3,8 @@ and metadata RPCs, ModelInfer in tensor and text modes at parity with the typed 
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 import numpy as np
 import pytest
@@ -366,9 +368,15 @@ def test_text_errors(stub):
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "UTF-8" in details
 
 
-def test_repository_extension_is_not_served(stub):
-    code = status_of(stub.RepositoryModelLoad, v2.RepositoryModelLoadRequest(model_name=ENCODER))
-    assert code == grpc.StatusCode.UNIMPLEMENTED
+def test_repository_extension_is_not_served(stub, caplog):
+    for call, request in ((stub.RepositoryModelLoad, v2.RepositoryModelLoadRequest(model_name=ENCODER)),
+                          (stub.RepositoryModelUnload, v2.RepositoryModelUnloadRequest(model_name=ENCODER))):
+        with caplog.at_level(logging.WARNING), pytest.raises(grpc.RpcError) as error:
+            call(request)
+        assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert "repository extension" in error.value.details() and "hot reload" in error.value.details()
+    # An RPC the protocol has and onnxserve does not serve is nothing alarming: no error, no traceback.
+    assert not [record.getMessage() for record in caplog.records], caplog.text
 
 
 # --- the tensor codec --------------------------------------------------------------------------

@@ -58,6 +58,9 @@ class ServerSettings:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # PEM CA bundle; set, every client must present a certificate
     auth_tokens: tuple[str, ...] = ()  # accepted bearer tokens; empty: no authentication
+    # Readiness (health of the inference services): SERVING only while each of these models is
+    # READY; empty: every model the repository holds.
+    required_models: tuple[str, ...] = ()
 
     def model_settings(self, name: str) -> ModelSettings:
         return self.model_overrides.get(name, self.models)

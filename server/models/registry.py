@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from collections.abc import Collection
 
 from onnxserve.server.errors import InvalidArgument, NotFound, Unavailable
-from onnxserve.server.models.loading import LoadedModel
+from onnxserve.server.models.loaded import LoadedModel
 
 from onnxserve.repository import RepositoryError, validate_model_name
 from onnxserve.v1 import models_pb2
@@ -21,7 +22,8 @@ class ModelRegistry:
     mapping instead of editing one: a new version takes the traffic in one step, and readers on
     other threads (a metrics scrape) always see a consistent snapshot."""
 
-    def __init__(self) -> None:
+    def __init__(self, required_models: Collection[str] = ()) -> None:
+        self.required_models = tuple(required_models)
         self._models: dict[str, dict[int, LoadedModel]] = {}
         # Calls in flight by id() of the model; a model is referenced (so its id is its own) until
         # its count is back to zero.
@@ -55,6 +57,13 @@ class ModelRegistry:
 
     def holds(self, name: str) -> bool:
         return name in self._models
+
+    def ready(self) -> bool:
+        """Readiness: every required model (by default, every model held) has a READY version
+        serving; a required model the repository lacks, or whose only version failed, is not."""
+        models = self._models
+        names = self.required_models or models
+        return all(any(m.state == READY for m in models.get(name, {}).values()) for name in names)
 
     def models(self) -> list[LoadedModel]:
         models = self._models

@@ -4,7 +4,9 @@ The manifest's schema is the `Manifest` message in protos/onnxserve/v1/manifest.
 
 from __future__ import annotations
 
+import hashlib
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 from google.protobuf import json_format
@@ -66,3 +68,26 @@ def read_manifest(version_dir: Path) -> manifest_pb2.Manifest:
 def write_manifest(version_dir: Path, manifest: manifest_pb2.Manifest) -> None:
     text = json_format.MessageToJson(manifest, indent=2, preserving_proto_field_name=True)
     (version_dir / MANIFEST_FILE).write_text(text + "\n", encoding="utf-8")
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_files(version_dir: Path, files: Iterable[manifest_pb2.ModelFile]) -> None:
+    """Checks files against the SHA-256 the export recorded in the manifest, so that a file changed
+    since (a bad copy, a tampered volume) is refused instead of served. Reads every byte (a second
+    or two per GB): call it off the event loop."""
+    for model_file in files:
+        if not model_file.sha256:
+            raise RepositoryError(f"{model_file.path}: the manifest records no SHA-256 to check it by; export it again")
+        found = sha256(version_dir / model_file.path)
+        if found != model_file.sha256.lower():
+            raise RepositoryError(
+                f"{model_file.path}: SHA-256 {found} does not match the manifest's {model_file.sha256}: "
+                "the file changed after export (a bad copy, or a tampered volume)"
+            )

@@ -40,6 +40,12 @@ from onnxserve.v1 import common_pb2, inference_pb2, models_pb2
 
 SERVICE_NAME = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 PLATFORM = "onnxruntime_onnx"  # Triton's platform name for ONNX Runtime models
+# Overriding the generated base's methods, which raise NotImplementedError (logged as an error,
+# answered "Unexpected <class 'NotImplementedError'>").
+REPOSITORY_EXTENSION = (
+    "the model repository extension (load, unload) is not served: onnxserve serves the latest version "
+    "of each model folder in its repository and follows its changes (docs/operations.md, hot reload)"
+)
 
 
 def add_to_server(registry: ModelRegistry, executor: Executor, server: grpc.aio.Server) -> None:
@@ -140,9 +146,8 @@ class KServeServicer(v2_grpc.GRPCInferenceServiceServicer):
 
     @guarded
     async def ServerReady(self, request: v2.ServerReadyRequest, context: grpc.aio.ServicerContext) -> Message:
-        # Triton's strict readiness: every loaded model version must be READY.
-        ready = all(m.state == models_pb2.MODEL_STATE_READY for m in self.registry.models())
-        return v2.ServerReadyResponse(ready=ready)
+        # The health service's readiness rule (every required model READY), so that both agree.
+        return v2.ServerReadyResponse(ready=self.registry.ready())
 
     @guarded
     async def ModelReady(self, request: v2.ModelReadyRequest, context: grpc.aio.ServicerContext) -> Message:
@@ -180,6 +185,16 @@ class KServeServicer(v2_grpc.GRPCInferenceServiceServicer):
         response = v2.ModelInferResponse(model_name=model.name, model_version=str(model.version), id=request.id)
         encode_outputs(response, select_outputs(outputs, requested, model.name))
         return response
+
+    async def RepositoryModelLoad(
+        self, request: v2.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> Message:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, REPOSITORY_EXTENSION)
+
+    async def RepositoryModelUnload(
+        self, request: v2.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> Message:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, REPOSITORY_EXTENSION)
 
     async def _run_tensors(self, model: LoadedModel, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # Straight on the session, outside the batcher: the caller's tensors are already a batch,
