@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 import sys
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
 from onnxserve.server.config.settings import ModelSettings, ServerSettings
 
-from onnxserve.repository import RepositoryError, validate_model_name
+from onnxserve.repository import RepositoryError, model_dirs, validate_model_name
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -75,6 +76,8 @@ def _coerce(key: str, kind: Any, value: Any, from_text: bool) -> Any:
     kind, optional = _unoptional(kind)
     if optional and from_text and value == "":
         return None
+    if kind is Path and value == "":  # Path("") would be the working directory
+        raise ConfigError(f"{key}: must not be empty; leave it out for its default")
     try:
         return _coerce_to(kind, value, from_text)
     except (TypeError, ValueError):
@@ -84,7 +87,7 @@ def _coerce(key: str, kind: Any, value: Any, from_text: bool) -> Any:
 
 def _coerce_to(kind: Any, value: Any, from_text: bool) -> Any:
     if typing.get_origin(kind) is tuple:
-        items = [v.strip() for v in value.split(",") if v.strip()] if from_text else value
+        items = _split_list(value) if from_text else value
         if not isinstance(items, list | tuple) or not all(isinstance(v, str) for v in items):
             raise TypeError
         return tuple(items)
@@ -105,11 +108,25 @@ def _coerce_to(kind: Any, value: Any, from_text: bool) -> Any:
     return value
 
 
+def _split_list(text: str) -> list[str]:
+    """A comma-separated list, as variables and flags give one: "a, b" -> ["a", "b"]."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def _check(key: str, rule_key: str, value: Any) -> None:
     """Range and choice rules; `rule_key` is the key without a model's name."""
     choices = CHOICES.get(rule_key)
     if choices is not None and value not in choices:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(c) for c in choices)}")
+    # An empty host would fail only after the models have loaded, when the port is bound.
+    if value == "" and "" not in (choices or ()):
+        raise ConfigError(f"{key}: must not be empty; leave it out for its default")
+    if rule_key == "required_models":
+        for name in value:
+            try:
+                validate_model_name(name)
+            except RepositoryError as error:
+                raise ConfigError(f"{key}: {error}") from None
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{key}: must be a finite number, got {value}")
     if isinstance(value, int | float) and not isinstance(value, bool):
@@ -229,6 +246,32 @@ def load_settings(
     return layers.settings()
 
 
+def config_warnings(
+    settings: ServerSettings, environ: Mapping[str, str], read_elsewhere: Collection[str] = ()
+) -> list[str]:
+    """What the configuration names that nothing will use: ONNXSERVE_* variables that are no
+    setting (`read_elsewhere`: those the command reads itself), where a misspelling would otherwise
+    pass in silence; and model tables or required models with no folder in the repository (not
+    refused: hot reload may yet bring one)."""
+    known = {
+        *(f"{ENV_PREFIX}{name.upper()}" for name in SERVER_FIELDS),
+        *(f"{ENV_PREFIX}MODELS_{name.upper()}" for name in MODEL_FIELDS),
+        *read_elsewhere,
+    }
+    found = []
+    for variable in sorted(v for v in environ if v.startswith(ENV_PREFIX) and v not in known):
+        close = difflib.get_close_matches(variable, known, n=1)
+        found.append(f"{variable}: not a setting; ignored" + (f" (did you mean {close[0]}?)" if close else ""))
+    held = set(model_dirs(settings.repository))
+    for name in sorted(settings.model_overrides.keys() - held):
+        found.append(f"models.{name}: no model folder {name!r} in {settings.repository}; the table waits for one")
+    for name in sorted(set(settings.required_models) - held):
+        found.append(
+            f"required_models: no model folder {name!r} in {settings.repository}; not ready until one loads"
+        )
+    return found
+
+
 # --- CLI flags ----------------------------------------------------------------------------------
 
 
@@ -248,8 +291,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
             base, _ = _unoptional(kind)
             if base is bool:
                 options["action"] = argparse.BooleanOptionalAction
-            elif typing.get_origin(base) is tuple:
-                options.update(action="append", metavar=name.upper().removesuffix("S"))
+            elif typing.get_origin(base) is tuple:  # repeated or comma-separated, as in the variable
+                options.update(action="extend", type=_split_list, metavar=name.upper().removesuffix("S"))
             else:
                 # "" (inherit the server's value) is what leaving the flag out means.
                 choices = [c for c in CHOICES.get(key, ()) if c] or None

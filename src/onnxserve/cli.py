@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -18,10 +19,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from onnxserve.client.client import DEFAULT_TARGET
-from onnxserve.server.config.loader import ConfigError, add_flags, flags_given, load_settings
+from onnxserve.server.config.loader import ConfigError, add_flags, config_warnings, flags_given, load_settings
 
 console = Console()
-errors = Console(stderr=True)
+errors = Console(stderr=True, soft_wrap=True)  # a message is one line, however long
 
 
 def _fail(what: str, detail: object, status: int) -> NoReturn:
@@ -58,6 +59,8 @@ def _serve(args: argparse.Namespace) -> None:
     except ConfigError as error:
         _fail("invalid configuration", error, 2)
     configure_logging(settings.log_level, settings.log_format)
+    for warning in config_warnings(settings, os.environ, ("ONNXSERVE_CONFIG", *CLIENT_VARIABLES.values())):
+        logging.getLogger("onnxserve.config").warning(warning)
     try:
         asyncio.run(serve(settings))
     except ModelLoadError as error:
