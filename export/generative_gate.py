@@ -3,10 +3,10 @@ against PyTorch fp32.
 
 For each prompt of PROMPTS, PyTorch's greedy `generate()` gives the reference continuation of
 `new_tokens` tokens (fewer where it ends with EOS); the variant decodes greedily through the
-serving code's step model (`open_causal_model`, so whichever graph layout the export made), and
-the figure is the length of the common prefix. Perplexity is measured on TEXT, fed to the variant
-one token at a time (the fused graph returns only the last position's logits), against PyTorch's
-perplexity on the same tokens in one forward pass.
+serving code's step model (`open_causal_model`, so whichever graph layout the export made) on the
+device `validation_device` names, and the figure is the length of the common prefix. Perplexity is
+measured on TEXT, fed to the variant one token at a time (the fused graph returns only the last
+position's logits), against PyTorch's perplexity on the same tokens in one forward pass.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from onnxserve.export.validate import CANNOT_RUN, NotRunnable
+from onnxserve.export.validate import CANNOT_RUN, NotRunnable, validation_device
 from onnxserve.server.errors import ModelLoadError
 from onnxserve.server.runtime.sessions import Session, SessionSettings
 from onnxserve.server.tasks.generation.causal import open_causal_model
@@ -131,15 +131,16 @@ class GenerativeValidator:
     def validate(self, graphs: dict[str, Path], precision: str) -> manifest_pb2.Validation:
         """The variant's figures and its gate's verdict; NotRunnable if ONNX Runtime cannot run it here."""
         reference = self.reference
+        device = validation_device(precision)
         try:
-            session = Session(graphs["model"], SessionSettings())
+            session = Session(graphs["model"], SessionSettings(device=device))
             agreement = [
                 common_prefix(self._greedy(session, prompt), expected)
                 for prompt, expected in zip(reference.prompts, reference.continuations, strict=True)
             ]
             perplexity = self._perplexity(session)
         except (ModelLoadError, *CANNOT_RUN) as error:
-            raise NotRunnable(f"ONNX Runtime cannot run it on the CPU: {error}") from error
+            raise NotRunnable(f"ONNX Runtime cannot run it on the {device}: {error}") from error
         validation = manifest_pb2.Validation(
             samples=len(agreement),
             greedy_agreement=agreement,

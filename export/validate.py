@@ -12,9 +12,11 @@ undefined and fused attention kernels need not agree there):
     many such);
   - mean/min cosine: per sample, between pooled embeddings for feature extraction, else between
     the sample's flattened logits.
-Variants run on ONNX Runtime's CPU provider, which every machine has; a graph it cannot run (fp16
-kernels some builds lack) raises NotRunnable rather than failing a gate. Text generation has its
-own gate, on greedy decoding and perplexity (export/generative_gate.py).
+Each variant runs where `--precision auto` serves it (`validation_device`): fp16 on the CUDA
+provider when a GPU is usable here, everything else on the CPU provider, which every machine has; a
+graph the provider cannot run (fp16 kernels some CPU builds lack) raises NotRunnable rather than
+failing a gate. Text generation has its own gate, on greedy decoding and perplexity
+(export/generative_gate.py).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 import transformers
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 from onnxserve.export.tasks import TaskSpec
+from onnxserve.server.runtime.sessions import CPU, CUDA, cuda_problem, cuda_provider_options
 from transformers import PretrainedConfig, PreTrainedTokenizerFast
 
 from onnxserve.v1 import common_pb2, manifest_pb2
@@ -121,13 +124,14 @@ class Validator:
 
     def validate(self, graphs: dict[str, Path], precision: str) -> manifest_pb2.Validation:
         """The variant's figures and gate verdict; NotRunnable if ONNX Runtime cannot run it here."""
-        sessions = {role: _session(path) for role, path in graphs.items()}
+        device = validation_device(precision)
+        sessions = {role: _session(path, device) for role, path in graphs.items()}
         exported = []
         for batch in self.batches:
             try:
                 outputs = self.family.run_onnx(sessions, batch)
             except CANNOT_RUN as error:
-                raise NotRunnable(f"ONNX Runtime failed to run it on the CPU: {error}") from error
+                raise NotRunnable(f"ONNX Runtime failed to run it on the {device}: {error}") from error
             exported.append(self._samples(outputs, batch))
         reference = [s for samples in self.reference for s in samples]
         return _judge(reference, [s for samples in exported for s in samples], self.family.logits, GATES[precision])
@@ -143,11 +147,24 @@ class Validator:
         return self.family.samples(outputs, batch, self.pooling)
 
 
-def _session(path: Path) -> ort.InferenceSession:
+def validation_device(precision: str) -> str:
+    """Where a variant is validated: where `--precision auto` serves it, so that its figures are
+    those of the kernels that will run it. fp16 on a usable GPU (the CPU's fp16 kernels are other
+    code, and some builds lack them), the rest on the CPU."""
+    return "cuda" if precision == "fp16" and cuda_problem() is None else "cpu"
+
+
+def _session(path: Path, device: str = "cpu") -> ort.InferenceSession:
+    providers: list = [CPU]
+    if device == "cuda":
+        providers = [(CUDA, cuda_provider_options(0)), CPU]
     try:
-        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), providers=providers)
     except CANNOT_RUN as error:
-        raise NotRunnable(f"ONNX Runtime cannot load {path.name} on the CPU: {error}") from error
+        raise NotRunnable(f"ONNX Runtime cannot load {path.name} on the {device}: {error}") from error
+    if device == "cuda" and session.get_providers()[0] != CUDA:  # never the CPU's figures in the GPU's name
+        raise NotRunnable(f"ONNX Runtime could not create the CUDA provider for {path.name}")
+    return session
 
 
 def _judge(reference: list[Sample], exported: list[Sample], logits: bool, gate: Gate) -> manifest_pb2.Validation:

@@ -302,10 +302,10 @@ def test_a_variant_that_cannot_run_here_is_left_out(
 ) -> None:
     load = validate._session
 
-    def session(path: Path) -> object:
+    def session(path: Path, device: str) -> object:
         if ".fp16." in path.name:  # as for fp16 kernels a CPU provider lacks
             raise validate.NotRunnable(f"ONNX Runtime cannot load {path.name} on the CPU: NOT_IMPLEMENTED")
-        return load(path)
+        return load(path, device)
 
     monkeypatch.setattr(validate, "_session", session)
     source = checkpoint("bert-sequence-classification")

@@ -2,22 +2,38 @@
 
 - the fp16 variant keeps a decoder's KV cache in fp16 (inputs and outputs, no Cast around the
   attention), and its greedy ids on the serving side's shared buffers still equal generate();
-- an fp16 optimum decoder (GPT-2) keeps its cache in fp16 too and passes its gate."""
+- an fp16 optimum decoder (GPT-2) keeps its cache in fp16 too and passes its gate;
+- the start-up check creates the CUDA provider rather than trusting the provider list: where it
+  cannot be created (this machine lacks CUDA 13's libraries; the driver is faked present so that
+  the check gets as far as creating it), `--device auto` serves on the CPU and logs why, and
+  `--device cuda` stops `onnxserve serve` at start with the reason and exit code 1, no traceback;
+- a fused decoder whose attention is not fp16 is refused on CUDA, naming why, and `auto` on CUDA
+  takes the fp16 variant;
+- the exporter validates fp16 on the GPU where one is usable (never the CPU's figures in its name)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import onnx
 import pytest
+from onnxruntime.capi import build_and_package_info
+from onnxserve.export import validate
 from onnxserve.export.decoder_graph import build_decoder_graph
 from onnxserve.export.optimize import KV_CACHE_PREFIXES, to_fp16
+from onnxserve.server.errors import ModelLoadError
+from onnxserve.server.models.loading import choose_variant
+from onnxserve.server.runtime import sessions
 from onnxserve.server.runtime.sessions import Session, SessionSettings
 from onnxserve.server.tasks.generation.fused import FusedBatch, FusedGraph
 from transformers import AutoModelForCausalLM
 
 from onnxserve.repository import read_manifest
+from onnxserve.v1 import common_pb2, manifest_pb2
 from tests import generation_reference as reference
 from tests.conftest import Exported
 
@@ -102,3 +118,104 @@ def test_fp16_optimum_decoder_keeps_its_kv_cache_in_fp16_and_passes_its_gate(gpt
     [fp16] = [v for v in read_manifest(gpt2_fp16).variants if v.files[0].path == "model.fp16.onnx"]
     assert fp16.validation.passed, list(fp16.validation.failures)
     assert "fp16 KV cache" in fp16.recipe
+
+
+# --- the start-up provider check -------------------------------------------------------------------
+
+CUDA_MAJOR = build_and_package_info.cuda_version.split(".")[0]
+# Run as `onnxserve serve`, with the driver's device count faked to 1 (as in a container on a GPU
+# node whose image lacks the CUDA libraries the wheel was built for).
+SERVE_WITH_A_FAKED_DRIVER = (
+    "import sys; from onnxserve.server.runtime import sessions; sessions.cuda_device_count = lambda: 1; "
+    "from onnxserve.cli import main; main(sys.argv[1:])"
+)
+
+
+@pytest.fixture
+def driver_without_cuda_libraries(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    sessions.cuda_problem.cache_clear()
+    if sessions.cuda_problem() is None:
+        pytest.skip("the CUDA provider can be created here: nothing is missing to test")
+    sessions.cuda_problem.cache_clear()
+    monkeypatch.setattr(sessions, "cuda_device_count", lambda: 1)
+    yield
+    sessions.cuda_problem.cache_clear()
+
+
+def test_the_check_creates_the_provider_and_names_what_is_missing(driver_without_cuda_libraries) -> None:
+    problem = sessions.cuda_problem()
+    assert problem is not None and "the CUDA provider could not be created" in problem
+    assert f"needs CUDA {CUDA_MAJOR}.x and cuDNN 9" in problem and f"libcublasLt.so.{CUDA_MAJOR}" in problem
+
+
+def test_auto_falls_back_to_the_cpu_saying_why(driver_without_cuda_libraries, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger=sessions.__name__):
+        assert sessions.resolve_device("auto") == "cpu"
+    assert "--device auto: serving on the CPU, since the CUDA provider cannot run here" in caplog.text
+    assert "could not be created" in caplog.text
+
+
+def test_device_cuda_fails_at_once_with_the_reason(driver_without_cuda_libraries) -> None:
+    with pytest.raises(ModelLoadError, match=rf"--device cuda was asked for.*needs CUDA {CUDA_MAJOR}"):
+        sessions.resolve_device("cuda")
+    assert sessions.resolve_device("cpu") == "cpu"
+
+
+def test_serve_with_device_cuda_stops_at_start_without_a_traceback(tmp_path: Path) -> None:
+    sessions.cuda_problem.cache_clear()
+    if sessions.cuda_problem() is None:
+        pytest.skip("the CUDA provider can be created here")
+    command = [sys.executable, "-c", SERVE_WITH_A_FAKED_DRIVER, "serve", "--repository", str(tmp_path)]
+    done = subprocess.run([*command, "--device", "cuda", "--port", "0"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    output = " ".join((done.stdout + done.stderr).split())  # rich wraps long lines
+    assert "cannot serve: --device cuda was asked for, but the CUDA provider cannot run here" in output
+    assert f"needs CUDA {CUDA_MAJOR}.x" in output
+    assert "Traceback" not in output
+
+
+# --- fused decoders on CUDA -----------------------------------------------------------------------
+
+
+def test_a_fused_decoder_not_in_fp16_is_refused_on_cuda(
+    checkpoint: Callable[[str], Path], fp16_fused: dict[str, Path], tmp_path: Path
+) -> None:
+    """The session is a CPU one told it runs on CUDA: what is checked is the graph's attention type."""
+    model = AutoModelForCausalLM.from_pretrained(checkpoint("llama-causal-lm"))
+    build_decoder_graph(model, tmp_path / "model.fp32.onnx", max_length=64)
+    fp32 = Session(tmp_path / "model.fp32.onnx", SessionSettings(intra_op_threads=1))
+    FusedGraph(fp32)  # on the CPU it serves
+    fp32.provider = sessions.CUDA
+    with pytest.raises(ModelLoadError, match=r"GroupQueryAttention has no float32 CUDA kernel.*fp16 variant"):
+        FusedGraph(fp32)
+    fp16 = Session(fp16_fused["llama-causal-lm"], SessionSettings(intra_op_threads=1))
+    fp16.provider = sessions.CUDA
+    assert FusedGraph(fp16).cache_device == "cuda"
+
+
+def test_auto_on_cuda_takes_the_fp16_variant() -> None:
+    manifest = manifest_pb2.Manifest(
+        variants=[manifest_pb2.Variant(precision=p) for p in common_pb2.Precision.values() if p]
+    )
+    assert choose_variant(manifest, "auto", "cuda").precision == common_pb2.PRECISION_FP16
+    assert choose_variant(manifest, "auto", "cpu").precision == common_pb2.PRECISION_INT8
+
+
+# --- validation on the GPU --------------------------------------------------------------------------
+
+
+def test_fp16_is_validated_on_a_usable_gpu(monkeypatch: pytest.MonkeyPatch, fp16_fused: dict[str, Path]) -> None:
+    monkeypatch.setattr(validate, "cuda_problem", lambda: "no driver")
+    assert {p: validate.validation_device(p) for p in ("fp32", "fp16", "int8")} == dict.fromkeys(
+        ("fp32", "fp16", "int8"), "cpu"
+    )
+    monkeypatch.setattr(validate, "cuda_problem", lambda: None)
+    assert {p: validate.validation_device(p) for p in ("fp32", "fp16", "int8")} == {
+        "fp32": "cpu", "fp16": "cuda", "int8": "cpu",
+    }  # fmt: skip
+    sessions.cuda_problem.cache_clear()
+    if sessions.cuda_problem() is None:
+        assert validate._session(fp16_fused["llama-causal-lm"], "cuda").get_providers()[0] == sessions.CUDA
+    else:  # onnxruntime falls back to the CPU silently: the validator must not
+        with pytest.raises(validate.NotRunnable, match="could not create the CUDA provider"):
+            validate._session(fp16_fused["llama-causal-lm"], "cuda")

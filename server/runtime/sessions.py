@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi import build_and_package_info as build_info
+from onnxruntime.datasets import get_example
 from onnxserve.server.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -33,19 +35,66 @@ def cuda_device_count() -> int:
     return count.value
 
 
+def cuda_provider_options(device_id: int) -> dict[str, str]:
+    """The CUDA provider's options. The arena grows by what is asked, not to the next power of
+    two, so several models share a GPU without each holding up to twice what it uses; TF32 is
+    off, so that fp32 variants compute in fp32 as their validation against PyTorch did (fp16 is the
+    fast variant)."""
+    return {"device_id": str(device_id), "arena_extend_strategy": "kSameAsRequested", "use_tf32": "0"}
+
+
+@cache
+def cuda_problem() -> str | None:
+    """Why the CUDA provider cannot run here, or None when it can. onnxruntime-gpu lists the CUDA
+    provider as available on any machine, then silently runs on the CPU when it cannot create it
+    (no driver or device, or CUDA and cuDNN libraries of another major version than its build's),
+    so a one-node session is created on it and asked which provider it got."""
+    if CUDA not in ort.get_available_providers():
+        return "this onnxruntime has no CUDA provider (install onnxruntime-gpu, not onnxruntime)"
+    if cuda_device_count() == 0:
+        return "the CUDA driver (libcuda.so.1) is missing or sees no GPU"
+    try:
+        # onnxruntime's own one-node example graph (a Mul): the server does not depend on onnx.
+        probe = ort.InferenceSession(get_example("mul_1.onnx"), providers=[(CUDA, cuda_provider_options(0))])
+    except Exception as error:  # onnxruntime raises its own untyped exceptions
+        return f"the CUDA provider could not be created: {error}"
+    if probe.get_providers()[0] != CUDA:
+        return f"the CUDA provider could not be created; {_cuda_libraries()}"
+    return None
+
+
+def _cuda_libraries() -> str:
+    """What the CUDA provider of this onnxruntime-gpu build needs, and which of it the dynamic
+    loader cannot find."""
+    major = build_info.cuda_version.split(".")[0]
+    needed = [f"libcudart.so.{major}", f"libcublas.so.{major}", f"libcublasLt.so.{major}", "libcudnn.so.9"]
+    missing = []
+    for library in needed:
+        try:
+            ctypes.CDLL(library)
+        except OSError:
+            missing.append(library)
+    found = f"not found: {', '.join(missing)}" if missing else "all found, so check the driver's CUDA version"
+    return (
+        f"{build_info.package_name} {ort.__version__} needs CUDA {major}.x and cuDNN 9 and a driver "
+        f"for CUDA {major} ({found})"
+    )
+
+
 def resolve_device(device: str) -> str:
-    """Maps --device auto|cpu|cuda to "cpu" or "cuda"; asking for CUDA without a GPU fails."""
-    usable = CUDA in ort.get_available_providers() and cuda_device_count() > 0
-    if device == "auto":
-        return "cuda" if usable else "cpu"
-    if device == "cuda" and not usable:
-        raise ModelLoadError(
-            "--device cuda was asked for, but no usable GPU was found "
-            "(no CUDA driver or device, or onnxruntime-gpu lacks the CUDA provider)"
-        )
-    if device not in ("cpu", "cuda"):
+    """Maps --device auto|cpu|cuda to "cpu" or "cuda". `auto` takes the GPU when the CUDA provider
+    can really be created, else the CPU, saying why; `cuda` without it stops with the reason."""
+    if device not in ("auto", "cpu", "cuda"):
         raise ModelLoadError(f"unknown device {device!r}: use auto, cpu or cuda")
-    return device
+    if device == "cpu":
+        return "cpu"
+    problem = cuda_problem()
+    if problem is None:
+        return "cuda"
+    if device == "cuda":
+        raise ModelLoadError(f"--device cuda was asked for, but the CUDA provider cannot run here: {problem}")
+    log.warning("--device auto: serving on the CPU, since the CUDA provider cannot run here: %s", problem)
+    return "cpu"
 
 
 def available_cpus() -> int:
@@ -85,12 +134,13 @@ class Session:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers: list = [CPU]
         if settings.device == "cuda":
-            providers = [(CUDA, {"device_id": settings.gpu_device_id}), CPU]
+            providers = [(CUDA, cuda_provider_options(settings.gpu_device_id)), CPU]
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as error:  # onnxruntime raises its own untyped exceptions
             raise ModelLoadError(f"cannot load {path.name}: {error}") from error
         self.provider = self.session.get_providers()[0]
+        self.device_id = settings.gpu_device_id if self.provider == CUDA else 0
         if settings.device == "cuda" and self.provider != CUDA:
             raise ModelLoadError(f"{path.name}: CUDA was asked for but the session runs on {self.provider}")
         self.input_names = [i.name for i in self.session.get_inputs()]

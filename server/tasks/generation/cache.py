@@ -144,9 +144,9 @@ class DeviceCache(Cache):
         self.values = {name: self._adopt(value.numpy()[rows]) for name, value in self.values.items()}
 
 
-def new_cache(session: Session, batch: int, device_id: int = 0) -> Cache:
+def new_cache(session: Session, batch: int) -> Cache:
     """An empty cache for `batch` rows, on the device the session runs on."""
     past = empty_past(session, batch)
     if session.provider == CUDA:
-        return DeviceCache(past, "cuda", device_id)
+        return DeviceCache(past, "cuda", session.device_id)
     return HostCache(past)

@@ -31,12 +31,29 @@ class FusedGraph:
     on the CPU; under CUDA, in OrtValues on the device (`cache_device`, "cpu" gives that same
     code path on a machine without a GPU)."""
 
-    def __init__(self, session: Session, cache_device: str | None = None, device_id: int = 0) -> None:
+    def __init__(self, session: Session, cache_device: str | None = None) -> None:
         self.session = session
         self.past = past_inputs(session)
+        _require_fp16_attention_on_cuda(session, self.past)
         self.vocab = _vocab(session)
         self.cache_device = cache_device or ("cuda" if session.provider == CUDA else None)
-        self.device_id = device_id
+        self.device_id = session.device_id
+
+
+def _require_fp16_attention_on_cuda(session: Session, past: list[PastInput]) -> None:
+    """Refuses a fused graph whose attention is not fp16 on the CUDA provider: onnxruntime 1.31's
+    GroupQueryAttention has CUDA kernels for fp16 and bf16 only, so an fp32, int8 or int4 variant
+    (weight-only: fp32 activations and cache) would run every attention node on the CPU, copying
+    each layer's cache across the bus at every step, while reporting CUDA. Its type is the cache's."""
+    dtypes = {p.dtype for p in past}
+    if session.provider == CUDA and dtypes != {np.float16}:
+        kinds = ", ".join(sorted(np.dtype(d).name for d in dtypes))
+        raise ModelLoadError(
+            f"this fused decoder's attention runs in {kinds}, and GroupQueryAttention has no {kinds} CUDA kernel "
+            "in this onnxruntime (fp16 and bf16 only): it would run on the CPU at every step. On a GPU serve "
+            "its fp16 variant (--precision fp16 or auto; export it with --precision fp16), or serve this one "
+            "with --device cpu"
+        )
 
 
 def _vocab(session: Session) -> int:
@@ -58,8 +75,10 @@ class KVBuffers:
             if graph.cache_device is None:
                 self.host[past.name] = np.zeros(shape, past.dtype)
             else:
-                self.device[past.name] = ort.OrtValue.ortvalue_from_shape_and_type(
-                    shape, past.dtype, graph.cache_device, graph.device_id
+                # Zeroed as on the host (calloc's zero pages cost no host memory): positions past
+                # a row's length are never read, but uninitialized memory could hold NaNs.
+                self.device[past.name] = ort.OrtValue.ortvalue_from_numpy(
+                    np.zeros(shape, past.dtype), graph.cache_device, graph.device_id
                 )
 
     def bind(self, binding: ort.IOBinding, first: int, count: int) -> None:

@@ -266,9 +266,11 @@ class GenerationPipeline(Pipeline):
     def _scheduler(self, settings: ModelSettings) -> Scheduler | None:
         """Continuous batching, for a fused decoder with max_generation_rows > 0."""
         model = self.sessions.get("model")
-        if self.seq2seq or not is_fused(model) or settings.max_generation_rows <= 0:
+        if self.seq2seq or not is_fused(model):
             return None
-        graph = FusedGraph(model)
+        graph = FusedGraph(model)  # built even without the scheduler: it refuses what the device cannot run
+        if settings.max_generation_rows <= 0:
+            return None
         return Scheduler(graph, settings.max_generation_rows, settings.max_queue_size, self.context, self.stats)
 
     @property
