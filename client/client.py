@@ -23,20 +23,15 @@ from onnxserve.client.results import (
     StreamChunk,
 )
 
+from onnxserve.enums import enum_value
 from onnxserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, models_pb2, models_pb2_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 
-def _enum(enum: Any, prefix: str, name: str | None) -> int:
+def _enum(enum: Any, name: str | None) -> int:
     """"mean" -> POOLING_MEAN; None -> the UNSPECIFIED default."""
-    if name is None:
-        return 0
-    try:
-        return enum.Value(prefix + name.upper())
-    except ValueError:
-        choices = [v.name.removeprefix(prefix).lower() for v in enum.DESCRIPTOR.values if v.number]
-        raise ValueError(f"unknown value {name!r}; choose one of {choices}") from None
+    return 0 if name is None else enum_value(enum, name)
 
 
 def _response(message: Message, results: list) -> Response:
@@ -70,7 +65,7 @@ class _Methods:
     ) -> Response[list[float]]:
         request = inference_pb2.EncodeRequest(
             model=model, version=version, texts=texts, normalize=normalize, truncate=truncate,
-            pooling=_enum(common_pb2.Pooling, "POOLING_", pooling),
+            pooling=_enum(common_pb2.Pooling, pooling),
         )
         return self._unary(
             self.inference.Encode, request, lambda r: _response(r, [list(e.values) for e in r.embeddings])
@@ -97,7 +92,7 @@ class _Methods:
     ) -> Response[list[Entity]]:
         request = inference_pb2.TagTokensRequest(
             model=model, version=version, texts=texts, ignore_labels=ignore_labels or [],
-            aggregation_strategy=_enum(inference_pb2.AggregationStrategy, "AGGREGATION_STRATEGY_", aggregation),
+            aggregation_strategy=_enum(inference_pb2.AggregationStrategy, aggregation),
         )
         return self._unary(
             self.inference.TagTokens, request,
@@ -162,7 +157,7 @@ class _Methods:
         request = inference_pb2.TokenizeRequest(
             model=model, version=version, texts=texts, text_pairs=text_pairs or [],
             add_special_tokens=add_special_tokens, truncation=truncation, max_length=max_length,
-            padding=_enum(inference_pb2.Padding, "PADDING_", padding),
+            padding=_enum(inference_pb2.Padding, padding),
         )
         return self._unary(
             self.inference.Tokenize, request, lambda r: _response(r, [Encoding.from_proto(e) for e in r.encodings])

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from onnxserve.enums import short_name
 from onnxserve.v1 import common_pb2, inference_pb2, models_pb2
 
 T = TypeVar("T")
@@ -39,7 +40,7 @@ class Metadata:
             postprocess_ns=message.postprocess_ns,
             total_ns=message.total_ns,
             batch_size=message.batch_size,
-            precision=_enum_suffix(common_pb2.Precision, message.precision, "PRECISION_"),
+            precision=short_name(common_pb2.Precision, message.precision),
             execution_provider=message.execution_provider,
         )
 
@@ -209,15 +210,15 @@ class ModelInfo:
             name=m.name,
             version=m.version,
             versions=list(m.versions),
-            task=_enum_suffix(common_pb2.Task, m.task, "TASK_"),
+            task=short_name(common_pb2.Task, m.task),
             labels=list(m.labels),
-            precision=_enum_suffix(common_pb2.Precision, m.precision, "PRECISION_"),
+            precision=short_name(common_pb2.Precision, m.precision),
             execution_provider=m.execution_provider,
-            available_precisions=[_enum_suffix(common_pb2.Precision, p, "PRECISION_") for p in m.available_precisions],
+            available_precisions=[short_name(common_pb2.Precision, p) for p in m.available_precisions],
             max_input_length=m.max_input_length,
-            state=_enum_suffix(models_pb2.ModelState, m.state, "MODEL_STATE_"),
+            state=short_name(models_pb2.ModelState, m.state),
             state_reason=m.state_reason,
-            pooling=_enum_suffix(common_pb2.Pooling, m.pooling, "POOLING_"),
+            pooling=short_name(common_pb2.Pooling, m.pooling),
             hidden_size=m.hidden_size,
             mask_token=m.mask_token,
             architecture=m.architecture,
@@ -227,9 +228,4 @@ class ModelInfo:
 
 
 def finish_reason(value: int) -> str:
-    return _enum_suffix(inference_pb2.FinishReason, value, "FINISH_REASON_")
-
-
-def _enum_suffix(enum: object, value: int, prefix: str) -> str:
-    """PRECISION_INT8 -> "int8": the short, lower-case name users type."""
-    return enum.Name(value).removeprefix(prefix).lower()  # type: ignore[attr-defined]
+    return short_name(inference_pb2.FinishReason, value)

@@ -13,16 +13,17 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from onnxserve.server.api.interceptors import ConcurrencyLimit
+from onnxserve.server.api.interceptors import ConcurrencyLimit, ErrorStatus
 from onnxserve.server.api.kserve import servicer as kserve
 from onnxserve.server.api.security import TokenAuthInterceptor, server_credentials
 from onnxserve.server.api.typed import InferenceServicer, ModelsServicer
 from onnxserve.server.config.settings import ServerSettings
 from onnxserve.server.models.lifecycle import ModelLifecycle
-from onnxserve.server.models.loading import LoadedModel
+from onnxserve.server.models.loaded import LoadedModel
 from onnxserve.server.models.registry import ModelRegistry
 from onnxserve.server.observability.metrics import Metrics
 from onnxserve.server.observability.telemetry import TelemetryInterceptor
+from onnxserve.server.tasks.base import Executors
 
 from onnxserve.v1 import inference_pb2, inference_pb2_grpc, models_pb2, models_pb2_grpc
 
@@ -66,10 +67,11 @@ class OnnxServer:
         self.generation_executor = ThreadPoolExecutor(
             max_workers=max(4, os.cpu_count() or 1), thread_name_prefix="onnxserve-generation"
         )
+        self.executors = Executors(tokenizing=self.executor, generation=self.generation_executor)
         self.registry = ModelRegistry(settings.required_models)
         self.metrics = Metrics(self.registry.models) if settings.metrics_port is not None else None
         self.lifecycle = ModelLifecycle(
-            settings, self.registry, self.executor, on_change=self._publish_health, on_ready=self._observe_runs
+            settings, self.registry, self.executors, on_change=self._publish_health, on_ready=self._observe_runs
         )
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
@@ -82,11 +84,9 @@ class OnnxServer:
         await self.lifecycle.sync()
         # Made here, not in __init__: a grpc.aio server belongs to the loop it was created on.
         self.server = self._grpc_server()
-        inference_pb2_grpc.add_InferenceServicer_to_server(
-            InferenceServicer(self.registry, self.executor, self.generation_executor), self.server
-        )
+        inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.registry), self.server)
         models_pb2_grpc.add_ModelsServicer_to_server(ModelsServicer(self.registry), self.server)
-        kserve.add_to_server(self.registry, self.executor, self.server)
+        kserve.add_to_server(self.registry, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
@@ -106,6 +106,7 @@ class OnnxServer:
             interceptors.append(TokenAuthInterceptor(self.settings.auth_tokens))
         if self.settings.max_concurrent_calls:
             interceptors.append(ConcurrencyLimit(self.settings.max_concurrent_calls))
+        interceptors.append(ErrorStatus())  # innermost: the others see the status it sets
         return grpc.aio.server(interceptors=interceptors, options=channel_options(self.settings))
 
     def _bind(self, server: grpc.aio.Server) -> int:
@@ -120,8 +121,8 @@ class OnnxServer:
         return port
 
     def _observe_runs(self, model: LoadedModel) -> None:
-        if self.metrics is not None and model.runner is not None:
-            model.runner.on_run = functools.partial(self.metrics.observe_batch, model.name)
+        if self.metrics is not None and model.pipeline is not None:
+            model.pipeline.observe_runs(functools.partial(self.metrics.observe_batch, model.name))
 
     async def _publish_health(self) -> None:
         """Health per service and per model name. The overall entry ("") and the Models service

@@ -15,6 +15,7 @@ scales); the server then stops keeping int8 requests apart by itself (its load-t
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,7 +23,9 @@ import numpy as np
 import pytest
 from google.protobuf.message import Message
 from onnxserve.server.config.settings import ModelSettings
-from onnxserve.server.models.loading import LoadedModel, load_model
+from onnxserve.server.models.loaded import LoadedModel
+from onnxserve.server.models.loading import load_model
+from onnxserve.server.tasks.base import Executors
 
 from onnxserve.v1 import inference_pb2
 from tests.checkpoints import CORPUS
@@ -105,13 +108,15 @@ def minilm(export, tmp_path_factory) -> dict[str, Exported]:
 
 
 @pytest.fixture(scope="module")
-def int8_models(minilm) -> dict[str, LoadedModel]:
+def int8_models(minilm) -> Iterator[dict[str, LoadedModel]]:
     settings = ModelSettings(precision="int8", warmup=False)
     models = {}
-    for name, exported in minilm.items():
-        version = max(int(p.name) for p in exported.model_dir.iterdir() if p.name.isdigit())
-        models[name] = load_model(name, version, exported.model_dir / str(version), "cpu", settings)
-    return models
+    with ThreadPoolExecutor(1) as pool:
+        executors = Executors(tokenizing=pool, generation=pool)
+        for name, exported in minilm.items():
+            version = max(int(p.name) for p in exported.model_dir.iterdir() if p.name.isdigit())
+            models[name] = load_model(name, version, exported.model_dir / str(version), "cpu", settings, executors)
+        yield models
 
 
 def test_int8_recipe_is_batch_invariant(int8_models):

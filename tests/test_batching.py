@@ -16,7 +16,7 @@ import pytest
 from onnxserve.server.config.settings import ModelSettings
 from onnxserve.server.errors import DeadlineExceeded, ResourceExhausted
 from onnxserve.server.runtime.batching import BatchRunner, batchmate_drift, plan_runs
-from onnxserve.server.tasks.base import Timings
+from onnxserve.server.runtime.stats import Timings
 from tokenizers import Encoding, Tokenizer, models, pre_tokenizers
 
 from tests.checkpoints import CORPUS
@@ -288,7 +288,7 @@ def test_grpc_full_queue_is_resource_exhausted_and_late_calls_deadline_exceeded(
     """One call waits for a batchmate that cannot come (the queue holds one request): the next is
     refused at once, and the waiting one's deadline passes in the queue."""
     server = start_server({KIND: exported}, max_batch_size=2, max_queue_size=1, max_queue_delay_ms=60_000, warmup=False)
-    runner = server.server.registry.get(KIND).runner
+    runner = server.server.registry.get(KIND).pipeline.runner
     with ThreadPoolExecutor(1) as pool, server.client(timeout=2) as client:
         waiting = pool.submit(client.encode, model=KIND, texts=[TEXTS[0]])
         while runner.waiting < 1:

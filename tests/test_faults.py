@@ -174,7 +174,7 @@ def test_clients_cancelling_mid_call_free_their_places(model, repository, serve)
 
     asyncio.run(cancel_many())
     loaded = server.server.registry.get("busy")
-    wait_for(lambda: loaded.runner.waiting == 0 and server.server.registry.in_flight(loaded) == 0,
+    wait_for(lambda: loaded.pipeline.queue_depth() == 0 and server.server.registry.in_flight(loaded) == 0,
              what="the cancelled calls leaving the queue")
 
     async def fill_the_queue() -> Outcomes:

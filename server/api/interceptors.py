@@ -1,19 +1,26 @@
-"""What the server interceptors share: rewrapping a handler's behavior, and the concurrency limit."""
+"""What the server interceptors share (rewrapping a handler's behavior), the concurrency limit, and
+the mapping of errors to statuses."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import grpc
+from onnxserve.server.errors import ServingError
+
+log = logging.getLogger(__name__)
 
 # Load balancers and orchestrators probe health without credentials, and must get an answer
 # however busy the server is.
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]]
+# Percent-encoded, a byte of a status message takes up to 3 in the header.
+MAX_DETAILS_BYTES = 2048
 
 
 def replace_behavior(handler: grpc.RpcMethodHandler, wrap: Callable[[str, Callable], Callable]) -> Any:
@@ -85,3 +92,39 @@ class ConcurrencyLimit(grpc.aio.ServerInterceptor):
         if handler is None or details.method.startswith(HEALTH_PREFIX):
             return handler
         return wrap_calls(handler, self._slot)
+
+
+def bounded(message: str) -> str:
+    """A status message cut to MAX_DETAILS_BYTES. Messages quote the caller's input, and gRPC
+    sends them in a header that clients refuse past 8 KiB, which would hide the real status
+    behind a RESOURCE_EXHAUSTED about metadata."""
+    data = message.encode()
+    if len(data) <= MAX_DETAILS_BYTES:
+        return message
+    return data[:MAX_DETAILS_BYTES].decode(errors="ignore") + " [...]"
+
+
+class ErrorStatus(grpc.aio.ServerInterceptor):
+    """Answers a handler's ServingError with its status and message, and anything unexpected with
+    INTERNAL and words (logged with its traceback), for every service: the servicers only raise.
+    Innermost, so that the telemetry interceptor sees the status it sets."""
+
+    @staticmethod
+    @contextlib.asynccontextmanager
+    async def _mapped(method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[Call]:
+        try:
+            yield Call()
+        except grpc.aio.AbortError:
+            raise  # the handler set its status itself
+        except ServingError as error:
+            await context.abort(error.code, bounded(str(error)))
+        except Exception as error:
+            log.exception("%s failed", method)
+            rpc = method.rsplit("/", 1)[-1]
+            await context.abort(grpc.StatusCode.INTERNAL, bounded(f"{rpc} failed: {type(error).__name__}: {error}"))
+
+    async def intercept_service(self, continuation: Continuation, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        return wrap_calls(handler, lambda request, context: self._mapped(details.method, context))

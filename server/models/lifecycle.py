@@ -12,15 +12,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
 from onnxserve.server.config.settings import ServerSettings
-from onnxserve.server.models.loading import LoadedModel, load_model
+from onnxserve.server.models.loaded import LoadedModel
+from onnxserve.server.models.loading import load_model
 from onnxserve.server.models.registry import ModelRegistry
 from onnxserve.server.runtime.sessions import resolve_device
-from onnxserve.server.tasks.base import Timings
+from onnxserve.server.tasks.base import Executors
 
 from onnxserve.repository import RepositoryError, model_dirs, version_dirs
 from onnxserve.v1 import models_pb2
@@ -28,7 +28,6 @@ from onnxserve.v1 import models_pb2
 log = logging.getLogger(__name__)
 
 Fingerprint = tuple[int, tuple[tuple[str, int, int], ...]]
-WARMUP_TEXT = "Warm-up: the first run of a session allocates its buffers and picks its kernels."
 DRAIN_CHECK_S = 0.05
 
 
@@ -50,24 +49,12 @@ def scan(repository: Path) -> dict[str, tuple[Path, Fingerprint]]:
     return latest
 
 
-async def warm_up(model: LoadedModel) -> None:
-    """Runs one request's worth of work through the model the way calls do: tokenizing, then the
-    batcher when the model has one, so that the first call does not pay for lazy allocations."""
-    if model.runner is None:
-        # Generation tokenizes with the bare tokenizer; a configured copy would only take memory
-        # (a third of a GB for Gemma's 262k-piece vocabulary).
-        model.tokenizer.tokenizer.encode(WARMUP_TEXT)
-        return
-    sequences = model.tokenizer.encode([WARMUP_TEXT])  # one short text: microseconds on the loop
-    await model.runner.infer(sequences, Timings())
-
-
 class ModelLifecycle:
     def __init__(
         self,
         settings: ServerSettings,
         registry: ModelRegistry,
-        executor: Executor,
+        executors: Executors,
         on_change: Callable[[], Awaitable[None]],
         on_ready: Callable[[LoadedModel], None] = lambda model: None,
     ) -> None:
@@ -78,7 +65,7 @@ class ModelLifecycle:
             name: resolve_device(model.device or settings.device) for name, model in settings.model_overrides.items()
         }
         self.registry = registry
-        self.executor = executor
+        self.executors = executors
         self.on_change = on_change  # after each change in what is served: the server republishes health
         self.on_ready = on_ready  # before a version takes traffic: the server attaches its metrics
         self._seen: dict[str, Fingerprint] = {}
@@ -86,7 +73,7 @@ class ModelLifecycle:
         self._polling: asyncio.Task | None = None
 
     async def _blocking(self, work: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, work, *args)
+        return await asyncio.get_running_loop().run_in_executor(self.executors.tokenizing, work, *args)
 
     async def sync(self) -> None:
         """One pass: loads what is new or changed, unloads what is gone."""
@@ -109,7 +96,7 @@ class ModelLifecycle:
     async def _load(self, name: str, version: int, directory: Path) -> None:
         model_settings = self.settings.model_settings(name)
         device = self.devices.get(name, self.default_device)
-        model = await self._blocking(load_model, name, version, directory, device, model_settings)
+        model = await self._blocking(load_model, name, version, directory, device, model_settings, self.executors)
         if model.state == models_pb2.MODEL_STATE_READY and model_settings.warmup:
             await self._warm_up(model)
         if model.state == models_pb2.MODEL_STATE_READY:
@@ -119,11 +106,11 @@ class ModelLifecycle:
 
     async def _warm_up(self, model: LoadedModel) -> None:
         try:
-            await warm_up(model)
+            await model.warm_up()
         except Exception as error:  # whatever breaks the first run would break every call
             model.state, model.reason = models_pb2.MODEL_STATE_FAILED, f"warm-up failed: {error}"
             log.error("model %s version %d failed its warm-up: %s", model.name, model.version, error)
-            await _close(model)
+            await model.close()
 
     def _unload(self, models: list[LoadedModel]) -> None:
         for model in models:
@@ -135,7 +122,7 @@ class ModelLifecycle:
     async def _drain_and_close(self, model: LoadedModel) -> None:
         while self.registry.in_flight(model):
             await asyncio.sleep(DRAIN_CHECK_S)
-        await _close(model)
+        await model.close()
         log.info("model %s version %d unloaded", model.name, model.version)
 
     async def _poll(self) -> None:
@@ -159,7 +146,3 @@ class ModelLifecycle:
             self._unload(self.registry.remove(name))
         await asyncio.gather(*self._unloading, return_exceptions=True)
 
-
-async def _close(model: LoadedModel) -> None:
-    if model.runner is not None:
-        await model.runner.close()

@@ -1,30 +1,25 @@
-"""Loading one model version: its variant, sessions, tokenizer and pipeline."""
+"""Loading one model version: its variant, sessions, tokenizer and its task's pipeline."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from onnxserve.server.config.settings import ModelSettings
-from onnxserve.server.errors import InvalidArgument, ModelLoadError, Unimplemented
-from onnxserve.server.runtime.batching import BatchRunner, merges_safely
+from onnxserve.server.errors import ModelLoadError
+from onnxserve.server.models.loaded import LoadedModel
 from onnxserve.server.runtime.sessions import Session, SessionSettings
 from onnxserve.server.runtime.tokenizer import TextTokenizer
-from onnxserve.server.tasks import PIPELINES, TASK_RPCS
-from onnxserve.server.tasks.base import ModelResources, Pipeline
+from onnxserve.server.tasks.base import Executors, ModelResources
+from onnxserve.server.tasks.registration import registration_for, task_name
 
+from onnxserve.enums import short_name, short_names
 from onnxserve.repository import TOKENIZER_FILE, RepositoryError, read_manifest, verify_files
 from onnxserve.v1 import common_pb2, manifest_pb2, models_pb2
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = {
-    "fp32": common_pb2.PRECISION_FP32,
-    "fp16": common_pb2.PRECISION_FP16,
-    "int8": common_pb2.PRECISION_INT8,
-    "int4": common_pb2.PRECISION_INT4,
-}
+PRECISIONS = short_names(common_pb2.Precision)
 
 
 def choose_variant(manifest: manifest_pb2.Manifest, precision: str, device: str) -> manifest_pb2.Variant:
@@ -38,7 +33,7 @@ def choose_variant(manifest: manifest_pb2.Manifest, precision: str, device: str)
         if wanted is None:
             raise ModelLoadError(f"unknown precision {precision!r}: use auto, {', '.join(PRECISIONS)}")
         if wanted not in variants:
-            held = ", ".join(common_pb2.Precision.Name(p) for p in variants) or "none"
+            held = ", ".join(short_name(common_pb2.Precision, p) for p in variants) or "none"
             raise ModelLoadError(f"precision {precision} was asked for but the repository holds {held}")
         return variants[wanted]
     preferred = common_pb2.PRECISION_FP16 if device == "cuda" else common_pb2.PRECISION_INT8
@@ -48,50 +43,16 @@ def choose_variant(manifest: manifest_pb2.Manifest, precision: str, device: str)
     raise ModelLoadError("the manifest lists no variants")
 
 
-@dataclass
-class LoadedModel:
-    """A model version in the server: READY with its pipeline, or FAILED with a reason."""
-
-    name: str
-    version: int
-    directory: Path
-    manifest: manifest_pb2.Manifest | None = None
-    precision: int = common_pb2.PRECISION_UNSPECIFIED
-    execution_provider: str = ""
-    tokenizer: TextTokenizer | None = None
-    pipeline: Pipeline | None = None
-    runner: BatchRunner | None = None
-    settings: ModelSettings = field(default_factory=ModelSettings)
-    state: int = models_pb2.MODEL_STATE_LOADING
-    reason: str = ""
-
-    @property
-    def task(self) -> int:
-        return self.manifest.task if self.manifest else common_pb2.TASK_UNSPECIFIED
-
-    def pipeline_for(self, rpc: str) -> Pipeline:
-        """The pipeline serving `rpc`, or a clear refusal naming what the model does serve."""
-        if self.pipeline is not None and rpc in self.pipeline.rpcs:
-            return self.pipeline
-        task_name = common_pb2.Task.Name(self.task)
-        if rpc in TASK_RPCS.get(self.task, ()):
-            raise Unimplemented(f"{rpc} on {task_name} models is not served by this release yet")
-        served = [*sorted(TASK_RPCS.get(self.task, ())), "Tokenize", "Detokenize"]
-        raise InvalidArgument(
-            f"model {self.name!r} is a {task_name} model and does not serve {rpc}; "
-            f"it serves {', '.join(served)}"
-        )
-
-
 def load_model(
     name: str,
     version: int,
     directory: Path,
     device: str,
     settings: ModelSettings,
+    executors: Executors,
 ) -> LoadedModel:
     """Loads a version; a failure is kept in the returned model's state, never raised."""
-    model = LoadedModel(name=name, version=version, directory=directory, settings=settings)
+    model = LoadedModel(name=name, version=version, directory=directory, executors=executors, settings=settings)
     try:
         _load_into(model, device)
     except (ModelLoadError, RepositoryError, OSError) as error:
@@ -103,8 +64,8 @@ def load_model(
         "model %s version %d ready: %s, %s on %s",
         name,
         version,
-        common_pb2.Task.Name(model.task),
-        common_pb2.Precision.Name(model.precision),
+        task_name(model.task),
+        short_name(common_pb2.Precision, model.precision),
         model.execution_provider,
     )
     return model
@@ -128,13 +89,12 @@ def _load_into(model: LoadedModel, device: str) -> None:
     model.tokenizer = TextTokenizer(tokenizer_path, manifest)
     model.precision = variant.precision
     model.execution_provider = next(iter(sessions.values())).provider
-    pipeline_class = PIPELINES.get(manifest.task)
-    if pipeline_class is not None:
-        model.pipeline = pipeline_class(ModelResources(manifest, model.tokenizer, sessions, model.settings))
-        forward = getattr(model.pipeline, "forward", None)
-        if forward is not None:
-            merge = merges_safely(model.name, forward, model.tokenizer)
-            model.runner = BatchRunner(model.name, forward, model.settings, merge_requests=merge)
+    registration = registration_for(manifest.task)
+    if registration is not None:  # else the model serves its tokenizer only
+        resources = ModelResources(model.name, manifest, model.tokenizer, sessions, model.executors, model.settings)
+        pipeline = registration.pipeline(resources)
+        pipeline.open()
+        model.pipeline = pipeline
 
 
 def _inside(directory: Path, relative: str) -> Path:

@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Collection
 
 from onnxserve.server.errors import InvalidArgument, NotFound, Unavailable
-from onnxserve.server.models.loading import LoadedModel
+from onnxserve.server.models.loaded import LoadedModel
 
 from onnxserve.repository import RepositoryError, validate_model_name
 from onnxserve.v1 import models_pb2

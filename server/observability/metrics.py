@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from onnxserve.enums import short_name
 from onnxserve.v1 import common_pb2, models_pb2
 
 log = logging.getLogger(__name__)
@@ -38,11 +39,12 @@ class _ModelCollector(Collector):
         )
         ready = 0
         for model in self.models():
-            state = models_pb2.ModelState.Name(model.state).removeprefix("MODEL_STATE_").lower()
+            state = short_name(models_pb2.ModelState, model.state)
             states.add_metric([model.name, str(model.version), state], 1)
             ready += model.state == models_pb2.MODEL_STATE_READY
-            if model.runner is not None:
-                depth.add_metric([model.name, str(model.version)], model.runner.waiting)
+            waiting = model.pipeline.queue_depth() if model.pipeline is not None else None
+            if waiting is not None:
+                depth.add_metric([model.name, str(model.version)], waiting)
         loaded.add_metric([], ready)
         yield from (states, loaded, depth)
 

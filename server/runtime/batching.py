@@ -23,12 +23,14 @@ from typing import NamedTuple
 import numpy as np
 from onnxserve.server.config.settings import ModelSettings
 from onnxserve.server.errors import DeadlineExceeded, ResourceExhausted
+from onnxserve.server.runtime.stats import Timings
 from onnxserve.server.runtime.tokenizer import TextTokenizer
-from onnxserve.server.tasks.base import RowOutputs, Timings
 from tokenizers import Encoding
 
 log = logging.getLogger(__name__)
 
+#: One sequence's outputs by name, cut to its own tokens.
+RowOutputs = dict[str, np.ndarray]
 Forward = Callable[[Sequence[Encoding]], list[RowOutputs]]
 
 #: A run is cut before more than half of it would be padding: a run costs its padded size, so

@@ -3,54 +3,50 @@ Runtime session) -> postprocess. A task module subclasses one of the pipelines h
 
 from __future__ import annotations
 
-import time
-from abc import abstractmethod
-from collections.abc import Callable, Sequence
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 from google.protobuf.message import Message
 from onnxserve.server.config.settings import ModelSettings
-from onnxserve.server.errors import InvalidArgument
+from onnxserve.server.errors import InvalidArgument, Unimplemented
+from onnxserve.server.runtime.batching import BatchRunner, RowOutputs, merges_safely
 from onnxserve.server.runtime.sessions import Session
+from onnxserve.server.runtime.stats import Timings
 from onnxserve.server.runtime.tokenizer import TextTokenizer, batch_arrays
 from tokenizers import Encoding
 
 from onnxserve.v1 import manifest_pb2
 
-RowOutputs = dict[str, np.ndarray]
 T = TypeVar("T")
+Request = TypeVar("Request", bound=Message)
+WARMUP_TEXT = "Warm-up: the first run of a session allocates its buffers and picks its kernels."
 
 
-@dataclass
-class Timings:
-    """What one request cost, stage by stage; copied into the response's Metadata."""
+@dataclass(frozen=True)
+class Executors:
+    """The server's thread pools for blocking work: `tokenizing` for the short steps of a call
+    (tokenizing, postprocessing), `generation` for generation steps, kept apart so that however
+    many generations run (or a long prefill), encoder calls still get threads for tokenizing."""
 
-    tokens: int = 0
-    tokenization_ns: int = 0
-    queue_ns: int = 0
-    inference_ns: int = 0
-    postprocess_ns: int = 0
-    batch_size: int = 0
-
-    def timed(self, stage: str, work: Callable[[], T]) -> T:
-        """Runs `work`, adding its duration to the `<stage>_ns` counter."""
-        start = time.perf_counter_ns()
-        try:
-            return work()
-        finally:
-            setattr(self, f"{stage}_ns", getattr(self, f"{stage}_ns") + time.perf_counter_ns() - start)
+    tokenizing: Executor
+    generation: Executor
 
 
 @dataclass
 class ModelResources:
-    """What a pipeline is built from: the manifest, the tokenizer, the sessions by role and the
-    model's serving settings."""
+    """What a pipeline is built from: the model's name, manifest, tokenizer, sessions by role,
+    serving settings, and the thread pools it runs its blocking work on."""
 
+    name: str
     manifest: manifest_pb2.Manifest
     tokenizer: TextTokenizer
     sessions: dict[str, Session]
+    executors: Executors
     settings: ModelSettings = field(default_factory=ModelSettings)
 
 
@@ -62,29 +58,72 @@ class Prepared:
     context: dict[str, Any] = field(default_factory=dict)
 
 
-class Pipeline:
-    """A task's pipeline, built once per loaded model version."""
-
-    #: The Inference RPCs this pipeline serves, by method name.
-    rpcs: ClassVar[frozenset[str]] = frozenset()
+class Pipeline(ABC, Generic[Request]):
+    """A task's pipeline, built once per loaded model version: what the execution layer
+    (models/loaded.py) runs every RPC of the task through, whichever protocol it came by."""
 
     def __init__(self, resources: ModelResources) -> None:
+        self.name = resources.name
         self.manifest = resources.manifest
         self.tokenizer = resources.tokenizer
         self.sessions = resources.sessions
+        self.executors = resources.executors
+
+    def open(self) -> None:
+        """Starts what the pipeline serves with, once it is built (blocking, at load time)."""
+
+    async def close(self) -> None:
+        """Stops what `open` started."""
+
+    @abstractmethod
+    async def run(self, rpc: str, request: Request, timings: Timings, time_left: float | None) -> Message:
+        """Answers a unary RPC of the task (its metadata is filled by the caller). `time_left` is
+        the caller's remaining time in seconds (None: no deadline)."""
+
+    def stream(
+        self, rpc: str, request: Request, timings: Timings, time_left: float | None
+    ) -> AsyncIterator[tuple[Message, bool]]:
+        """Answers a server-streaming RPC: each message, with True on the last one."""
+        raise Unimplemented(f"{rpc} is not a streaming RPC of model {self.name!r}")
+
+    @abstractmethod
+    async def warm_up(self) -> None:
+        """Runs once what calls run, so that the first call does not pay for lazy allocations."""
+
+    def queue_depth(self) -> int | None:
+        """Requests waiting in the pipeline's queue; None when it has none to report."""
+        return None
+
+    def observe_runs(self, callback: Callable[[int, int], None]) -> None:
+        """`callback(rows, padded_tokens)` after each batched run, for pipelines that batch."""
+
+    async def _blocking(self, work: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executors.tokenizing, work)
 
 
-class EncoderPipeline(Pipeline, Generic[T]):
+class EncoderPipeline(Pipeline[Request]):
     """A pipeline over one encoder graph whose forward step runs batches of token sequences.
-    Because forward takes plain sequences, the batcher can merge sequences from many requests
+    Because forward takes plain sequences, its batcher can merge sequences from many requests
     into one run and hand each request its own rows back."""
 
     def __init__(self, resources: ModelResources) -> None:
         super().__init__(resources)
         self.session = resources.sessions["model"]
+        self.settings = resources.settings
+        self.runner: BatchRunner | None = None
+
+    def open(self) -> None:
+        """The batcher. Requests share runs only if the model's answers do not move with their
+        batchmates, which is measured here, on the built pipeline's own forward."""
+        merge = merges_safely(self.name, self.forward, self.tokenizer)
+        self.runner = BatchRunner(self.name, self.forward, self.settings, merge_requests=merge)
+
+    async def close(self) -> None:
+        if self.runner is not None:
+            await self.runner.close()
 
     @abstractmethod
-    def preprocess(self, request: T) -> Prepared:
+    def preprocess(self, request: Request) -> Prepared:
         """Validates the request and tokenizes its inputs."""
 
     def forward(self, sequences: Sequence[Encoding]) -> list[RowOutputs]:
@@ -104,8 +143,33 @@ class EncoderPipeline(Pipeline, Generic[T]):
         return rows
 
     @abstractmethod
-    def postprocess(self, request: T, prepared: Prepared, outputs: list[RowOutputs]) -> Message:
+    def postprocess(self, request: Request, prepared: Prepared, outputs: list[RowOutputs]) -> Message:
         """Turns each sequence's outputs into the response (its metadata is filled later)."""
+
+    async def run(self, rpc: str, request: Request, timings: Timings, time_left: float | None) -> Message:
+        """preprocess -> forward (through the batcher, which drops the request if its deadline
+        passes while it waits) -> postprocess."""
+        prepared = await self._blocking(lambda: timings.timed("tokenization", lambda: self.preprocess(request)))
+        timings.tokens = sum(len(s.ids) for s in prepared.sequences)
+        outputs = await self._runner().infer(prepared.sequences, timings, time_left)
+        return await self._blocking(
+            lambda: timings.timed("postprocess", lambda: self.postprocess(request, prepared, outputs))
+        )
+
+    async def warm_up(self) -> None:
+        """One short text through the batcher (tokenized in microseconds, on the loop)."""
+        await self._runner().infer(self.tokenizer.encode([WARMUP_TEXT]), Timings())
+
+    def queue_depth(self) -> int | None:
+        return self._runner().waiting
+
+    def observe_runs(self, callback: Callable[[int, int], None]) -> None:
+        self._runner().on_run = callback
+
+    def _runner(self) -> BatchRunner:
+        if self.runner is None:
+            raise RuntimeError(f"the pipeline of model {self.name!r} was not opened")
+        return self.runner
 
 
 def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from onnxserve.server.runtime.tokenizer import TokenizeOptions
 from onnxserve.server.tasks.base import EncoderPipeline, Prepared, RowOutputs, require_batch
+from onnxserve.server.tasks.registration import ExportSpec, KServeText, TaskRegistration
 
 from onnxserve.v1 import common_pb2, inference_pb2, manifest_pb2
 
@@ -25,8 +26,6 @@ def model_pooling(manifest: manifest_pb2.Manifest) -> int:
 
 
 class FeatureExtractionPipeline(EncoderPipeline[inference_pb2.EncodeRequest]):
-    rpcs = frozenset({"Encode"})
-
     def preprocess(self, request: inference_pb2.EncodeRequest) -> Prepared:
         require_batch(request.texts, "texts")
         truncation = request.truncate if request.HasField("truncate") else True
@@ -43,3 +42,13 @@ class FeatureExtractionPipeline(EncoderPipeline[inference_pb2.EncodeRequest]):
                 vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
             response.embeddings.add().values.extend(vector.astype(np.float32).tolist())
         return response
+
+
+REGISTRATION = TaskRegistration(
+    name="feature-extraction",
+    task=common_pb2.TASK_FEATURE_EXTRACTION,
+    pipeline=FeatureExtractionPipeline,
+    rpcs=frozenset({"Encode"}),
+    kserve_text=KServeText("Encode", "texts"),
+    export=ExportSpec("feature-extraction", "AutoModel"),
+)

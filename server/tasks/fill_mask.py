@@ -9,16 +9,15 @@ import numpy as np
 from onnxserve.server.errors import InvalidArgument, ModelLoadError
 from onnxserve.server.runtime.tokenizer import TokenizeOptions
 from onnxserve.server.tasks.base import EncoderPipeline, ModelResources, Prepared, RowOutputs, require_batch, softmax
+from onnxserve.server.tasks.registration import ExportSpec, KServeText, TaskRegistration
 from tokenizers import Encoding
 
-from onnxserve.v1 import inference_pb2
+from onnxserve.v1 import common_pb2, inference_pb2
 
 DEFAULT_TOP_K = 5
 
 
 class FillMaskPipeline(EncoderPipeline[inference_pb2.FillMaskRequest]):
-    rpcs = frozenset({"FillMask"})
-
     def __init__(self, resources: ModelResources) -> None:
         super().__init__(resources)
         self.mask_token = self.manifest.special_tokens.mask_token
@@ -111,3 +110,13 @@ class FillMaskPipeline(EncoderPipeline[inference_pb2.FillMaskRequest]):
         filled = [token_id if index == position else token for index, token in enumerate(ids)]
         kept = [token for token in filled if token != self.tokenizer.pad_token_id]
         return self.tokenizer.decode(kept, skip_special_tokens=single_mask)
+
+
+REGISTRATION = TaskRegistration(
+    name="fill-mask",
+    task=common_pb2.TASK_FILL_MASK,
+    pipeline=FillMaskPipeline,
+    rpcs=frozenset({"FillMask"}),
+    kserve_text=KServeText("FillMask", "texts"),
+    export=ExportSpec("fill-mask", "AutoModelForMaskedLM"),
+)

@@ -9,15 +9,14 @@ from collections.abc import Sequence
 from onnxserve.server.errors import InvalidArgument
 from onnxserve.server.runtime.tokenizer import batch_arrays
 from onnxserve.server.tasks.base import EncoderPipeline, Prepared, RowOutputs, require_batch, softmax
+from onnxserve.server.tasks.registration import ExportSpec, KServeText, TaskRegistration
 from onnxserve.server.tasks.text_classification import candidate_results, encode_candidates
 from tokenizers import Encoding
 
-from onnxserve.v1 import inference_pb2
+from onnxserve.v1 import common_pb2, inference_pb2
 
 
 class MultipleChoicePipeline(EncoderPipeline[inference_pb2.ClassifyRequest]):
-    rpcs = frozenset({"Classify"})
-
     def preprocess(self, request: inference_pb2.ClassifyRequest) -> Prepared:
         require_batch(request.texts, "texts")
         if not request.candidate_labels:
@@ -38,3 +37,13 @@ class MultipleChoicePipeline(EncoderPipeline[inference_pb2.ClassifyRequest]):
         self, request: inference_pb2.ClassifyRequest, prepared: Prepared, outputs: list[RowOutputs]
     ) -> inference_pb2.ClassifyResponse:
         return candidate_results(request, outputs, softmax)
+
+
+REGISTRATION = TaskRegistration(
+    name="multiple-choice",
+    task=common_pb2.TASK_MULTIPLE_CHOICE,
+    pipeline=MultipleChoicePipeline,
+    rpcs=frozenset({"Classify"}),
+    kserve_text=KServeText("Classify", "texts"),
+    export=ExportSpec("multiple-choice", "AutoModelForMultipleChoice"),
+)

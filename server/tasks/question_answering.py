@@ -11,9 +11,10 @@ import numpy as np
 from onnxserve.server.errors import InvalidArgument
 from onnxserve.server.runtime.tokenizer import TokenizeOptions
 from onnxserve.server.tasks.base import EncoderPipeline, ModelResources, Prepared, RowOutputs, require_batch, softmax
+from onnxserve.server.tasks.registration import ExportSpec, KServeText, TaskRegistration
 from tokenizers import Encoding
 
-from onnxserve.v1 import inference_pb2
+from onnxserve.v1 import common_pb2, inference_pb2
 
 # The pipeline's defaults, which the contract documents for the zero values.
 DEFAULT_TOP_K = 1
@@ -47,8 +48,6 @@ class Span:
 
 
 class QuestionAnsweringPipeline(EncoderPipeline[inference_pb2.AnswerRequest]):
-    rpcs = frozenset({"Answer"})
-
     def __init__(self, resources: ModelResources) -> None:
         super().__init__(resources)
         bare = self.tokenizer.tokenizer
@@ -215,3 +214,13 @@ def add_span(spans: list[Span], span: Span) -> None:
             known.score += span.score
             return
     spans.append(span)
+
+
+REGISTRATION = TaskRegistration(
+    name="question-answering",
+    task=common_pb2.TASK_QUESTION_ANSWERING,
+    pipeline=QuestionAnsweringPipeline,
+    rpcs=frozenset({"Answer"}),
+    kserve_text=KServeText("Answer", "questions"),
+    export=ExportSpec("question-answering", "AutoModelForQuestionAnswering"),
+)

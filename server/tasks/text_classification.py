@@ -17,8 +17,9 @@ from onnxserve.server.tasks.base import (
     sigmoid,
     softmax,
 )
+from onnxserve.server.tasks.registration import ExportSpec, KServeText, TaskRegistration
 
-from onnxserve.v1 import inference_pb2
+from onnxserve.v1 import common_pb2, inference_pb2
 
 DEFAULT_HYPOTHESIS_TEMPLATE = "This example is {}."
 
@@ -90,8 +91,6 @@ def hypotheses(template: str, candidate_labels: Sequence[str]) -> list[str]:
 
 
 class TextClassificationPipeline(EncoderPipeline[inference_pb2.ClassifyRequest]):
-    rpcs = frozenset({"Classify"})
-
     def preprocess(self, request: inference_pb2.ClassifyRequest) -> Prepared:
         require_batch(request.texts, "texts")
         if request.candidate_labels:
@@ -128,3 +127,13 @@ class TextClassificationPipeline(EncoderPipeline[inference_pb2.ClassifyRequest])
             ranked = ranked_labels(self.scores(row["logits"]), labels, request.top_k)
             response.results.add().labels.extend(ranked)
         return response
+
+
+REGISTRATION = TaskRegistration(
+    name="text-classification",
+    task=common_pb2.TASK_TEXT_CLASSIFICATION,
+    pipeline=TextClassificationPipeline,
+    rpcs=frozenset({"Classify"}),
+    kserve_text=KServeText("Classify", "texts"),
+    export=ExportSpec("text-classification", "AutoModelForSequenceClassification"),
+)

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 import numpy as np
 from onnxserve.server.errors import InvalidArgument
 from onnxserve.server.tasks.base import EncoderPipeline, ModelResources, Prepared, RowOutputs, require_batch, softmax
+from onnxserve.server.tasks.registration import ExportSpec, KServeText, TaskRegistration
 from tokenizers import Encoding
 
-from onnxserve.v1 import inference_pb2
+from onnxserve.v1 import common_pb2, inference_pb2
 
 Strategy = inference_pb2.AggregationStrategy
 WORD_STRATEGIES = frozenset(
@@ -45,8 +46,6 @@ class Tagged:
 
 
 class TokenClassificationPipeline(EncoderPipeline[inference_pb2.TagTokensRequest]):
-    rpcs = frozenset({"TagTokens"})
-
     def __init__(self, resources: ModelResources) -> None:
         super().__init__(resources)
         bare = self.tokenizer.tokenizer
@@ -169,3 +168,13 @@ def entity_groups(tagged: Sequence[Tagged]) -> list[list[Tagged]]:
         else:
             groups.append([item])
     return groups
+
+
+REGISTRATION = TaskRegistration(
+    name="token-classification",
+    task=common_pb2.TASK_TOKEN_CLASSIFICATION,
+    pipeline=TokenClassificationPipeline,
+    rpcs=frozenset({"TagTokens"}),
+    kserve_text=KServeText("TagTokens", "texts"),
+    export=ExportSpec("token-classification", "AutoModelForTokenClassification"),
+)

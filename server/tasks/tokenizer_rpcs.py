@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from onnxserve.server.errors import InvalidArgument
+from onnxserve.server.runtime.stats import Timings
 from onnxserve.server.runtime.tokenizer import TextTokenizer, TokenizeOptions
-from onnxserve.server.tasks.base import Timings, require_batch
+from onnxserve.server.tasks.base import require_batch
 
 from onnxserve.v1 import inference_pb2
 

@@ -7,9 +7,6 @@ are. Text in, results out: a BYTES input named `text` runs the model's whole pip
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
-from concurrent.futures import Executor
 from typing import Any
 
 import grpc
@@ -23,20 +20,17 @@ from onnxserve.server.api.kserve.tensors import (
     encode_outputs,
     select_outputs,
 )
-from onnxserve.server.api.kserve.text import TEXT_INPUT, TEXT_RPCS, build_request, response_tensors
-from onnxserve.server.api.typed import guarded
+from onnxserve.server.api.kserve.text import TEXT_INPUT, build_request, response_tensors
 from onnxserve.server.errors import InvalidArgument, Unimplemented
-from onnxserve.server.models.loading import LoadedModel
+from onnxserve.server.models.loaded import LoadedModel
 from onnxserve.server.models.registry import ModelRegistry
 from onnxserve.server.runtime.sessions import Session
-from onnxserve.server.tasks.base import EncoderPipeline, Timings
-from onnxserve.server.tasks.generation import pipeline as generation_pipeline
-from onnxserve.server.tasks.generation.pipeline import GenerationPipeline
+from onnxserve.server.tasks.registration import KServeText, registration_for, task_name
 
 import onnxserve
 from onnxserve.kserve_v2 import grpc_predict_v2_pb2 as v2
 from onnxserve.kserve_v2 import grpc_predict_v2_pb2_grpc as v2_grpc
-from onnxserve.v1 import common_pb2, inference_pb2, models_pb2
+from onnxserve.v1 import models_pb2
 
 SERVICE_NAME = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 PLATFORM = "onnxruntime_onnx"  # Triton's platform name for ONNX Runtime models
@@ -48,8 +42,8 @@ REPOSITORY_EXTENSION = (
 )
 
 
-def add_to_server(registry: ModelRegistry, executor: Executor, server: grpc.aio.Server) -> None:
-    v2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(registry, executor), server)
+def add_to_server(registry: ModelRegistry, server: grpc.aio.Server) -> None:
+    v2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(registry), server)
 
 
 def parse_version(version: str) -> int:
@@ -61,19 +55,12 @@ def parse_version(version: str) -> int:
     return int(version)
 
 
-def single_graph(model: LoadedModel) -> Session | None:
-    """The model's ONNX graph when it has exactly one: the graph that tensor requests run on."""
-    sessions = model.pipeline.sessions if model.pipeline is not None else {}
-    return next(iter(sessions.values())) if len(sessions) == 1 else None
-
-
 def tensor_graph(model: LoadedModel) -> Session:
-    session = single_graph(model)
+    session = model.graph
     if session is None:
-        task = common_pb2.Task.Name(model.task)
         raise Unimplemented(
-            f"model {model.name!r} ({task}) has no single ONNX graph in this release to run tensors on; "
-            f"send a BYTES input named {TEXT_INPUT!r} where its task maps text (docs/kserve.md)"
+            f"model {model.name!r} ({task_name(model.task)}) has no single ONNX graph in this release to run "
+            f"tensors on; send a BYTES input named {TEXT_INPUT!r} where its task maps text (docs/kserve.md)"
         )
     return session
 
@@ -121,57 +108,49 @@ def _texts(arrays: dict[str, np.ndarray], name: str) -> list[str]:
         raise InvalidArgument(f"input {name!r} holds bytes that are not UTF-8: {error}") from error
 
 
-def text_rpc(model: LoadedModel) -> str:
-    """The typed RPC that a text request runs on this model."""
-    served = [rpc for rpc in TEXT_RPCS if model.pipeline is not None and rpc in model.pipeline.rpcs]
-    if not served:
-        task = common_pb2.Task.Name(model.task)
-        raise Unimplemented(f"model {model.name!r} ({task}) has no pipeline here for a {TEXT_INPUT!r} input")
-    return served[0]
+def text_mapping(model: LoadedModel) -> KServeText:
+    """The typed RPC a text request runs on this model, and the field `text` fills: its task's."""
+    registration = registration_for(model.task)
+    if registration is None or registration.kserve_text is None or model.pipeline is None:
+        raise Unimplemented(
+            f"model {model.name!r} ({task_name(model.task)}) has no pipeline here for a {TEXT_INPUT!r} input"
+        )
+    return registration.kserve_text
 
 
 class KServeServicer(v2_grpc.GRPCInferenceServiceServicer):
-    """ServerLive to ModelInfer; the repository extension (load, unload) answers UNIMPLEMENTED."""
+    """ServerLive to ModelInfer; the repository extension (load, unload) answers UNIMPLEMENTED.
+    Requests run on the model's execution path (models/loaded.py), as typed calls do."""
 
-    def __init__(self, registry: ModelRegistry, executor: Executor) -> None:
+    def __init__(self, registry: ModelRegistry) -> None:
         self.registry = registry
-        self.executor = executor
 
-    async def _blocking(self, work: Callable[[], Any]) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, work)
-
-    @guarded
     async def ServerLive(self, request: v2.ServerLiveRequest, context: grpc.aio.ServicerContext) -> Message:
         return v2.ServerLiveResponse(live=True)
 
-    @guarded
     async def ServerReady(self, request: v2.ServerReadyRequest, context: grpc.aio.ServicerContext) -> Message:
         # The health service's readiness rule (every required model READY), so that both agree.
         return v2.ServerReadyResponse(ready=self.registry.ready())
 
-    @guarded
     async def ModelReady(self, request: v2.ModelReadyRequest, context: grpc.aio.ServicerContext) -> Message:
         model = self.registry.get(request.name, parse_version(request.version))
         return v2.ModelReadyResponse(ready=model.state == models_pb2.MODEL_STATE_READY)
 
-    @guarded
     async def ServerMetadata(
         self, request: v2.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> Message:
         return v2.ServerMetadataResponse(name="onnxserve", version=onnxserve.__version__)
 
-    @guarded
     async def ModelMetadata(self, request: v2.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> Message:
         model = self.registry.get(request.name, parse_version(request.version))
         versions = [str(m.version) for m in self.registry.models() if m.name == model.name]
         response = v2.ModelMetadataResponse(name=model.name, versions=versions, platform=PLATFORM)
-        graph = single_graph(model)
+        graph = model.graph
         if graph is not None:
             response.inputs.extend(tensor_metadata(graph.session.get_inputs()))
             response.outputs.extend(tensor_metadata(graph.session.get_outputs()))
         return response
 
-    @guarded
     async def ModelInfer(self, request: v2.ModelInferRequest, context: grpc.aio.ServicerContext) -> Message:
         model = self.registry.resolve(request.model_name, parse_version(request.model_version))
         arrays = decode_inputs(request)
@@ -202,7 +181,7 @@ class KServeServicer(v2_grpc.GRPCInferenceServiceServicer):
         session = tensor_graph(model)
         check_feeds(model.name, session, arrays)
         try:
-            return await self._blocking(lambda: session.run(arrays))
+            return await model.run_graph(arrays)
         except GraphRefused as error:
             # What check_feeds cannot see: shapes that disagree, ids outside the vocabulary.
             raise InvalidArgument(f"model {model.name!r} refused the inputs: {error}") from error
@@ -214,22 +193,8 @@ class KServeServicer(v2_grpc.GRPCInferenceServiceServicer):
         request: v2.ModelInferRequest,
         context: grpc.aio.ServicerContext,
     ) -> dict[str, np.ndarray]:
-        rpc = text_rpc(model)
-        typed = build_request(rpc, model.name, {name: _texts(arrays, name) for name in arrays}, request.parameters)
-        if rpc == "Generate":
-            response = await self._generate(model, typed)
-        else:
-            response = await self._run_pipeline(model, rpc, typed, context.time_remaining())
+        mapping = text_mapping(model)
+        texts = {name: _texts(arrays, name) for name in arrays}
+        typed = build_request(mapping, model.name, texts, request.parameters)
+        response = await model.run(mapping.rpc, typed, context.time_remaining())
         return response_tensors(response)
-
-    async def _run_pipeline(self, model: LoadedModel, rpc: str, request: Message, timeout: float | None) -> Message:
-        """preprocess -> forward (through the model's batcher) -> postprocess, as the typed RPC runs."""
-        pipeline: EncoderPipeline = model.pipeline_for(rpc)  # type: ignore[assignment]
-        prepared = await self._blocking(lambda: pipeline.preprocess(request))
-        outputs = await model.runner.infer(prepared.sequences, Timings(), timeout)  # type: ignore[union-attr]
-        return await self._blocking(lambda: pipeline.postprocess(request, prepared, outputs))
-
-    async def _generate(self, model: LoadedModel, request: inference_pb2.GenerateRequest) -> Message:
-        pipeline: GenerationPipeline = model.pipeline_for("Generate")  # type: ignore[assignment]
-        generation = await self._blocking(lambda: pipeline.start(request.prompts, request.parameters, Timings()))
-        return await generation_pipeline.run(generation, self.executor)

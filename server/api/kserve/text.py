@@ -2,7 +2,8 @@
 RPC, and the typed response back to tensors. Both directions follow the contract's field names,
 so every task maps the same way (docs/kserve.md):
 
-- the BYTES input `text` fills the RPC's main texts (texts, questions or prompts); any other BYTES
+- the BYTES input `text` fills the field that the task's registration names (texts, questions or
+  prompts: `KServeText`, tasks/registration.py); any other BYTES
   input fills the repeated string field of its name (text_pairs, contexts, candidate_labels,
   targets, stop);
 - each request parameter sets the scalar option of its name (top_k, pooling, max_new_tokens...);
@@ -12,29 +13,22 @@ so every task maps the same way (docs/kserve.md):
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from onnxserve.server.errors import InvalidArgument
+from onnxserve.server.tasks.registration import INFERENCE, KServeText
 
+from onnxserve.enums import short_name, short_names
 from onnxserve.kserve_v2 import grpc_predict_v2_pb2 as v2
-from onnxserve.v1 import inference_pb2
 
 TEXT_INPUT = "text"
-
-#: The RPCs text requests run, with their request type and the field `text` fills.
-TEXT_RPCS: dict[str, tuple[type[Message], str]] = {
-    "Encode": (inference_pb2.EncodeRequest, "texts"),
-    "Classify": (inference_pb2.ClassifyRequest, "texts"),
-    "TagTokens": (inference_pb2.TagTokensRequest, "texts"),
-    "Answer": (inference_pb2.AnswerRequest, "questions"),
-    "FillMask": (inference_pb2.FillMaskRequest, "texts"),
-    "Generate": (inference_pb2.GenerateRequest, "prompts"),
-}
+#: The sub-message that holds an RPC's options when it has one (Generate's GenerationParameters).
+OPTIONS_FIELD = "parameters"
 
 #: Leaves whose field name says little on its own.
 OUTPUT_NAMES = {"onnxserve.v1.Embedding.values": "embedding"}
@@ -47,12 +41,13 @@ _BOOL = FieldDescriptor.TYPE_BOOL
 # --- request -------------------------------------------------------------------------------------
 
 
-def build_request(rpc: str, model: str, texts: dict[str, list[str]], parameters: Any) -> Message:
-    """The typed request of `rpc` from the text inputs by name and the request's parameters."""
-    request_type, text_field = TEXT_RPCS[rpc]
-    request = request_type(model=model)
-    # Generate keeps its decoding options in a GenerationParameters message.
-    options = request.parameters if rpc == "Generate" else request
+def build_request(mapping: KServeText, model: str, texts: dict[str, list[str]], parameters: Any) -> Message:
+    """The typed request of the mapping's RPC from the text inputs by name and the request's
+    parameters; its type is the RPC's input in the contract."""
+    rpc, text_field = mapping.rpc, mapping.field
+    request = message_factory.GetMessageClass(INFERENCE.methods_by_name[rpc].input_type)(model=model)
+    fields = request.DESCRIPTOR.fields_by_name
+    options = getattr(request, OPTIONS_FIELD) if OPTIONS_FIELD in fields else request
     for name, values in texts.items():
         field = text_field if name == TEXT_INPUT else name
         target = request if field in request.DESCRIPTOR.fields_by_name else options
@@ -95,8 +90,7 @@ def set_option(message: Message, name: str, parameter: v2.InferParameter) -> Non
 
 def _convert(field: FieldDescriptor, kind: str | None, value: Any) -> Any:
     if field.enum_type is not None and kind == "string_param":
-        prefix = _enum_prefix(field.enum_type.name)
-        names = {v.name.removeprefix(prefix).lower(): v.number for v in field.enum_type.values if v.number}
+        names = short_names(field.enum_type)
         if value not in names:
             raise ValueError(f"use one of {sorted(names)}")
         return names[value]
@@ -106,11 +100,6 @@ def _convert(field: FieldDescriptor, kind: str | None, value: Any) -> Any:
     if field.enum_type is not None or field.type in _FLOATS or kind != wanted:
         raise TypeError(f"a {kind or 'missing'} value for a {_type_name(field)} option")
     return value
-
-
-def _enum_prefix(enum_name: str) -> str:
-    """FinishReason -> FINISH_REASON_, the prefix of its value names."""
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", enum_name).upper() + "_"
 
 
 def _type_name(field: FieldDescriptor) -> str:
@@ -162,7 +151,7 @@ def leaves(message: Message) -> dict[str, Any]:
 
 def _scalar(field: FieldDescriptor, value: Any) -> Any:
     if field.enum_type is not None:
-        return field.enum_type.values_by_number[value].name.removeprefix(_enum_prefix(field.enum_type.name)).lower()
+        return short_name(field.enum_type, value)
     return value
 
 

@@ -18,11 +18,13 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from contextlib import aclosing
+from typing import Any
 
 import numpy as np
 from onnxserve.server.config.settings import ModelSettings
 from onnxserve.server.errors import InvalidArgument, ModelLoadError
-from onnxserve.server.tasks.base import ModelResources, Pipeline, Timings, require_batch
+from onnxserve.server.runtime.stats import Timings
+from onnxserve.server.tasks.base import WARMUP_TEXT, ModelResources, Pipeline, require_batch
 from onnxserve.server.tasks.generation import logits
 from onnxserve.server.tasks.generation.causal import left_pad, open_causal_model
 from onnxserve.server.tasks.generation.decoding import Decoding, Sampler, StepModel, decode
@@ -32,8 +34,15 @@ from onnxserve.server.tasks.generation.seq2seq import Seq2SeqModel
 from onnxserve.server.tasks.generation.settings import MAX_SEQUENCES, GenerationSettings, resolve_settings
 from onnxserve.server.tasks.generation.stopping import OutputSequence, StoppingCriteria
 from onnxserve.server.tasks.generation.streaming import IncrementalDecoder
+from onnxserve.server.tasks.registration import (
+    DECODER_VARIANTS,
+    SEQ2SEQ_GRAPHS,
+    ExportSpec,
+    KServeText,
+    TaskRegistration,
+)
 
-from onnxserve.v1 import inference_pb2
+from onnxserve.v1 import common_pb2, inference_pb2
 
 
 class Generation(ABC):
@@ -244,10 +253,9 @@ async def stream(generation: Generation, executor: Executor) -> AsyncIterator[in
                 yield message
 
 
-class GenerationPipeline(Pipeline):
-    """Causal LMs (role "model") and encoder-decoders (roles "encoder" and "decoder")."""
-
-    rpcs = frozenset({"Generate", "GenerateStream"})
+class GenerationPipeline(Pipeline[Any]):
+    """Causal LMs (role "model") and encoder-decoders (roles "encoder" and "decoder"). Requests are
+    set up and decoded on the generation executor, or on the scheduler's thread for a shared batch."""
 
     def __init__(self, resources: ModelResources) -> None:
         super().__init__(resources)
@@ -272,6 +280,32 @@ class GenerationPipeline(Pipeline):
         if settings.max_generation_rows <= 0:
             return None
         return Scheduler(graph, settings.max_generation_rows, settings.max_queue_size, self.context, self.stats)
+
+    async def run(
+        self, rpc: str, request: inference_pb2.GenerateRequest, timings: Timings, time_left: float | None
+    ) -> inference_pb2.GenerateResponse:
+        """Generate. A deadline ends the call through gRPC's cancellation, within one step."""
+        generation = await self._start(request.prompts, request.parameters, timings)
+        return await run(generation, self.executors.generation)
+
+    async def stream(
+        self, rpc: str, request: inference_pb2.GenerateStreamRequest, timings: Timings, time_left: float | None
+    ) -> AsyncIterator[tuple[inference_pb2.GenerateStreamResponse, bool]]:
+        """GenerateStream: the last message is the one with the finish reason."""
+        generation = await self._start([request.prompt], request.parameters, timings)
+        async for message in stream(generation, self.executors.generation):
+            yield message, bool(message.finish_reason)
+
+    async def _start(
+        self, prompts: Sequence[str], parameters: inference_pb2.GenerationParameters, timings: Timings
+    ) -> Generation:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executors.generation, self.start, prompts, parameters, timings)
+
+    async def warm_up(self) -> None:
+        """Tokenizing only, with the bare tokenizer: a configured copy would only take memory (a
+        third of a GB for Gemma's 262k-piece vocabulary), and decoding allocates per request."""
+        self.tokenizer.tokenizer.encode(WARMUP_TEXT)
 
     @property
     def context(self) -> int:
@@ -359,3 +393,32 @@ class GenerationPipeline(Pipeline):
             eos_token_ids=self.eos_token_ids,
             max_new_tokens=settings.max_new_tokens,
         )
+
+
+_GENERATION_RPCS = frozenset({"Generate", "GenerateStream"})
+TEXT_GENERATION = TaskRegistration(
+    name="text-generation",
+    task=common_pb2.TASK_TEXT_GENERATION,
+    pipeline=GenerationPipeline,
+    rpcs=_GENERATION_RPCS,
+    kserve_text=KServeText("Generate", "prompts"),
+    export=ExportSpec(
+        "text-generation-with-past",
+        "AutoModelForCausalLM",
+        variants=DECODER_VARIANTS,
+        default_precisions=("fp32", "fp16", "int8", "int4"),
+        validator="generative",
+        fused_decoder=True,
+        generation_config=True,
+    ),
+)
+TEXT2TEXT_GENERATION = TaskRegistration(
+    name="text2text-generation",
+    task=common_pb2.TASK_TEXT2TEXT_GENERATION,
+    pipeline=GenerationPipeline,
+    rpcs=_GENERATION_RPCS,
+    kserve_text=KServeText("Generate", "prompts"),
+    export=ExportSpec(
+        "text2text-generation-with-past", "AutoModelForSeq2SeqLM", graphs=SEQ2SEQ_GRAPHS, generation_config=True
+    ),
+)

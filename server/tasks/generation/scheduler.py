@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from onnxserve.server.errors import ResourceExhausted
-from onnxserve.server.tasks.base import Timings
+from onnxserve.server.runtime.stats import Timings
 from onnxserve.server.tasks.generation.decoding import Decoding, decode
 from onnxserve.server.tasks.generation.fused import FusedBatch, FusedGraph
 from onnxserve.server.tasks.generation.stopping import OutputSequence

@@ -1,0 +1,147 @@
+"""Each task declared once. A `TaskRegistration` names everything that depends on the task: its
+pipeline, the Inference RPCs it serves, how KServe v2 text requests map onto them, and how
+`onnxserve export` makes and validates its variants. The server's tables (which pipeline, which
+RPCs, which KServe mapping) and the exporter's choices (precisions, variant plan, validator, the
+fused decoder) are all read from here, so adding a head is: its module with its registration, its
+messages, its tests.
+
+Importable without torch or transformers: the server imports it, and so does the exporter."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from onnxserve.enums import short_name
+from onnxserve.v1 import common_pb2, inference_pb2
+
+if TYPE_CHECKING:
+    from onnxserve.server.tasks.base import Pipeline
+
+INFERENCE = inference_pb2.DESCRIPTOR.services_by_name["Inference"]
+#: RPCs that every model serves with its tokenizer, whatever its task.
+TOKENIZER_RPCS = frozenset({"Tokenize", "Detokenize"})
+
+#: The graph optimum writes for most tasks: one file, served as the role "model".
+SINGLE_GRAPH: Mapping[str, tuple[str, ...]] = {"model": ("model.onnx",)}
+# The seq2seq decoder is served merged: one graph with one copy of the weights for the first step
+# (use_cache_branch=False) and the next ones. optimum merges its own decoders, but ONNX Runtime's
+# float16 converter cannot handle the merged graph's If branches, so the exporter converts the
+# two decoders it also writes and merges each precision itself.
+SEQ2SEQ_GRAPHS: Mapping[str, tuple[str, ...]] = {
+    "encoder": ("encoder_model.onnx",),
+    "decoder": ("decoder_model.onnx", "decoder_with_past_model.onnx"),
+}
+
+
+@dataclass(frozen=True)
+class Derivation:
+    """How one variant is made: `converter` (a name the exporter maps to its function) applied to
+    the `source` graph: "fp32", the served fp32 graph (fused where the task's models fuse), or
+    "unfused", the optimized graph before fusion (the int8 quantizer needs standard ops to infer
+    types; ONNX Runtime fuses the quantized graph itself when it loads it)."""
+
+    converter: Literal["fp16", "int8_dynamic", "int8_weight_only", "int4_weight_only"]
+    source: Literal["fp32", "unfused"]
+
+
+#: Encoders: fp16 from the fp32 graph, int8 with dynamic (per-token) activation quantization.
+ENCODER_VARIANTS: Mapping[str, Derivation] = {
+    "fp16": Derivation("fp16", "fp32"),
+    "int8": Derivation("int8_dynamic", "unfused"),
+}
+#: Decoders read every weight once per token: int8 and int4 quantize the weights only, from the
+#: graph that is served in fp32, and activations stay fp32.
+DECODER_VARIANTS: Mapping[str, Derivation] = {
+    "fp16": Derivation("fp16", "fp32"),
+    "int8": Derivation("int8_weight_only", "fp32"),
+    "int4": Derivation("int4_weight_only", "fp32"),
+}
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """How `onnxserve export` makes the task's model: optimum's task name and the transformers
+    class of the PyTorch reference; the graphs optimum writes per role (one file, or a decoder and
+    a decoder with past to merge); the variants it can derive from fp32 and those it makes by
+    default; the validator ("outputs" against PyTorch on sample inputs, or "generative": greedy
+    decoding and perplexity); and whether checkpoints of the Llama family get the fused decoder
+    graph instead of optimum's."""
+
+    optimum_task: str
+    auto_class: str
+    graphs: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: SINGLE_GRAPH)
+    variants: Mapping[str, Derivation] = field(default_factory=lambda: ENCODER_VARIANTS)
+    default_precisions: tuple[str, ...] = ("fp32", "fp16", "int8")
+    validator: Literal["outputs", "generative"] = "outputs"
+    fused_decoder: bool = False
+    generation_config: bool = False  # the checkpoint's generation_config.json is read and shipped
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        """Every precision the task can be exported in: fp32 and what derives from it."""
+        return ("fp32", *self.variants)
+
+
+@dataclass(frozen=True)
+class KServeText:
+    """What a KServe v2 ModelInfer with a BYTES input named `text` runs: the typed `rpc`, with
+    `text` filling the request's repeated string field `field`."""
+
+    rpc: str
+    field: str
+
+
+@dataclass(frozen=True)
+class TaskRegistration:
+    """One task: `name` as the exporter and the command spell it, `task` its Task number in the
+    manifest, `pipeline` the class built per loaded model version, `rpcs` the Inference RPCs it
+    serves (besides Tokenize and Detokenize, which every model serves), `kserve_text` its KServe v2
+    text mapping and `export` its export spec (None: not exported by `onnxserve export`)."""
+
+    name: str
+    task: int
+    pipeline: type[Pipeline]
+    rpcs: frozenset[str]
+    kserve_text: KServeText | None = None
+    export: ExportSpec | None = None
+
+    def __post_init__(self) -> None:
+        unknown = sorted(self.rpcs - set(INFERENCE.methods_by_name))
+        if unknown:
+            raise ValueError(f"task {self.name}: {unknown} are not RPCs of {INFERENCE.full_name}")
+        if self.kserve_text is not None and self.kserve_text.rpc not in self.rpcs:
+            raise ValueError(f"task {self.name}: its KServe text RPC {self.kserve_text.rpc} is not one it serves")
+
+
+_REGISTRY: dict[int, TaskRegistration] = {}
+
+
+def register(registration: TaskRegistration) -> TaskRegistration:
+    """Adds a task; its number and name must be new."""
+    clash = next((r for r in _REGISTRY.values() if registration.name == r.name or registration.task == r.task), None)
+    if clash is not None:
+        raise ValueError(f"task {registration.name} ({registration.task}) clashes with {clash.name} ({clash.task})")
+    _REGISTRY[registration.task] = registration
+    return registration
+
+
+def unregister(task: int) -> None:
+    _REGISTRY.pop(task, None)
+
+
+def registrations() -> Iterator[TaskRegistration]:
+    return iter(list(_REGISTRY.values()))
+
+
+def registration_for(task: int) -> TaskRegistration | None:
+    """The registration of a manifest's task number; None for a task this server does not serve."""
+    return _REGISTRY.get(task)
+
+
+def task_name(task: int) -> str:
+    """A task's name for messages and logs: its registration's ("text-classification"), else the
+    contract's ("text_classification"), else its number."""
+    registration = _REGISTRY.get(task)
+    return registration.name if registration is not None else short_name(common_pb2.Task, task)
