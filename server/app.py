@@ -21,6 +21,7 @@ from onnxserve.server.config.settings import ServerSettings
 from onnxserve.server.models.lifecycle import ModelLifecycle
 from onnxserve.server.models.loaded import LoadedModel
 from onnxserve.server.models.registry import ModelRegistry
+from onnxserve.server.observability.logs import announce
 from onnxserve.server.observability.metrics import Metrics
 from onnxserve.server.observability.telemetry import TelemetryInterceptor
 from onnxserve.server.tasks.base import Executors
@@ -149,6 +150,7 @@ class OnnxServer:
         flight shutdown_grace_s to finish before cancelling them."""
         await self.health.enter_graceful_shutdown()
         await asyncio.sleep(self.settings.drain_delay_s)
+        log.info("drained: refusing new calls")
         if self.server is not None:
             await self.server.stop(self.settings.shutdown_grace_s)
         await self.lifecycle.stop()
@@ -162,12 +164,19 @@ async def serve(settings: ServerSettings) -> None:
     """Runs until SIGINT or SIGTERM, then shuts down gracefully."""
     server = OnnxServer(settings)
     await server.start()
-    stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
+    received: asyncio.Future[str] = loop.create_future()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stopping.set)
+        loop.add_signal_handler(signum, lambda name=signum.name: received.done() or received.set_result(name))
     metrics = f"; metrics on http://{settings.metrics_host}:{server.metrics_port}/metrics" if server.metrics else ""
-    print(f"onnxserve listening on {settings.host}:{server.port}{metrics}", flush=True)
-    await stopping.wait()
-    log.info("shutting down: finishing the calls in flight (at most %.0f s)", settings.shutdown_grace_s)
+    announce(
+        f"onnxserve listening on {settings.host}:{server.port}{metrics}", settings.log_format,
+        host=settings.host, port=server.port, metrics_port=server.metrics_port,
+    )
+    signal_name = await received
+    log.info(
+        "%s received: health NOT_SERVING; answering for drain_delay_s (%.0f s), then finishing the calls in "
+        "flight (at most %.0f s)", signal_name, settings.drain_delay_s, settings.shutdown_grace_s,
+    )
     await server.stop()
+    log.info("stopped")

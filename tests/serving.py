@@ -89,7 +89,7 @@ class ServerProcess:
             self.process = subprocess.Popen(
                 command, stdout=subprocess.PIPE, stderr=log, env={**os.environ, **(env or {})}
             )
-        line = self._first_line(timeout_s=180)
+        self.first_line = line = self._first_line(timeout_s=180)
         found = re.search(r"listening on [^:]+:(\d+); metrics on http://[^:]+:(\d+)", line)
         if found is None:
             self.process.kill()

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
+import shutil
 
 import grpc
 import pytest
 
 from onnxserve.v1 import inference_pb2, inference_pb2_grpc
-from tests.serving import ServerProcess, add_version, metric
+from tests.serving import ServerProcess, add_version, metric, wait_for
 
 KIND = "bert-sequence-classification"
 CLASSIFY = "onnxserve.v1.Inference/Classify"
@@ -90,6 +92,25 @@ def test_json_logs_carry_the_request_id(exported, tmp_path):
     lines = [line for line in server.log_path.read_text().splitlines() if not ABSL_LINE.match(line)]
     entries = [json.loads(line) for line in lines]
     assert all({"time", "level", "logger", "message"} <= entry.keys() for entry in entries)
+    # stdout's start-up line is in the same format; SIGTERM is logged as it arrives, then the stop.
+    started = json.loads(server.first_line)
+    assert "listening on" in started["message"] and started["port"] == server.port
+    messages = [entry["message"] for entry in entries]
+    assert any(m.startswith("SIGTERM received: health NOT_SERVING") for m in messages), messages
+    assert messages.index("drained: refusing new calls") < messages.index("stopped")
     access = [e for e in entries if e.get("request_id") == "trace-me"]
     assert access, "no entry carries the request id"
     assert access[0]["rpc"] == CLASSIFY and access[0]["code"] == "OK" and access[0]["model"] == KIND
+
+
+def test_deleting_the_newest_version_logs_a_rollback(exported, start_server, tmp_path, caplog):
+    repository = tmp_path / "repository"
+    for version in (1, 2):
+        add_version(exported[KIND], repository, KIND, version)
+    server = start_server({}, settings={"repository": repository, "poll_interval_s": 0.1})
+    with caplog.at_level(logging.INFO, logger="onnxserve.server.models.lifecycle"), server.client() as client:
+        assert client.get_model(model=KIND).version == 2
+        shutil.rmtree(repository / KIND / "2")
+        wait_for(lambda: client.get_model(model=KIND).version == 1, what="version 1 serving again")
+        wait_for(lambda: "unloaded" in caplog.text, what="version 2 unloaded")
+    assert f"model {KIND} rolled back to version 1 (version 2 left the repository)" in caplog.messages

@@ -101,7 +101,12 @@ class ModelLifecycle:
             await self._warm_up(model)
         if model.state == models_pb2.MODEL_STATE_READY:
             self.on_ready(model)
-        self._unload(self.registry.put(model))
+        replaced = self.registry.put(model)
+        newer = sorted(m.version for m in replaced if m.version > model.version)
+        if newer and model.state == models_pb2.MODEL_STATE_READY:  # the latest version folder was deleted
+            log.info("model %s rolled back to version %d (version %s left the repository)", name, version,
+                     ", ".join(map(str, newer)))  # fmt: skip
+        self._unload(replaced)
         await self.on_change()
 
     async def _warm_up(self, model: LoadedModel) -> None:

@@ -75,6 +75,12 @@ def _load_into(model: LoadedModel, device: str) -> None:
     manifest = read_manifest(model.directory)
     model.manifest = manifest
     variant = choose_variant(manifest, model.settings.precision, device)
+    if device == "cuda" and model.settings.precision == "auto" and variant.precision != common_pb2.PRECISION_FP16:
+        log.warning(
+            "model %s version %d: no fp16 variant, so CUDA serves %s (export leaves out a variant that misses "
+            "its gates or that it cannot run: fp16 of some graphs on a machine without a GPU)",
+            model.name, model.version, common_pb2.Precision.Name(variant.precision),
+        )
     session_settings = SessionSettings(
         device=device,
         intra_op_threads=model.settings.intra_op_threads,

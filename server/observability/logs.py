@@ -41,6 +41,15 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
+def announce(message: str, log_format: str, **fields: object) -> None:
+    """The start-up line, on stdout (where a supervisor or test waits for it) in the log's format,
+    so that each stream holds one format: with json, an entry like the log's, `fields` included."""
+    if log_format == "json":
+        record = logging.makeLogRecord({"name": "onnxserve", "levelname": "INFO", "msg": message, **fields})
+        message = JsonFormatter().format(record)
+    print(message, flush=True)
+
+
 def configure_logging(level: str, log_format: str) -> None:
     """Replaces the root logger's handlers with one on stderr in the given format."""
     handler = logging.StreamHandler(sys.stderr)
