@@ -251,7 +251,8 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser(
         "serve", help="serve a model repository over gRPC",
-        description="Each flag overrides the config file and the ONNXSERVE_* variables; see docs/operations.md.",
+        description="Each flag overrides the ONNXSERVE_* variables, which override the config file; a "
+                    "[models.NAME] table still wins for its model. See docs/operations.md.",
     )
     serve.add_argument("--config", help="a TOML config file (default: $ONNXSERVE_CONFIG)")
     add_flags(serve)
