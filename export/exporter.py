@@ -33,26 +33,26 @@ from onnxserve.export.optimize import (
 )
 from onnxserve.export.progress import Steps, quiet
 from onnxserve.export.quantize import quantize_int8
-from onnxserve.export.tasks import TaskSpec, check_exportable, detect_task, task_spec
+from onnxserve.export.tasks import TASKS, TaskSpec, check_exportable, detect_task, task_spec
 from onnxserve.export.validate import NotRunnable, Validator
 from onnxserve.export.weight_only import quantize_int4_weights, quantize_int8_weights
 from onnxserve.export.writer import publish, sha256, staging
 from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedTokenizerFast
 
+from onnxserve.enums import short_names
 from onnxserve.repository import TOKENIZER_FILE, RepositoryError, validate_model_name
 from onnxserve.v1 import common_pb2, manifest_pb2
 
-__all__ = ["DEFAULT_PRECISIONS", "ExportError", "GenerativeGate", "export_model"]
+__all__ = ["ExportError", "GenerativeGate", "export_model"]
 
-PRECISIONS = {
-    "fp32": common_pb2.PRECISION_FP32,
-    "fp16": common_pb2.PRECISION_FP16,
-    "int8": common_pb2.PRECISION_INT8,
-    "int4": common_pb2.PRECISION_INT4,
+PRECISIONS = short_names(common_pb2.Precision)
+#: The converters a task's variant plan names (ExportSpec.variants, server/tasks/registration.py).
+CONVERTERS: dict[str, Callable[[Path, Path], str]] = {
+    "fp16": to_fp16,
+    "int8_dynamic": quantize_int8,
+    "int8_weight_only": quantize_int8_weights,
+    "int4_weight_only": quantize_int4_weights,
 }
-DEFAULT_PRECISIONS = ("fp32", "fp16", "int8")
-# Decoder-only models also get int4 weights: decoding reads every weight once per token.
-CAUSAL_LM_PRECISIONS = (*DEFAULT_PRECISIONS, "int4")
 GENERATION_CONFIG_FILE = "generation_config.json"
 
 
@@ -88,8 +88,8 @@ def export_model(
     generative_gate: GenerativeGate = DEFAULT_GATE,
 ) -> Path:
     """Exports SOURCE (a checkpoint folder, a Hub id or a .gguf file) into REPOSITORY/NAME as the
-    next version; returns the version folder. `precisions` defaults to the task's
-    (CAUSAL_LM_PRECISIONS for text generation, else DEFAULT_PRECISIONS). Variants that miss their
+    next version; returns the version folder. `precisions` defaults to the task's (its
+    registration's default_precisions). Variants that miss their
     validation gates (`generative_gate` for text generation) are left out with a warning (an
     ExportError when none is left) unless `force`, which writes them marked as failed."""
     source = str(source)
@@ -124,15 +124,15 @@ def _check_precisions(precisions: Sequence[str]) -> list[str]:
 
 def _task_precisions(spec: TaskSpec, precisions: Sequence[str] | None) -> list[str]:
     """The precisions to make for the task: the asked ones, else the task's defaults."""
-    causal = spec.proto == common_pb2.TASK_TEXT_GENERATION
     if precisions is None:
-        return list(CAUSAL_LM_PRECISIONS if causal else DEFAULT_PRECISIONS)
-    if "int4" in precisions and not causal:
-        raise ExportError(
-            f"int4 is for text-generation models (weight-only, for token-by-token decoding); "
-            f"{spec.name} exports fp32, fp16 and int8"
-        )
-    return _check_precisions(precisions)
+        return list(spec.export.default_precisions)
+    wanted = _check_precisions(precisions)
+    for precision in wanted:
+        if precision not in spec.export.precisions:
+            others = [other.name for other in TASKS.values() if precision in other.export.precisions]
+            made = ", ".join(spec.export.precisions)
+            raise ExportError(f"{precision} is for {', '.join(others)} models; {spec.name} exports {made}")
+    return wanted
 
 
 def _check_name(name: str) -> str:
@@ -162,9 +162,8 @@ def _make_variants(model: _Model, stage: Path, wanted: list[str], steps: Steps) 
     """The wanted variants' files, in the staging folder.
 
     Conversions run on the graphs optimum writes ("parts": one per role, or a decoder and a
-    decoder with past), which are then put together per role. fp32 is always made, as fp16
-    derives from it. int8 derives from the graph before fusion: the quantizer needs standard ops
-    to infer types, and ONNX Runtime fuses the quantized graph itself when it loads it."""
+    decoder with past), which are then put together per role. fp32 is always made, as the other
+    variants derive from it, or from the unfused graph before it, by the task's variant plan."""
     work = stage / "optimum"
     names = [Path(file).stem for files in model.spec.graphs.values() for file in files]
 
@@ -179,23 +178,20 @@ def _make_variants(model: _Model, stage: Path, wanted: list[str], steps: Steps) 
         with steps.step(f"exporting {model.spec.name} with optimum"), quiet():
             _run_optimum(model, work)
         with steps.step("optimizing the graph (fp32)"):
-            plain = parts("plain")
-            recipes = {"plain": _convert(optimize_basic, {name: work / f"{name}.onnx" for name in names}, plain)}
-            files = {"plain": plain, "fp32": plain}
-            recipes["fp32"] = recipes["plain"]
+            unfused = parts("unfused")
+            sources = {name: work / f"{name}.onnx" for name in names}
+            recipes = {"unfused": _convert(optimize_basic, sources, unfused)}
+            files = {"unfused": unfused, "fp32": unfused}
+            recipes["fp32"] = recipes["unfused"]
             if can_fuse(model.config.model_type):
                 files["fp32"] = parts("fp32")
-                recipes["fp32"] += "; " + _convert(fuse, plain, files["fp32"])
-    derived = {"fp16": (to_fp16, "fp32"), "int8": (quantize_int8, "plain")}
-    if model.spec.proto == common_pb2.TASK_TEXT_GENERATION:
-        # Weight-only from the graph that is served in fp32: activations stay fp32.
-        derived |= {"int8": (quantize_int8_weights, "fp32"), "int4": (quantize_int4_weights, "fp32")}
-    for precision, (converter, origin) in derived.items():
+                recipes["fp32"] += "; " + _convert(fuse, unfused, files["fp32"])
+    for precision, derivation in model.spec.export.variants.items():
         if precision in wanted:
             with steps.step(f"making the {precision} variant"):
                 files[precision] = parts(precision)
-                recipe = _convert(converter, files[origin], files[precision])
-                recipes[precision] = f"{recipes[origin]}; {recipe}"
+                recipe = _convert(CONVERTERS[derivation.converter], files[derivation.source], files[precision])
+                recipes[precision] = f"{recipes[derivation.source]}; {recipe}"
     variants = [
         _Variant(precision, _assemble(model.spec, files[precision], stage, precision), recipes[precision])
         for precision in wanted
@@ -205,7 +201,7 @@ def _make_variants(model: _Model, stage: Path, wanted: list[str], steps: Steps) 
 
 
 def _has_fused_decoder(model: _Model) -> bool:
-    return model.spec.proto == common_pb2.TASK_TEXT_GENERATION and supports_fused_decoder(model.config)
+    return model.spec.export.fused_decoder and supports_fused_decoder(model.config)
 
 
 def _build_fused_decoder(model: _Model, target: Path) -> str:
@@ -289,7 +285,7 @@ def _validate(
 def _validator(model: _Model, generative_gate: GenerativeGate) -> Validator | GenerativeValidator:
     """Text generation is judged on greedy decoding and perplexity through the serving code, which
     runs whichever graph layout the export made; the other tasks on their outputs for sample inputs."""
-    if model.spec.proto == common_pb2.TASK_TEXT_GENERATION:
+    if model.spec.export.validator == "generative":
         return GenerativeValidator(
             model.checkpoint.path,
             model.tokenizer,

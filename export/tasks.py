@@ -1,79 +1,59 @@
-"""The tasks an export can serve: their names, how optimum exports them, and detection from a
-checkpoint's config.json (or a sentence-transformers folder)."""
+"""The tasks an export can serve (those whose registration has an export spec), and detection from
+a checkpoint's config.json (or a sentence-transformers folder)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from onnxserve.export.errors import ExportError
+from onnxserve.server.tasks.registration import ExportSpec, TaskRegistration, registrations
 from transformers import PretrainedConfig
-
-from onnxserve.v1 import common_pb2
-
-SINGLE_GRAPH = {"model": ("model.onnx",)}
-# The seq2seq decoder is served merged: one graph with one copy of the weights for the first step
-# (use_cache_branch=False) and the next ones. optimum merges its own decoders, but ONNX Runtime's
-# float16 converter cannot handle the merged graph's If branches, so the exporter converts the
-# two decoders it also writes and merges each precision itself.
-SEQ2SEQ_GRAPHS = {"encoder": ("encoder_model.onnx",), "decoder": ("decoder_model.onnx", "decoder_with_past_model.onnx")}
 
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """One servable task. `graphs` maps each role to the files optimum's exporter writes for it:
-    one file, or a decoder and a decoder with past to merge."""
+    """One exportable task: its registration (server/tasks/registration.py), as the exporter reads it."""
 
-    name: str
-    proto: int
-    optimum_task: str
-    auto_class: str  # the transformers class that loads the PyTorch reference
-    graphs: dict[str, tuple[str, ...]] = field(default_factory=lambda: SINGLE_GRAPH)
+    registration: TaskRegistration
+
+    @property
+    def name(self) -> str:
+        return self.registration.name
+
+    @property
+    def proto(self) -> int:
+        return self.registration.task
+
+    @property
+    def export(self) -> ExportSpec:
+        export = self.registration.export
+        if export is None:
+            raise ExportError(f"task {self.name} is served but not exported by onnxserve export")
+        return export
+
+    @property
+    def optimum_task(self) -> str:
+        return self.export.optimum_task
+
+    @property
+    def auto_class(self) -> str:
+        """The transformers class that loads the PyTorch reference."""
+        return self.export.auto_class
+
+    @property
+    def graphs(self) -> Mapping[str, tuple[str, ...]]:
+        """Each role's files as optimum's exporter writes them: one file, or a decoder and a
+        decoder with past to merge."""
+        return self.export.graphs
 
     @property
     def generative(self) -> bool:
-        return self.proto in (common_pb2.TASK_TEXT_GENERATION, common_pb2.TASK_TEXT2TEXT_GENERATION)
+        return self.export.generation_config
 
 
-TASKS: dict[str, TaskSpec] = {
-    spec.name: spec
-    for spec in (
-        TaskSpec("feature-extraction", common_pb2.TASK_FEATURE_EXTRACTION, "feature-extraction", "AutoModel"),
-        TaskSpec(
-            "text-classification",
-            common_pb2.TASK_TEXT_CLASSIFICATION,
-            "text-classification",
-            "AutoModelForSequenceClassification",
-        ),
-        TaskSpec(
-            "token-classification",
-            common_pb2.TASK_TOKEN_CLASSIFICATION,
-            "token-classification",
-            "AutoModelForTokenClassification",
-        ),
-        TaskSpec(
-            "question-answering",
-            common_pb2.TASK_QUESTION_ANSWERING,
-            "question-answering",
-            "AutoModelForQuestionAnswering",
-        ),
-        TaskSpec("fill-mask", common_pb2.TASK_FILL_MASK, "fill-mask", "AutoModelForMaskedLM"),
-        TaskSpec("multiple-choice", common_pb2.TASK_MULTIPLE_CHOICE, "multiple-choice", "AutoModelForMultipleChoice"),
-        TaskSpec(
-            "text-generation",
-            common_pb2.TASK_TEXT_GENERATION,
-            "text-generation-with-past",
-            "AutoModelForCausalLM",
-        ),
-        TaskSpec(
-            "text2text-generation",
-            common_pb2.TASK_TEXT2TEXT_GENERATION,
-            "text2text-generation-with-past",
-            "AutoModelForSeq2SeqLM",
-            SEQ2SEQ_GRAPHS,
-        ),
-    )
-}
+TASKS: dict[str, TaskSpec] = {r.name: TaskSpec(r) for r in registrations() if r.export is not None}
 
 # Architecture class-name endings, most specific first.
 _HEADS = (
