@@ -6,7 +6,7 @@ PY := $(BIN)/python
 REPOSITORY ?= repository
 STAMP := $(VENV)/.installed
 
-.PHONY: install protos test lint demo demo-generate bench bench-generate clean
+.PHONY: install protos test lint demo demo-generate bench bench-generate gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,11 @@ $(BENCH_STAMP): $(STAMP)
 # Gemma 3 270M: PyTorch, optimum, onnxserve (each precision) and llama.cpp; see bench/generation.py.
 bench-generate: install $(BENCH_STAMP)
 	$(PY) -m bench.generation $(BENCH_GENERATE_ARGS)
+
+# The GPU path on a lent GPU, against the CPU (docs/gpu.md): stops at once, naming what is
+# missing, when the CUDA provider cannot be created. GPU_CHECK_ARGS="--device cpu" runs it here.
+gpu-check: install
+	$(PY) -m bench.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build src/onnxserve/v1 src/onnxserve/kserve_v2 $(REPOSITORY)
