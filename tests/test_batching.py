@@ -305,7 +305,7 @@ def test_grpc_full_queue_is_resource_exhausted_and_late_calls_deadline_exceeded(
 def test_generation_busy_on_every_thread_does_not_stall_encoders(exported, export, start_server, monkeypatch):
     """Generation steps are held open on every generation thread, with more generations waiting
     (as a long prefill or many streams keep them busy): Encode on another model still answers."""
-    from onnxserve.server.tasks.generation import pipeline as generation
+    from onnxserve.server.tasks.generation import drivers as generation
 
     entered, release = threading.Semaphore(0), threading.Event()
     step = generation.SoloGeneration.step

@@ -1,17 +1,18 @@
 """Continuous batching: the concurrent generations of one fused decoder share its decode steps.
 
 Iteration-level scheduling, as TGI and vLLM do it. One loop per model, on a thread of the
-generation executor while there is work, repeats: drop the rows whose sequence ended or whose
-caller left (the last row moves into the hole, so the rows in use stay contiguous and a finished
-row costs nothing); prefill waiting requests, each alone, into free rows of the shared KV buffers
-(first come, first served, while rows are free); then run one decode step over every row in use
-and hand each request the logits of its own rows. So a request joins the running batch at the
-next step after it arrives and leaves it at once when it ends.
+scheduler's own while there is work (as the batcher runs encoders), repeats: drop the rows whose
+sequence ended or whose caller left (the last row moves into the hole, so the rows in use stay
+contiguous and a finished row costs nothing); prefill waiting requests, each alone, into free rows
+of the shared KV buffers (first come, first served, while rows are free); then run one decode step
+over every row in use and hand each request the logits of its own rows. So a request joins the
+running batch at the next step after it arrives and leaves it at once when it ends. Which row holds
+which sequence is kept by a `RowTable` (rows.py).
 
 Each request keeps its own decoding state: its logits processors, sampler and seed, stopping
 criteria and outputs, driven by the same decoding loop (`decoding.decode`) as a request decoded
 alone, over a `SharedRows` step model whose logits come from the shared runs. Beam search
-reorders its rows every step and runs on its own step model instead (pipeline.py)."""
+reorders its rows every step and runs on its own step model instead (drivers.py)."""
 
 from __future__ import annotations
 
@@ -20,35 +21,18 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 from onnxserve.server.errors import ResourceExhausted
-from onnxserve.server.runtime.stats import Timings
+from onnxserve.server.runtime.stats import DecodingStats, Timings
 from onnxserve.server.tasks.generation.decoding import Decoding, decode
 from onnxserve.server.tasks.generation.fused import FusedBatch, FusedGraph
+from onnxserve.server.tasks.generation.rows import RowTable
 from onnxserve.server.tasks.generation.stopping import OutputSequence
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class DecodingStats:
-    """What a pipeline's generations did: `steps` each generation took (one token per row),
-    `runs` of the model (prefills and decode steps; a shared decode step counts once, however many
-    generations it advanced), and generations holding a cache (`active`)."""
-
-    steps: int = 0
-    runs: int = 0
-    active: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def add(self, steps: int = 0, runs: int = 0, active: int = 0) -> None:
-        with self._lock:
-            self.steps += steps
-            self.runs += runs
-            self.active += active
 
 
 class SharedRows:
@@ -88,7 +72,6 @@ class SharedRequest:
     submitted_ns: int = field(default_factory=time.perf_counter_ns)
     model: SharedRows = field(init=False)
     steps: Iterator[None] = field(init=False)
-    rows: dict[int, int] = field(init=False, default_factory=dict)  # output index -> batch row
 
     @property
     def length(self) -> int:
@@ -101,11 +84,13 @@ class SharedRequest:
 
 
 class Scheduler:
-    """The shared batch of one fused decoder: at most `max_rows` rows decode together, at most
-    `max_waiting` requests wait for rows (one more is refused with RESOURCE_EXHAUSTED); `context`
-    caps the buffer length."""
+    """The shared batch of one fused decoder (model `name`): at most `max_rows` rows decode
+    together, at most `max_waiting` requests wait for rows (one more is refused with
+    RESOURCE_EXHAUSTED); `context` caps the buffer length."""
 
-    def __init__(self, graph: FusedGraph, max_rows: int, max_waiting: int, context: int, stats: DecodingStats) -> None:
+    def __init__(
+        self, name: str, graph: FusedGraph, max_rows: int, max_waiting: int, context: int, stats: DecodingStats
+    ) -> None:
         self.graph = graph
         self.max_rows = max_rows
         self.max_waiting = max_waiting
@@ -114,9 +99,10 @@ class Scheduler:
         self._lock = threading.Lock()
         self._waiting: deque[SharedRequest] = deque()
         self._looping = False
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"onnxserve-decode-{name}")
         # Touched by the loop's thread only:
         self._running: list[SharedRequest] = []
-        self._owners: list[tuple[SharedRequest, int]] = []  # batch row -> (request, output index)
+        self._rows: RowTable[SharedRequest] = RowTable(max_rows)
         self._batch: FusedBatch | None = None
 
     @property
@@ -127,8 +113,8 @@ class Scheduler:
     def fits(self, rows: int) -> bool:
         return rows <= self.max_rows
 
-    def submit(self, request: SharedRequest, executor: Executor) -> None:
-        """Queues the request; the loop starts on `executor` if it is not running."""
+    def submit(self, request: SharedRequest) -> None:
+        """Queues the request; the loop starts on the scheduler's thread if it is not running."""
         with self._lock:
             if len(self._waiting) >= self.max_waiting:
                 raise ResourceExhausted(
@@ -137,8 +123,12 @@ class Scheduler:
                 )
             self._waiting.append(request)
             if not self._looping:
-                executor.submit(self._loop)
+                self._thread.submit(self._loop)
                 self._looping = True
+
+    def close(self) -> None:
+        """Lets the thread go once the loop (if any) ends; calls have drained before a model closes."""
+        self._thread.shutdown(wait=False, cancel_futures=True)
 
     def cancel(self, request: SharedRequest) -> None:
         """The caller left: a waiting request leaves the queue now, a running one before the next step."""
@@ -179,8 +169,9 @@ class Scheduler:
     def _drop_ended(self) -> None:
         """Frees the rows of finished sequences and of requests whose caller left."""
         ended = [request for request in self._running if request.cancelled or not request.live()]
-        for row in reversed(range(len(self._owners))):
-            request, index = self._owners[row]
+        holders = self._rows.holders()
+        for row in reversed(range(len(holders))):
+            request, index = holders[row]
             if request in ended or request.outputs[index].finished:
                 self._free(row)
         for request in ended:
@@ -188,28 +179,22 @@ class Scheduler:
             self._leave(request, None)
 
     def _free(self, row: int) -> None:
-        """The last row in use moves into `row`, so that the rows in use stay [0, n)."""
-        last = len(self._owners) - 1
-        request, index = self._owners[row]
-        del request.rows[index]
-        if row != last:
-            self._batch.copy_rows(np.array([last]), np.array([row]))
-            self._owners[row] = self._owners[last]
-            moved, moved_index = self._owners[row]
-            moved.rows[moved_index] = row
-        self._owners.pop()
+        """The last row in use moves into `row`, cache and all, so that the rows in use stay [0, n)."""
+        moved = self._rows.free(row)
+        if moved is not None:
+            self._batch.copy_rows(np.array([moved]), np.array([row]))
 
     def _admit(self) -> None:
         """Prefills waiting requests into free rows, in order, while the next one fits."""
         while True:
             with self._lock:
-                if not self._waiting or len(self._owners) + len(self._waiting[0].prompts) > self.max_rows:
+                if not self._waiting or not self._rows.fits(len(self._waiting[0].prompts)):
                     return
                 request = self._waiting.popleft()
             self._start(request)
 
     def _start(self, request: SharedRequest) -> None:
-        first = len(self._owners)
+        first = self._rows.used
         request.timings.queue_ns = time.perf_counter_ns() - request.submitted_ns
         request.model = SharedRows(request.history)
         request.steps = decode(request.model, request.outputs, request.decoding)
@@ -220,10 +205,8 @@ class Scheduler:
         except Exception as error:  # the request fails with it; the batch goes on
             self._leave(request, error)
             return
-        for index in range(len(request.prompts)):
-            request.rows[index] = first + index
-            self._owners.append((request, index))
-        request.timings.batch_size = max(request.timings.batch_size, len(self._owners))
+        self._rows.take(request, len(request.prompts))
+        request.timings.batch_size = max(request.timings.batch_size, self._rows.used)
         self._running.append(request)
         self._advance(request)
 
@@ -232,18 +215,18 @@ class Scheduler:
         if self._batch is None:
             self._batch = FusedBatch(self.graph, self.max_rows, length)
         elif length > self._batch.length:
-            self._batch.grow(min(max(length, 2 * self._batch.length), self.context), len(self._owners))
+            self._batch.grow(min(max(length, 2 * self._batch.length), self.context), self._rows.used)
 
     def _decode(self) -> None:
         """One decode step over every row in use; each request then chooses its next tokens."""
-        tokens = np.array([request.outputs[index].tokens[-1] for request, index in self._owners])
+        tokens = np.array([request.outputs[index].tokens[-1] for request, index in self._rows.holders()])
         try:
             logits = self._timed(self._running, lambda: self._batch.decode(tokens))
         except Exception as error:  # the shared cache is lost: every request fails
             self._fail_all(error)
             return
         for request in list(self._running):
-            request.model.logits = logits[[request.rows[index] for index in request.live()]]
+            request.model.logits = logits[self._rows.rows(request, request.live())]
             request.timings.batch_size = max(request.timings.batch_size, len(tokens))
             self._advance(request)
 
@@ -253,8 +236,8 @@ class Scheduler:
         try:
             next(request.steps)
         except Exception as error:  # a failing request leaves; the others go on
-            for row in sorted(request.rows.values(), reverse=True):
-                self._free(row)
+            for source, target in self._rows.free_owner(request):
+                self._batch.copy_rows(np.array([source]), np.array([target]))
             self._running.remove(request)
             self._leave(request, error)
             return
@@ -273,9 +256,9 @@ class Scheduler:
 
     def _fail_all(self, error: BaseException) -> None:
         for request in self._running:
-            request.rows.clear()
             self._leave(request, error)
-        self._running, self._owners, self._batch = [], [], None
+        self._rows.clear()
+        self._running, self._batch = [], None
 
     def _leave(self, request: SharedRequest, error: BaseException | None) -> None:
         request.steps.close()
