@@ -6,6 +6,7 @@ size and a token budget (rows x longest row). Each request gets its own rows bac
 request larger than one run is spread over several. Runs go one at a time per model (a run
 already uses every intra-op thread) on a thread of the model's own, so that nothing heavy runs on
 the event loop and no other work (tokenizing, another model, generation) can hold them back.
+How runs are planned, and what was measured: docs/batching.md.
 """
 
 from __future__ import annotations
@@ -40,9 +41,8 @@ MIN_USEFUL_SHARE = 0.5
 #: group by length, few enough to plan in microseconds however long the queue.
 WINDOW_BATCHES = 4
 #: Requests are merged only into runs of a model whose outputs move less than this (relative L2
-#: error) between running alone and beside batchmates: inside the answer gates (embeddings' cosine
-#: 0.9999, scores within 1e-3), far above fp32's rounding (0 to 1e-7 measured). Dynamic int8 with
-#: one activation scale per tensor moves all-MiniLM-L6-v2's hidden states by 0.16, its logits by 6e-3.
+#: error) between running alone and beside batchmates: inside the answer gates, far above fp32's
+#: rounding (the measurements are in docs/batching.md).
 DRIFT_LIMIT = 1e-3
 #: What the drift probe runs: a short text alone, then beside long and varied ones (which widen
 #: any activation range taken over the whole batch, and pad the short one).
