@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from onnxserve.enums import short_name
 from onnxserve.repository import read_manifest, version_dirs
 from onnxserve.v1 import common_pb2
 
@@ -40,8 +41,7 @@ def _classifier_checkpoint(source: Path, work: Path) -> Path:
 
 def held_precisions(version_dir: Path) -> set[str]:
     """The precisions a version holds, as "fp32", "int8"..."""
-    return {common_pb2.Precision.Name(v.precision).removeprefix("PRECISION_").lower()
-            for v in read_manifest(version_dir).variants}  # fmt: skip
+    return {short_name(common_pb2.Precision, v.precision) for v in read_manifest(version_dir).variants}
 
 
 def _exported(checkpoint: Path, repository: Path, name: str, precisions: Sequence[str]) -> Path:
