@@ -20,6 +20,7 @@ PACKAGES = {
     "onnxserve.server.config": "server/config",
     "onnxserve.server.models": "server/models",
     "onnxserve.server.observability": "server/observability",
+    "onnxserve.server.quality": "server/quality",
     "onnxserve.server.runtime": "server/runtime",
     "onnxserve.server.tasks": "server/tasks",
     "onnxserve.server.tasks.generation": "server/tasks/generation",

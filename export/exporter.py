@@ -34,9 +34,11 @@ from onnxserve.export.optimize import (
 from onnxserve.export.progress import Steps, quiet
 from onnxserve.export.quantize import quantize_int8
 from onnxserve.export.tasks import TASKS, TaskSpec, check_exportable, detect_task, task_spec
-from onnxserve.export.validate import NotRunnable, Validator
+from onnxserve.export.validate import NotRunnable, Validator, validation_provider
 from onnxserve.export.weight_only import quantize_int4_weights, quantize_int8_weights
 from onnxserve.export.writer import publish, sha256, staging
+from onnxserve.server.quality.probes import PROBES_FILE, Probes, write_probes
+from onnxserve.server.runtime.machine import this_machine
 from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedTokenizerFast
 
 from onnxserve.enums import short_names
@@ -110,9 +112,11 @@ def export_model(
         except OSError as error:
             raise ExportError(f"cannot write into the model repository: {error}") from error
         variants = _make_variants(model, stage, wanted, steps)
-        variants = _validate(model, variants, steps, force, generative_gate)
+        with steps.step("computing the PyTorch reference"), quiet():
+            validator = _validator(model, generative_gate)
+        variants = _validate(validator, variants, steps, force)
         with steps.step("writing the version"):
-            return _write(model, stage, variants)
+            return _write(model, stage, variants, validator.probes())
 
 
 def _check_precisions(precisions: Sequence[str]) -> list[str]:
@@ -256,14 +260,12 @@ def _run_optimum(model: _Model, output: Path) -> None:
 
 
 def _validate(
-    model: _Model, variants: list[_Variant], steps: Steps, force: bool, generative_gate: GenerativeGate
+    validator: Validator | GenerativeValidator, variants: list[_Variant], steps: Steps, force: bool
 ) -> list[_Variant]:
     """Fills each variant's validation and returns the variants to write. A variant that misses its
     gates, or that ONNX Runtime cannot run here (fp16 of some graphs on a CPU-only machine), is
     left out with a warning naming the gate and figures, or written marked as failed under
     `force`; when no variant is left, nothing is written and the error says why."""
-    with steps.step("computing the PyTorch reference"), quiet():
-        validator = _validator(model, generative_gate)
     kept, problems = [], []
     for variant in variants:
         with steps.step(f"validating {variant.precision} against PyTorch"):
@@ -320,8 +322,9 @@ def _check(validator: Validator | GenerativeValidator, variant: _Variant) -> str
     return f"the {variant.precision} variant missed its validation gates over {figures.samples} samples: {failures}"
 
 
-def _write(model: _Model, stage: Path, variants: list[_Variant]) -> Path:
+def _write(model: _Model, stage: Path, variants: list[_Variant], probes: Probes) -> Path:
     model.tokenizer.backend_tokenizer.save(str(stage / TOKENIZER_FILE))
+    write_probes(stage / PROBES_FILE, probes)
     if model.generation is not None:
         original = model.checkpoint.path / GENERATION_CONFIG_FILE
         if original.is_file():
@@ -342,5 +345,8 @@ def _write(model: _Model, stage: Path, variants: list[_Variant]) -> Path:
             recipe=variant.recipe,
             validation=variant.validation,
         )
+    probes_file = manifest_pb2.ModelFile(role="probes", path=PROBES_FILE, sha256=sha256(stage / PROBES_FILE))
+    manifest.probes.CopyFrom(probes_file)
+    manifest.validated_on.CopyFrom(this_machine(validation_provider()))
     manifest.created_at = now_rfc3339()
     return publish(stage, manifest)

@@ -11,18 +11,17 @@ position's logits), against PyTorch's perplexity on the same tokens in one forwa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from onnxserve.export.validate import CANNOT_RUN, NotRunnable, validation_device
 from onnxserve.server.errors import ModelLoadError
+from onnxserve.server.quality.gates import BOUNDS, Bounds, judge_generation
+from onnxserve.server.quality.probes import PROBE_PROMPTS, GenerationProbes, truncated
+from onnxserve.server.quality.runs import common_prefix, greedy, perplexity, step_perplexity
 from onnxserve.server.runtime.sessions import Session, SessionSettings
-from onnxserve.server.tasks.generation.causal import open_causal_model
-from onnxserve.server.tasks.generation.decoding import StepModel
-from onnxserve.server.tasks.generation.logits import log_softmax
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
 from onnxserve.v1 import manifest_pb2
@@ -42,32 +41,6 @@ TEXT = (
     "wind carries over the land. When the drops in a cloud grow heavy enough, they fall as rain or "
     "snow. Rivers gather the water again and bring it back to the sea, and the cycle begins once more."
 )
-
-
-@dataclass(frozen=True)
-class Bounds:
-    """What a variant must meet. `min_full_agreement`: the share of prompts whose whole
-    continuation equals PyTorch's; `max_perplexity_change`: how far the variant's perplexity on
-    TEXT may be from PyTorch's, relative to it, either way (a lower one is no better: it is a
-    different model)."""
-
-    min_full_agreement: float
-    max_perplexity_change: float
-
-
-# Chosen on Gemma 3 270M (figures in export/weight_only.py), fused and optimum graphs. fp32 only
-# reorders sums: 6 of 6 prompts agree for all 64 tokens, perplexity within 1e-6. int8 keeps 3 or
-# 4 of 6 whole, at +2.4% or +1.2% perplexity: the two graphs' int8 differ by as much as int8 from
-# fp32, so the bound leaves room for that. int4 leaves greedy decoding within a few tokens on most
-# prompts, so its bound is on perplexity: with Gemma's text tokenized right, the recipe measures
-# +29% (blocks of 16: +21%), where symmetric blocks (+48%) or blocks of 128 (+95% before the fix)
-# fail. fp16 was not measured on Gemma here (no GPU): int8's bounds.
-BOUNDS = {
-    "fp32": Bounds(min_full_agreement=1.0, max_perplexity_change=0.001),
-    "fp16": Bounds(min_full_agreement=0.5, max_perplexity_change=0.04),
-    "int8": Bounds(min_full_agreement=0.5, max_perplexity_change=0.04),
-    "int4": Bounds(min_full_agreement=0.0, max_perplexity_change=0.35),
-}
 
 
 @dataclass(frozen=True)
@@ -112,12 +85,12 @@ class GenerativeValidator:
         with torch.inference_mode():
             continuations = [self._torch_greedy(model, prompt, generation) for prompt in prompts]
             logits = model(torch.tensor([text])).logits[0].numpy()
-        self.reference = _Reference(prompts, continuations, text, _perplexity(logits, text))
+        self.reference = _Reference(prompts, continuations, text, perplexity(logits, text))
 
     def _torch_greedy(self, model: torch.nn.Module, prompt: list[int], generation: GenerationConfig) -> list[int]:
         # Plain greedy, without the checkpoint's repetition penalty or banned tokens: the gate
         # compares the graphs, not decoding settings.
-        greedy = GenerationConfig(
+        settings = GenerationConfig(
             do_sample=False,
             max_new_tokens=self.gate.new_tokens,
             eos_token_id=sorted(self.eos_token_ids) or None,
@@ -125,88 +98,41 @@ class GenerativeValidator:
             bos_token_id=generation.bos_token_id,
         )
         ids = torch.tensor([prompt])
-        output = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=greedy)
+        output = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=settings)
         return _until_eos(output[0, len(prompt) :].tolist(), self.eos_token_ids)
 
     def validate(self, graphs: dict[str, Path], precision: str) -> manifest_pb2.Validation:
         """The variant's figures and its gate's verdict; NotRunnable if ONNX Runtime cannot run it here."""
-        reference = self.reference
+        reference, new_tokens = self.reference, self.gate.new_tokens
         device = validation_device(precision)
         try:
             session = Session(graphs["model"], SessionSettings(device=device))
             agreement = [
-                common_prefix(self._greedy(session, prompt), expected)
+                common_prefix(greedy(session, prompt, new_tokens, self.eos_token_ids, self.pad_token_id), expected)
                 for prompt, expected in zip(reference.prompts, reference.continuations, strict=True)
             ]
-            perplexity = self._perplexity(session)
+            variant_perplexity = step_perplexity(session, reference.text, self.pad_token_id)
         except (ModelLoadError, *CANNOT_RUN) as error:
             raise NotRunnable(f"ONNX Runtime cannot run it on the {device}: {error}") from error
-        validation = manifest_pb2.Validation(
-            samples=len(agreement),
-            greedy_agreement=agreement,
-            reference_tokens=[len(expected) for expected in reference.continuations],
-            perplexity=perplexity,
+        lengths = [len(expected) for expected in reference.continuations]
+        bounds = self.gate.bounds[precision]
+        return judge_generation(agreement, lengths, variant_perplexity, reference.perplexity, bounds)
+
+    def probes(self) -> GenerationProbes:
+        """What the server checks each variant on at load: the first prompts' continuations,
+        shortened, and the perplexity text, under this gate's bounds."""
+        reference = self.reference
+        return GenerationProbes(
+            prompts=reference.prompts[:PROBE_PROMPTS],
+            continuations=truncated(reference.continuations),
+            text=reference.text,
             reference_perplexity=reference.perplexity,
+            eos_token_ids=sorted(self.eos_token_ids),
+            pad_token_id=self.pad_token_id,
+            bounds=dict(self.gate.bounds),
         )
-        validation.failures.extend(self._misses(validation, self.gate.bounds[precision]))
-        validation.passed = not validation.failures
-        return validation
-
-    def _misses(self, validation: manifest_pb2.Validation, bounds: Bounds) -> list[str]:
-        pairs = list(zip(validation.greedy_agreement, validation.reference_tokens, strict=True))
-        full = [agreed == total for agreed, total in pairs]
-        share = sum(full) / len(full)
-        change = validation.perplexity / validation.reference_perplexity - 1
-        misses = []
-        if share < bounds.min_full_agreement:
-            prefixes = ", ".join(f"{agreed}/{total}" for agreed, total in pairs)
-            misses.append(
-                f"greedy agreement: {sum(full)} of {len(full)} prompts agree with PyTorch for all their tokens "
-                f"(common prefixes {prefixes}), below the {bounds.min_full_agreement:.0%} required"
-            )
-        if not abs(change) <= bounds.max_perplexity_change:
-            misses.append(
-                f"perplexity: {validation.perplexity:.4g} against PyTorch's {validation.reference_perplexity:.4g} "
-                f"({change:+.2%}), beyond the ±{bounds.max_perplexity_change:.2%} allowed"
-            )
-        return misses
-
-    def _open(self, session: Session, prompt: Sequence[int], new_tokens: int) -> StepModel:
-        return open_causal_model(session, [prompt], self.pad_token_id, _untimed, rows=1, max_new_tokens=new_tokens)
-
-    def _greedy(self, session: Session, prompt: list[int]) -> list[int]:
-        model = self._open(session, prompt, self.gate.new_tokens)
-        tokens = [int(model.start()[0].argmax())]
-        while len(tokens) < self.gate.new_tokens and tokens[-1] not in self.eos_token_ids:
-            tokens.append(int(model.step(np.array(tokens[-1:]))[0].argmax()))
-        model.release()
-        return tokens
-
-    def _perplexity(self, session: Session) -> float:
-        text = self.reference.text
-        model = self._open(session, text[:1], len(text))
-        logits = [model.start()[0]]
-        logits += [model.step(np.array([token]))[0] for token in text[1:-1]]
-        model.release()
-        return _perplexity(np.stack(logits), text)
-
-
-def _untimed(run: Callable[[], np.ndarray]) -> np.ndarray:
-    return run()
-
-
-def _perplexity(logits: np.ndarray, text: list[int]) -> float:
-    """exp of the mean negative log-likelihood of text[1:], given logits[i] predicting text[i + 1]."""
-    log_probabilities = log_softmax(logits[: len(text) - 1].astype(np.float64))
-    targets = np.array(text[1:])
-    return float(np.exp(-log_probabilities[np.arange(len(targets)), targets].mean()))
 
 
 def _until_eos(tokens: list[int], eos_token_ids: frozenset[int]) -> list[int]:
     end = next((index + 1 for index, token in enumerate(tokens) if token in eos_token_ids), len(tokens))
     return tokens[:end]
-
-
-def common_prefix(tokens: list[int], expected: list[int]) -> int:
-    pairs = zip(tokens, expected, strict=False)  # the variant may stop at EOS before PyTorch, or after
-    return next((index for index, (a, b) in enumerate(pairs) if a != b), min(len(tokens), len(expected)))

@@ -1,17 +1,7 @@
-"""Every exported variant against PyTorch on sample inputs, and the gates a variant must pass.
+"""Every exported variant against PyTorch on sample inputs, judged by the gates of
+server/quality/gates.py (the figures are described there), and the probes the server checks again
+at load (server/quality/probes.py): a few of the samples with PyTorch's outputs for them.
 
-Each sample's main output is compared over the tokens its attention mask keeps (padding rows are
-undefined and fused attention kernels need not agree there):
-  - max_abs_diff: the largest absolute difference of the main output (last_hidden_state, logits,
-    start/end logits; for seq2seq generation the first decoder step's logits);
-  - top1_agreement (logits only): the share of top-1 predictions (argmax over the last axis: one per
-    sample for sequence-level heads, one per kept token for token-level heads) that agree. A
-    near-tie, where the reference's probabilities (softmax over the last axis) for its top-1 and
-    the variant's differ by less than NEAR_TIE, agrees: the reference has no real preference there,
-    and rounding may pick either (random test models and uncertain language-model positions have
-    many such);
-  - mean/min cosine: per sample, between pooled embeddings for feature extraction, else between
-    the sample's flattened logits.
 Each variant runs where `--precision auto` serves it (`validation_device`): fp16 on the CUDA
 provider when a GPU is usable here, everything else on the CPU provider, which every machine has; a
 graph the provider cannot run (fp16 kernels some CPU builds lack) raises NotRunnable rather than
@@ -21,7 +11,7 @@ failing a gate. Text generation has its own gate, on greedy decoding and perplex
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,13 +21,13 @@ import torch
 import transformers
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 from onnxserve.export.tasks import TaskSpec
+from onnxserve.server.quality.gates import GATES, Sample, judge_outputs
+from onnxserve.server.quality.probes import PROBE_OUTPUT_BYTES, PROBE_ROWS, OutputProbes, main_outputs, probe_rows
+from onnxserve.server.quality.runs import OUTPUT_FAMILIES, Batch, OutputFamily, Outputs
 from onnxserve.server.runtime.sessions import CPU, CUDA, cuda_problem, cuda_provider_options
 from transformers import PretrainedConfig, PreTrainedTokenizerFast
 
-from onnxserve.v1 import common_pb2, manifest_pb2
-
-Batch = dict[str, np.ndarray]
-Outputs = dict[str, np.ndarray]
+from onnxserve.v1 import manifest_pb2
 
 # Varied on purpose: accents, CJK, emoji, runs of spaces, a one-letter and a long input.
 TEXTS = (
@@ -58,28 +48,6 @@ PAIRS = (
 )
 CHOICES = ("in the kitchen.", "on the moon.", "with a friend.")
 SAMPLE_MAX_LENGTH = 128
-NEAR_TIE = 0.01  # see top1_agreement above
-
-
-@dataclass(frozen=True)
-class Gate:
-    """Bounds a variant must meet; None where a bound does not apply."""
-
-    max_abs_diff: float | None = None  # times the largest reference magnitude, at least 1
-    min_top1: float | None = None  # logits only
-    min_mean_cosine: float | None = None
-    min_min_cosine: float | None = None
-
-
-GATES = {
-    # The reference export: the graph optimizations must keep PyTorch's numbers.
-    "fp32": Gate(max_abs_diff=1e-3, min_top1=1.0),
-    # fp16 keeps about three significant digits: close in direction, clear predictions kept.
-    "fp16": Gate(min_top1=0.98, min_min_cosine=0.999),
-    # int8 weights move outputs more; embeddings must still rank alike and most predictions hold.
-    "int8": Gate(min_top1=0.9, min_mean_cosine=0.99, min_min_cosine=0.98),
-}
-
 
 # What ONNX Runtime raises for a graph it cannot run here, e.g. NOT_IMPLEMENTED for a kernel its
 # CPU provider lacks at some type; bad inputs (InvalidArgument) are bugs and are not caught.
@@ -90,14 +58,6 @@ CANNOT_RUN = (
 
 class NotRunnable(Exception):
     """A variant that ONNX Runtime cannot run on this machine (e.g. fp16 kernels missing on CPU)."""
-
-
-@dataclass
-class Sample:
-    """One sample's main output (classes or features on the last axis) and its cosine vector."""
-
-    main: np.ndarray
-    vector: np.ndarray
 
 
 class Validator:
@@ -113,14 +73,35 @@ class Validator:
         max_length: int,
     ) -> None:
         self.spec = spec
-        self.family = _FAMILIES[spec.name]
+        self.family: OutputFamily = OUTPUT_FAMILIES[spec.name]
         self.pooling = pooling
         # Short samples: enough to exercise attention and padding, cheap on big models.
-        self.batches = self.family.inputs(_Inputs(tokenizer, config, min(max_length, SAMPLE_MAX_LENGTH)))
+        self.batches = _INPUTS[spec.name](_Inputs(tokenizer, config, min(max_length, SAMPLE_MAX_LENGTH)))
         model_class = getattr(transformers, spec.auto_class)
         model = model_class.from_pretrained(checkpoint, dtype=torch.float32).eval()
         with torch.inference_mode():
             self.reference = [self._samples(self._run_torch(model, batch), batch) for batch in self.batches]
+            self._probes = OutputProbes(spec.name, pooling, dict(GATES))
+            for batch in self.batches:
+                self._add_probe(model, batch)
+
+    def _add_probe(self, model: torch.nn.Module, batch: Batch) -> None:
+        """The batch's first rows and PyTorch's outputs for exactly them; fewer rows where the
+        outputs are large (a big vocabulary's logits at every token)."""
+        rows = PROBE_ROWS
+        while True:
+            probe = probe_rows(batch, rows)
+            outputs = main_outputs(self._run_torch(model, probe))
+            if rows == 1 or sum(value.nbytes for value in outputs.values()) <= PROBE_OUTPUT_BYTES:
+                break
+            rows -= 1
+        self._probes.batches.append(probe)
+        self._probes.references.append(outputs)
+
+    def probes(self) -> OutputProbes:
+        """What the server checks each variant on at load: a few samples, PyTorch's outputs for
+        them, and the gates."""
+        return self._probes
 
     def validate(self, graphs: dict[str, Path], precision: str) -> manifest_pb2.Validation:
         """The variant's figures and gate verdict; NotRunnable if ONNX Runtime cannot run it here."""
@@ -134,7 +115,9 @@ class Validator:
                 raise NotRunnable(f"ONNX Runtime failed to run it on the {device}: {error}") from error
             exported.append(self._samples(outputs, batch))
         reference = [s for samples in self.reference for s in samples]
-        return _judge(reference, [s for samples in exported for s in samples], self.family.logits, GATES[precision])
+        return judge_outputs(
+            reference, [s for samples in exported for s in samples], self.family.logits, GATES[precision]
+        )
 
     def _run_torch(self, model: torch.nn.Module, batch: Batch) -> Outputs:
         arguments = {name: torch.from_numpy(array) for name, array in batch.items()}
@@ -145,6 +128,12 @@ class Validator:
 
     def _samples(self, outputs: Outputs, batch: Batch) -> list[Sample]:
         return self.family.samples(outputs, batch, self.pooling)
+
+
+def validation_provider() -> str:
+    """The provider the variants' figures come from, as the manifest's validated_on records it: the
+    CUDA provider where fp16 was validated on a GPU, else the CPU's."""
+    return CUDA if validation_device("fp16") == "cuda" else CPU
 
 
 def validation_device(precision: str) -> str:
@@ -167,50 +156,7 @@ def _session(path: Path, device: str = "cpu") -> ort.InferenceSession:
     return session
 
 
-def _judge(reference: list[Sample], exported: list[Sample], logits: bool, gate: Gate) -> manifest_pb2.Validation:
-    diffs = [float(np.abs(r.main - e.main).max()) for r, e in zip(reference, exported, strict=True)]
-    scale = max(1.0, *(float(np.abs(r.main).max()) for r in reference))
-    cosines = np.array([_cosine(r.vector, e.vector) for r, e in zip(reference, exported, strict=True)])
-    validation = manifest_pb2.Validation(
-        max_abs_diff=max(diffs),
-        mean_cosine=float(cosines.mean()),
-        min_cosine=float(cosines.min()),
-        samples=len(reference),
-    )
-    max_diff = None if gate.max_abs_diff is None else gate.max_abs_diff * scale
-    checks = [
-        ("max_abs_diff", validation.max_abs_diff, "<=", max_diff),
-        ("mean_cosine", validation.mean_cosine, ">=", gate.min_mean_cosine),
-        ("min_cosine", validation.min_cosine, ">=", gate.min_min_cosine),
-    ]
-    if logits:
-        agree = np.concatenate([_agreements(r.main, e.main) for r, e in zip(reference, exported, strict=True)])
-        validation.top1_agreement = float(agree.mean())
-        checks.append(("top1_agreement", validation.top1_agreement, ">=", gate.min_top1))
-    for name, value, relation, bound in checks:
-        if bound is not None and not (value <= bound if relation == "<=" else value >= bound):
-            validation.failures.append(f"{name} {value:.6g} is not {relation} {bound:.6g}")
-    validation.passed = not validation.failures
-    return validation
-
-
-def _agreements(reference: np.ndarray, exported: np.ndarray) -> np.ndarray:
-    """Per top-1 prediction (rows over the last axis): whether the variant agrees, near-ties included."""
-    reference = reference.reshape(-1, reference.shape[-1]).astype(np.float64)
-    chosen = exported.reshape(-1, exported.shape[-1]).argmax(-1)
-    probabilities = np.exp(reference - reference.max(-1, keepdims=True))
-    probabilities /= probabilities.sum(-1, keepdims=True)
-    rows = np.arange(len(reference))
-    return probabilities.max(-1) - probabilities[rows, chosen] < NEAR_TIE
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
-    norms = np.linalg.norm(a) * np.linalg.norm(b)
-    return float(a @ b / norms) if norms else float(np.array_equal(a, b))
-
-
-# --- task families: their sample inputs, how the ONNX graphs run, and each sample's output ------
+# --- each task's sample inputs ----------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -224,72 +170,6 @@ class _Inputs:
     def tokenize(self, *texts: Sequence[str]) -> Batch:
         encoded = self.tokenizer(*texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="np")
         return {name: array.astype(np.int64) for name, array in encoded.items()}
-
-
-def _feeds(session: ort.InferenceSession, values: Batch) -> Batch:
-    """The inputs the graph declares: from `values`, else empty past key values (the first step
-    has no cache) and use_cache_branch=False for merged decoders."""
-    batch_size = next(iter(values.values())).shape[0]
-    feeds = {}
-    for meta in session.get_inputs():
-        if meta.name in values:
-            feeds[meta.name] = values[meta.name]
-        elif meta.name == "use_cache_branch":
-            feeds[meta.name] = np.zeros([1], dtype=bool)
-        else:  # past_key_values.*: [batch, heads, 0, head_dim]
-            shape = [batch_size if i == 0 else dim if isinstance(dim, int) else 0 for i, dim in enumerate(meta.shape)]
-            feeds[meta.name] = np.zeros(shape, dtype=np.float16 if "float16" in meta.type else np.float32)
-    return feeds
-
-
-def _run_single(sessions: dict[str, ort.InferenceSession], batch: Batch) -> Outputs:
-    session = sessions["model"]
-    names = [meta.name for meta in session.get_outputs()]
-    return dict(zip(names, session.run(names, _feeds(session, batch)), strict=True))
-
-
-def _run_seq2seq(sessions: dict[str, ort.InferenceSession], batch: Batch) -> Outputs:
-    encoder, decoder = sessions["encoder"], sessions["decoder"]
-    (hidden,) = encoder.run(["last_hidden_state"], _feeds(encoder, batch))
-    values = {
-        "input_ids": batch["decoder_input_ids"],
-        "encoder_hidden_states": hidden,
-        "encoder_attention_mask": batch["attention_mask"],
-    }
-    (logits,) = decoder.run(["logits"], _feeds(decoder, values))
-    return {"logits": logits}
-
-
-def _kept(array: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    return array[mask.astype(bool)]
-
-
-def _per_token(outputs: Outputs, batch: Batch, pooling: int) -> list[Sample]:
-    masks = batch["attention_mask"]
-    return [Sample(main, main.ravel()) for main in map(_kept, outputs["logits"], masks)]
-
-
-def _per_sequence(outputs: Outputs, batch: Batch, pooling: int) -> list[Sample]:
-    return [Sample(row, row.ravel()) for row in outputs["logits"]]
-
-
-def _spans(outputs: Outputs, batch: Batch, pooling: int) -> list[Sample]:
-    rows = zip(outputs["start_logits"], outputs["end_logits"], batch["attention_mask"], strict=True)
-    return [Sample(main, main.ravel()) for main in (np.stack([_kept(s, m), _kept(e, m)]) for s, e, m in rows)]
-
-
-def _embeddings(outputs: Outputs, batch: Batch, pooling: int) -> list[Sample]:
-    samples = []
-    for hidden, mask in zip(outputs["last_hidden_state"], batch["attention_mask"], strict=True):
-        tokens = _kept(hidden, mask)
-        if pooling == common_pb2.POOLING_CLS:
-            pooled = hidden[0]
-        elif pooling == common_pb2.POOLING_LAST_TOKEN:
-            pooled = tokens[-1]
-        else:
-            pooled = tokens.mean(axis=0)
-        samples.append(Sample(tokens, pooled))
-    return samples
 
 
 def _texts(inputs: _Inputs) -> list[Batch]:
@@ -325,20 +205,13 @@ def _sources(inputs: _Inputs) -> list[Batch]:
     return [batch]
 
 
-@dataclass(frozen=True)
-class _Family:
-    inputs: Callable[[_Inputs], list[Batch]]
-    run_onnx: Callable[[dict[str, ort.InferenceSession], Batch], Outputs]
-    samples: Callable[[Outputs, Batch, int], list[Sample]]
-    logits: bool = True
-
-
-_FAMILIES = {
-    "feature-extraction": _Family(_texts, _run_single, _embeddings, logits=False),
-    "text-classification": _Family(_texts_and_pairs, _run_single, _per_sequence),
-    "token-classification": _Family(_texts, _run_single, _per_token),
-    "question-answering": _Family(_questions, _run_single, _spans),
-    "fill-mask": _Family(_masked_texts, _run_single, _per_token),
-    "multiple-choice": _Family(_choices, _run_single, _per_sequence),
-    "text2text-generation": _Family(_sources, _run_seq2seq, _per_sequence),
+# Each task's sample inputs; how its graphs run and what a sample's output is: OUTPUT_FAMILIES.
+_INPUTS = {
+    "feature-extraction": _texts,
+    "text-classification": _texts_and_pairs,
+    "token-classification": _texts,
+    "question-answering": _questions,
+    "fill-mask": _masked_texts,
+    "multiple-choice": _choices,
+    "text2text-generation": _sources,
 }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import platform
 import re
 import shutil
 from collections.abc import Callable
@@ -15,11 +16,15 @@ from datetime import datetime
 from pathlib import Path
 
 import onnx
+import onnxruntime as ort
 import pytest
 from onnxserve.export import optimize, validate, writer
 from onnxserve.export.errors import ExportError
 from onnxserve.export.exporter import export_model
 from onnxserve.export.tasks import detect_task
+from onnxserve.server.quality.gates import Gate
+from onnxserve.server.quality.probes import PROBES_FILE, read_probes
+from onnxserve.server.runtime.sessions import Session, SessionSettings
 from transformers import AutoConfig, CTRLTokenizer, PretrainedConfig
 
 from onnxserve.repository import MANIFEST_FILE, TOKENIZER_FILE, read_manifest, version_dirs
@@ -124,7 +129,7 @@ def test_classifier_version_folder_and_manifest(checkpoint: Checkpoints, tmp_pat
 
     assert version_dir == tmp_path / "sentiment" / "1"
     assert sorted(p.name for p in version_dir.iterdir()) == [
-        MANIFEST_FILE, "model.fp16.onnx", "model.fp32.onnx", "model.int8.onnx", TOKENIZER_FILE,
+        MANIFEST_FILE, "model.fp16.onnx", "model.fp32.onnx", "model.int8.onnx", PROBES_FILE, TOKENIZER_FILE,
     ]  # fmt: skip
     manifest = read_manifest(version_dir)
     config = AutoConfig.from_pretrained(source)
@@ -160,6 +165,26 @@ def test_classifier_version_folder_and_manifest(checkpoint: Checkpoints, tmp_pat
         assert 0.99 <= figures.min_cosine <= figures.mean_cosine <= 1.0 + 1e-6
     assert manifest.variants[0].validation.max_abs_diff <= 1e-4
     assert "float16" in manifest.variants[1].recipe and "int8" in manifest.variants[2].recipe
+    assert (manifest.probes.path, manifest.probes.sha256) == (PROBES_FILE, writer.sha256(version_dir / PROBES_FILE))
+    machine = manifest.validated_on
+    assert machine.onnxruntime_version.endswith(ort.__version__) and machine.execution_provider
+    assert "avx2" in machine.cpu_features or platform.machine() != "x86_64"
+
+
+def test_probes_reproduce_the_validation_figures(checkpoint: Checkpoints, tmp_path: Path) -> None:
+    """The probes hold a few validation samples with PyTorch's outputs and the gates; run on the
+    exported graphs, they give figures within the export's gates."""
+    version_dir = _export(checkpoint("bert-sequence-classification"), tmp_path, precisions=("fp32", "int8"))
+    manifest = read_manifest(version_dir)
+    probes = read_probes(version_dir / PROBES_FILE)
+    assert probes.task == "text-classification" and len(probes.batches) == 2
+    assert probes.gates["int8"].min_mean_cosine == 0.99
+    for variant in manifest.variants:
+        precision = common_pb2.Precision.Name(variant.precision).removeprefix("PRECISION_").lower()
+        sessions = {f.role: Session(version_dir / f.path, SessionSettings()) for f in variant.files}
+        figures = probes.check(sessions, precision)
+        assert figures.passed, figures.failures
+        assert figures.samples == sum(len(batch["input_ids"]) for batch in probes.batches)
 
 
 def test_multi_label_classifiers_are_marked(export: Callable[..., object]) -> None:
@@ -195,7 +220,7 @@ def test_causal_lm_version_folder(checkpoint: Checkpoints, tmp_path: Path) -> No
     source = checkpoint("gpt2-causal-lm")
     version_dir = _export(source, tmp_path, precisions=("fp32", "int8"))
     assert sorted(p.name for p in version_dir.iterdir()) == [
-        "generation_config.json", MANIFEST_FILE, "model.fp32.onnx", "model.int8.onnx", TOKENIZER_FILE,
+        "generation_config.json", MANIFEST_FILE, "model.fp32.onnx", "model.int8.onnx", PROBES_FILE, TOKENIZER_FILE,
     ]  # fmt: skip
     manifest = read_manifest(version_dir)
     config = AutoConfig.from_pretrained(source)
@@ -220,7 +245,7 @@ def test_seq2seq_version_folder(checkpoint: Checkpoints, tmp_path: Path) -> None
     version_dir = _export(source, tmp_path, precisions=("fp32", "fp16"))
     assert sorted(p.name for p in version_dir.iterdir()) == [
         "decoder.fp16.onnx", "decoder.fp32.onnx", "encoder.fp16.onnx", "encoder.fp32.onnx",
-        "generation_config.json", MANIFEST_FILE, TOKENIZER_FILE,
+        "generation_config.json", MANIFEST_FILE, PROBES_FILE, TOKENIZER_FILE,
     ]  # fmt: skip
     manifest = read_manifest(version_dir)
     config = AutoConfig.from_pretrained(source)
@@ -275,7 +300,7 @@ def test_sentence_transformers_pooling_and_length(checkpoint: Checkpoints, tmp_p
 def test_a_variant_that_misses_its_gate_is_left_out_and_named(
     checkpoint: Checkpoints, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setitem(validate.GATES, "int8", validate.Gate(min_min_cosine=1.5))  # unreachable
+    monkeypatch.setitem(validate.GATES, "int8", Gate(min_min_cosine=1.5))  # unreachable
     source = checkpoint("bert-sequence-classification")
     gate = r"the int8 variant missed its validation gates over 12 samples: min_cosine [\d.]+ is not >= 1\.5"
 

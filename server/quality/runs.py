@@ -1,0 +1,153 @@
+"""Running a variant on validation inputs, the same way at export and at load: the output
+families (how each task's graphs run on a batch and what one sample's output is), and greedy
+decoding and perplexity through the serving code's step model for text generation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+from onnxserve.server.quality.gates import Sample
+from onnxserve.server.runtime.sessions import Session
+from onnxserve.server.tasks.generation.causal import open_causal_model
+from onnxserve.server.tasks.generation.decoding import StepModel
+from onnxserve.server.tasks.generation.logits import log_softmax
+
+from onnxserve.v1 import common_pb2
+
+Batch = dict[str, np.ndarray]
+Outputs = dict[str, np.ndarray]
+# The outputs the families read: what a probe file stores of PyTorch's.
+MAIN_OUTPUTS = ("last_hidden_state", "logits", "start_logits", "end_logits")
+
+
+def _feeds(session: ort.InferenceSession, values: Batch) -> Batch:
+    """The inputs the graph declares: from `values`, else empty past key values (the first step
+    has no cache) and use_cache_branch=False for merged decoders."""
+    batch_size = next(iter(values.values())).shape[0]
+    feeds = {}
+    for meta in session.get_inputs():
+        if meta.name in values:
+            feeds[meta.name] = values[meta.name]
+        elif meta.name == "use_cache_branch":
+            feeds[meta.name] = np.zeros([1], dtype=bool)
+        else:  # past_key_values.*: [batch, heads, 0, head_dim]
+            shape = [batch_size if i == 0 else dim if isinstance(dim, int) else 0 for i, dim in enumerate(meta.shape)]
+            feeds[meta.name] = np.zeros(shape, dtype=np.float16 if "float16" in meta.type else np.float32)
+    return feeds
+
+
+def _run_single(sessions: dict[str, ort.InferenceSession], batch: Batch) -> Outputs:
+    session = sessions["model"]
+    names = [meta.name for meta in session.get_outputs()]
+    return dict(zip(names, session.run(names, _feeds(session, batch)), strict=True))
+
+
+def _run_seq2seq(sessions: dict[str, ort.InferenceSession], batch: Batch) -> Outputs:
+    """The encoder, then the decoder's first step (its logits are the main output)."""
+    encoder, decoder = sessions["encoder"], sessions["decoder"]
+    (hidden,) = encoder.run(["last_hidden_state"], _feeds(encoder, batch))
+    values = {
+        "input_ids": batch["decoder_input_ids"],
+        "encoder_hidden_states": hidden,
+        "encoder_attention_mask": batch["attention_mask"],
+    }
+    (logits,) = decoder.run(["logits"], _feeds(decoder, values))
+    return {"logits": logits}
+
+
+def _kept(array: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The positions the attention mask keeps: padding is undefined, and fused kernels differ there."""
+    return array[mask.astype(bool)]
+
+
+def _per_token(outputs: Outputs, batch: Batch, pooling: int) -> list[Sample]:
+    masks = batch["attention_mask"]
+    return [Sample(main, main.ravel()) for main in map(_kept, outputs["logits"], masks)]
+
+
+def _per_sequence(outputs: Outputs, batch: Batch, pooling: int) -> list[Sample]:
+    return [Sample(row, row.ravel()) for row in outputs["logits"]]
+
+
+def _spans(outputs: Outputs, batch: Batch, pooling: int) -> list[Sample]:
+    rows = zip(outputs["start_logits"], outputs["end_logits"], batch["attention_mask"], strict=True)
+    return [Sample(main, main.ravel()) for main in (np.stack([_kept(s, m), _kept(e, m)]) for s, e, m in rows)]
+
+
+def _embeddings(outputs: Outputs, batch: Batch, pooling: int) -> list[Sample]:
+    samples = []
+    for hidden, mask in zip(outputs["last_hidden_state"], batch["attention_mask"], strict=True):
+        tokens = _kept(hidden, mask)
+        if pooling == common_pb2.POOLING_CLS:
+            pooled = hidden[0]
+        elif pooling == common_pb2.POOLING_LAST_TOKEN:
+            pooled = tokens[-1]
+        else:
+            pooled = tokens.mean(axis=0)
+        samples.append(Sample(tokens, pooled))
+    return samples
+
+
+@dataclass(frozen=True)
+class OutputFamily:
+    """How a task's graphs run on a batch, and each sample's output of a run."""
+
+    run_onnx: Callable[[dict[str, ort.InferenceSession], Batch], Outputs]
+    samples: Callable[[Outputs, Batch, int], list[Sample]]
+    logits: bool = True
+
+
+OUTPUT_FAMILIES = {
+    "feature-extraction": OutputFamily(_run_single, _embeddings, logits=False),
+    "text-classification": OutputFamily(_run_single, _per_sequence),
+    "token-classification": OutputFamily(_run_single, _per_token),
+    "question-answering": OutputFamily(_run_single, _spans),
+    "fill-mask": OutputFamily(_run_single, _per_token),
+    "multiple-choice": OutputFamily(_run_single, _per_sequence),
+    "text2text-generation": OutputFamily(_run_seq2seq, _per_sequence),
+}
+
+
+def _untimed(run: Callable[[], np.ndarray]) -> np.ndarray:
+    return run()
+
+
+def _open(session: Session, prompt: Sequence[int], pad_token_id: int, new_tokens: int) -> StepModel:
+    return open_causal_model(session, [prompt], pad_token_id, _untimed, rows=1, max_new_tokens=new_tokens)
+
+
+def greedy(
+    session: Session, prompt: Sequence[int], new_tokens: int, eos_token_ids: frozenset[int], pad: int
+) -> list[int]:
+    """The variant's greedy continuation of `prompt`: `new_tokens` tokens, or fewer up to an EOS."""
+    model = _open(session, prompt, pad, new_tokens)
+    tokens = [int(model.start()[0].argmax())]
+    while len(tokens) < new_tokens and tokens[-1] not in eos_token_ids:
+        tokens.append(int(model.step(np.array(tokens[-1:]))[0].argmax()))
+    model.release()
+    return tokens
+
+
+def step_perplexity(session: Session, text: Sequence[int], pad_token_id: int) -> float:
+    """The variant's perplexity on `text`, fed one token at a time (the fused graph returns only the
+    last position's logits)."""
+    model = _open(session, text[:1], pad_token_id, len(text))
+    logits = [model.start()[0]]
+    logits += [model.step(np.array([token]))[0] for token in text[1:-1]]
+    model.release()
+    return perplexity(np.stack(logits), text)
+
+
+def perplexity(logits: np.ndarray, text: Sequence[int]) -> float:
+    """exp of the mean negative log-likelihood of text[1:], given logits[i] predicting text[i + 1]."""
+    log_probabilities = log_softmax(logits[: len(text) - 1].astype(np.float64))
+    targets = np.array(text[1:])
+    return float(np.exp(-log_probabilities[np.arange(len(targets)), targets].mean()))
+
+
+def common_prefix(tokens: Sequence[int], expected: Sequence[int]) -> int:
+    pairs = zip(tokens, expected, strict=False)  # the variant may stop at EOS before PyTorch, or after
+    return next((index for index, (a, b) in enumerate(pairs) if a != b), min(len(tokens), len(expected)))
