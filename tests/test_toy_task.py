@@ -5,6 +5,8 @@ requests, both through the same execution path."""
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -135,3 +137,23 @@ def test_the_toy_task_refuses_the_rpcs_it_does_not_register(server):
         inference_pb2_grpc.InferenceStub(channel).Encode(inference_pb2.EncodeRequest(model=MODEL, texts=TEXTS))
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "token-count" in refused.value.details() and "Classify" in refused.value.details()
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"rpcs": frozenset({"Classify", "Summarize"})}, "['Summarize'] are not RPCs"),
+        ({"kserve_text": KServeText("Encode", "texts")}, "not one it serves"),
+        ({"kserve_text": KServeText("Classify", "top_k")}, "no repeated string field 'top_k'"),
+    ],
+)
+def test_a_registration_that_does_not_fit_the_contract_is_refused(change, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        dataclasses.replace(TOY, **change)
+
+
+def test_a_task_number_or_name_is_registered_once():
+    with pytest.raises(ValueError, match="clashes with text-classification"):
+        register(dataclasses.replace(TOY, task=common_pb2.TASK_TEXT_CLASSIFICATION))
+    with pytest.raises(ValueError, match="clashes with fill-mask"):
+        register(dataclasses.replace(TOY, name="fill-mask"))

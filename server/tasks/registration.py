@@ -111,8 +111,14 @@ class TaskRegistration:
         unknown = sorted(self.rpcs - set(INFERENCE.methods_by_name))
         if unknown:
             raise ValueError(f"task {self.name}: {unknown} are not RPCs of {INFERENCE.full_name}")
-        if self.kserve_text is not None and self.kserve_text.rpc not in self.rpcs:
-            raise ValueError(f"task {self.name}: its KServe text RPC {self.kserve_text.rpc} is not one it serves")
+        text = self.kserve_text
+        if text is None:
+            return
+        if text.rpc not in self.rpcs:
+            raise ValueError(f"task {self.name}: its KServe text RPC {text.rpc} is not one it serves")
+        field = INFERENCE.methods_by_name[text.rpc].input_type.fields_by_name.get(text.field)
+        if field is None or not field.is_repeated or field.type != field.TYPE_STRING:
+            raise ValueError(f"task {self.name}: {text.rpc}'s request has no repeated string field {text.field!r}")
 
 
 _REGISTRY: dict[int, TaskRegistration] = {}
