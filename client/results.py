@@ -203,6 +203,8 @@ class ModelInfo:
     architecture: str
     max_batch_size: int
     max_batch_tokens: int
+    serving_cpu_features: list[str]  # the serving machine's kernel-selecting CPU features
+    refused_variants: dict[str, list[str]]  # precision -> the gates its probes missed at load here
 
     @classmethod
     def from_proto(cls, m: models_pb2.ModelInfo) -> ModelInfo:
@@ -224,6 +226,10 @@ class ModelInfo:
             architecture=m.architecture,
             max_batch_size=m.max_batch_size,
             max_batch_tokens=m.max_batch_tokens,
+            serving_cpu_features=list(m.serving_machine.cpu_features),
+            refused_variants={
+                short_name(common_pb2.Precision, r.precision): list(r.load_check.failures) for r in m.refused_variants
+            },
         )
 
 

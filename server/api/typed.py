@@ -9,6 +9,7 @@ import grpc
 from google.protobuf.message import Message
 from onnxserve.server.models.loaded import LoadedModel
 from onnxserve.server.models.registry import ModelRegistry
+from onnxserve.server.runtime.machine import this_machine
 from onnxserve.server.tasks.feature_extraction import model_pooling
 
 from onnxserve.v1 import inference_pb2, inference_pb2_grpc, models_pb2, models_pb2_grpc
@@ -78,6 +79,11 @@ def model_info(model: LoadedModel, versions: list[int]) -> models_pb2.ModelInfo:
         info.hidden_size = manifest.hidden_size
         info.mask_token = manifest.special_tokens.mask_token
         info.architecture = manifest.architecture
+    if model.execution_provider:
+        info.serving_machine.CopyFrom(this_machine(model.execution_provider))
+    if model.load_check is not None:
+        info.load_check.CopyFrom(model.load_check)
+    info.refused_variants.extend(model.refused_variants)
     return info
 
 

@@ -29,6 +29,9 @@ class ModelSettings:
     # Continuous batching of fused decoders: concurrent generations share decode steps, at most this
     # many rows (prompts) at once; the next wait for a free row (max_queue_size of them). 0: off.
     max_generation_rows: int = 16
+    # A variant whose probes miss the export's gate on this machine (int8 kernels differ by CPU) is
+    # refused and the next precision served; true serves it anyway, with a warning in the log.
+    serve_refused_variants: bool = False
 
 
 @dataclass(frozen=True)

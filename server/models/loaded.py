@@ -50,6 +50,9 @@ class LoadedModel:
     settings: ModelSettings = field(default_factory=ModelSettings)
     state: int = models_pb2.MODEL_STATE_LOADING
     reason: str = ""
+    # The served variant's figures on the export's probes, computed here at load (None: no probes).
+    load_check: manifest_pb2.Validation | None = None
+    refused_variants: list[models_pb2.RefusedVariant] = field(default_factory=list)
 
     @property
     def task(self) -> int:

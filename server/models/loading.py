@@ -8,6 +8,8 @@ from pathlib import Path
 from onnxserve.server.config.settings import ModelSettings
 from onnxserve.server.errors import ModelLoadError
 from onnxserve.server.models.loaded import LoadedModel
+from onnxserve.server.quality.probes import PROBES_FILE_SUFFIX, ProbeError, Probes, read_probes
+from onnxserve.server.runtime.machine import describe, this_machine
 from onnxserve.server.runtime.sessions import Session, SessionSettings
 from onnxserve.server.runtime.tokenizer import TextTokenizer
 from onnxserve.server.tasks.base import Executors, ModelResources
@@ -86,9 +88,16 @@ def _load_into(model: LoadedModel, device: str) -> None:
         intra_op_threads=model.settings.intra_op_threads,
         inter_op_threads=model.settings.inter_op_threads,
     )
-    graphs = {f.role: _inside(model.directory, f.path) for f in variant.files}
-    verify_files(model.directory, variant.files)  # before any session reads them; load_model runs off the loop
-    sessions = {role: Session(path, session_settings) for role, path in graphs.items()}
+    probes = _read_probes(model.directory, manifest)
+    for candidate in _fallbacks(manifest, variant):
+        sessions = _open_sessions(model.directory, candidate, session_settings)
+        machine = describe(this_machine(next(iter(sessions.values())).provider))
+        if probes is None or _accepted(model, candidate, _check(probes, sessions, candidate), machine):
+            variant = candidate
+            break
+    else:
+        refused = "; ".join(_refusal(r) for r in model.refused_variants)
+        raise ModelLoadError(f"every variant missed the export's gate on this machine ({machine}): {refused}")
     tokenizer_path = model.directory / TOKENIZER_FILE
     if not tokenizer_path.is_file():
         raise ModelLoadError(f"{tokenizer_path} is missing")
@@ -103,12 +112,81 @@ def _load_into(model: LoadedModel, device: str) -> None:
         model.pipeline = pipeline
 
 
-def _inside(directory: Path, relative: str) -> Path:
+def _fallbacks(manifest: manifest_pb2.Manifest, chosen: manifest_pb2.Variant) -> list[manifest_pb2.Variant]:
+    """The chosen variant, then fp32 should the chosen one miss its gate here."""
+    fp32 = [v for v in manifest.variants if v.precision == common_pb2.PRECISION_FP32 and v is not chosen]
+    return [chosen, *fp32]
+
+
+def _open_sessions(
+    directory: Path, variant: manifest_pb2.Variant, settings: SessionSettings
+) -> dict[str, Session]:
+    graphs = {f.role: _inside(directory, f.path) for f in variant.files}
+    verify_files(directory, variant.files)  # before any session reads them; load_model runs off the loop
+    return {role: Session(path, settings) for role, path in graphs.items()}
+
+
+def _read_probes(directory: Path, manifest: manifest_pb2.Manifest) -> Probes | None:
+    """The export's probes, checked against their SHA-256; None for exports made before probes."""
+    if not manifest.HasField("probes"):
+        log.info("model version %s has no probes (exported before they were written): not checked at load", directory)
+        return None
+    _inside(directory, manifest.probes.path, PROBES_FILE_SUFFIX)
+    verify_files(directory, [manifest.probes])
+    try:
+        return read_probes(directory / manifest.probes.path)
+    except ProbeError as error:
+        raise ModelLoadError(str(error)) from error
+
+
+def _check(probes: Probes, sessions: dict[str, Session], variant: manifest_pb2.Variant) -> manifest_pb2.Validation:
+    """The variant's figures on the probes, on this machine; a run that fails is a miss, in words."""
+    precision = short_name(common_pb2.Precision, variant.precision)
+    try:
+        return probes.check(sessions, precision)
+    except KeyError:
+        return manifest_pb2.Validation(failures=[f"the probes hold no gate for {precision}"])
+    except Exception as error:  # onnxruntime raises its own untyped exceptions
+        return manifest_pb2.Validation(failures=[f"the probes could not run: {error}"])
+
+
+def _accepted(
+    model: LoadedModel, variant: manifest_pb2.Variant, check: manifest_pb2.Validation, machine: str
+) -> bool:
+    """Whether to serve the variant after its check on `machine`; a refusal is kept for GetModel
+    and the metrics."""
+    precision = short_name(common_pb2.Precision, variant.precision)
+    if check.passed:
+        model.load_check = check
+        return True
+    refusal = models_pb2.RefusedVariant(precision=variant.precision, load_check=check)
+    if model.settings.serve_refused_variants:
+        model.load_check = check
+        log.warning(
+            "model %s version %d: the %s variant misses the export's gate on this machine (%s): %s; "
+            "served anyway, as serve_refused_variants asks",
+            model.name, model.version, precision, machine, "; ".join(check.failures),
+        )  # fmt: skip
+        return True
+    model.refused_variants.append(refusal)
+    log.warning(
+        "model %s version %d: refused the %s variant, which misses the export's gate on this machine (%s): %s",
+        model.name, model.version, precision, machine, "; ".join(check.failures),
+    )  # fmt: skip
+    return False
+
+
+def _refusal(refused: models_pb2.RefusedVariant) -> str:
+    return f"{short_name(common_pb2.Precision, refused.precision)}: {'; '.join(refused.load_check.failures)}"
+
+
+def _inside(directory: Path, relative: str, suffix: str = ".onnx") -> Path:
     """Resolves a manifest's file name, refusing paths that leave the version folder, and files
-    other than ONNX graphs: nothing that could carry a pickle is ever loaded."""
+    other than ONNX graphs (and the .npz probes, read without unpickling): nothing that could carry
+    a pickle is ever loaded."""
     path = (directory / relative).resolve()
     if directory.resolve() not in path.parents:
         raise ModelLoadError(f"manifest file {relative!r} points outside its version folder")
-    if path.suffix != ".onnx":
-        raise ModelLoadError(f"manifest file {relative!r} is not an .onnx graph; only ONNX graphs are loaded")
+    if path.suffix != suffix:
+        raise ModelLoadError(f"manifest file {relative!r} is not a {suffix} file as its role asks")
     return path

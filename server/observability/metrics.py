@@ -37,8 +37,16 @@ class _ModelCollector(Collector):
         depth = GaugeMetricFamily(
             "onnxserve_queue_depth", "Requests waiting in a model's batch queue", labels=["model", "version"]
         )
+        refused = GaugeMetricFamily(
+            "onnxserve_variant_refused",
+            "1 for each variant refused at load because its probes missed the export's gate on this machine",
+            labels=["model", "version", "precision"],
+        )
         ready = 0
         for model in self.models():
+            for variant in model.refused_variants:
+                precision = short_name(common_pb2.Precision, variant.precision)
+                refused.add_metric([model.name, str(model.version), precision], 1)
             state = short_name(models_pb2.ModelState, model.state)
             states.add_metric([model.name, str(model.version), state], 1)
             ready += model.state == models_pb2.MODEL_STATE_READY
@@ -46,7 +54,7 @@ class _ModelCollector(Collector):
             if waiting is not None:
                 depth.add_metric([model.name, str(model.version)], waiting)
         loaded.add_metric([], ready)
-        yield from (states, loaded, depth)
+        yield from (states, loaded, depth, refused)
 
 
 class Metrics:

@@ -30,6 +30,7 @@ from onnxserve.server.runtime.sessions import Session
 from onnxserve.v1 import manifest_pb2
 
 PROBES_FILE = "probes.npz"
+PROBES_FILE_SUFFIX = ".npz"
 PROBE_ROWS = 3  # per validation batch
 PROBE_OUTPUT_BYTES = 2 << 20  # reference outputs per batch; big vocabularies keep fewer rows
 PROBE_PROMPTS = 3
