@@ -9,7 +9,9 @@
   `--device cuda` stops `onnxserve serve` at start with the reason and exit code 1, no traceback;
 - a fused decoder whose attention is not fp16 is refused on CUDA, naming why, and `auto` on CUDA
   takes the fp16 variant;
-- the exporter validates fp16 on the GPU where one is usable (never the CPU's figures in its name)."""
+- the exporter validates fp16 on the GPU where one is usable (never the CPU's figures in its name);
+- the batch-merge drift limit follows the precision: fp16's sums, reordered by other batch shapes,
+  may move by more than fp32's limit and still be far inside fp16's gate."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from onnxruntime.capi import build_and_package_info
@@ -27,7 +30,7 @@ from onnxserve.export.decoder_graph import build_decoder_graph
 from onnxserve.export.optimize import KV_CACHE_PREFIXES, to_fp16
 from onnxserve.server.errors import ModelLoadError
 from onnxserve.server.models.loading import choose_variant
-from onnxserve.server.runtime import sessions
+from onnxserve.server.runtime import batching, sessions
 from onnxserve.server.runtime.sessions import Session, SessionSettings
 from onnxserve.server.tasks.generation.fused import FusedBatch, FusedGraph
 from transformers import AutoModelForCausalLM
@@ -219,3 +222,38 @@ def test_fp16_is_validated_on_a_usable_gpu(monkeypatch: pytest.MonkeyPatch, fp16
     else:  # onnxruntime falls back to the CPU silently: the validator must not
         with pytest.raises(validate.NotRunnable, match="could not create the CUDA provider"):
             validate._session(fp16_fused["llama-causal-lm"], "cuda")
+
+
+# --- the batch-merge drift limit ----------------------------------------------------------------------
+
+
+class _Texts:
+    """A tokenizer stand-in: the probe texts' lengths are all the forward below looks at."""
+
+    def encode(self, texts: list[str]) -> list[int]:
+        return [len(text) for text in texts]
+
+
+def _forward_drifting_by(drift: float) -> batching.Forward:
+    """Each row's output moves by `drift` (relative) when it runs beside other rows, as reordered
+    fp16 sums do."""
+
+    def forward(batch: list[int]) -> list[dict[str, np.ndarray]]:
+        scale = 1.0 if len(batch) == 1 else 1.0 + drift
+        return [{"x": np.full(4, float(length)) * scale} for length in batch]
+
+    return forward
+
+
+def test_the_drift_limit_is_the_precisions(caplog) -> None:
+    forward = _forward_drifting_by(3e-3)
+    assert batching.batchmate_drift(forward, _Texts().encode(list(batching.PROBE_TEXTS))) == pytest.approx(3e-3)
+    merges = {
+        name: batching.merges_safely(name, forward, _Texts(), precision)
+        for name, precision in (("fp32", common_pb2.PRECISION_FP32), ("fp16", common_pb2.PRECISION_FP16),
+                                ("int8", common_pb2.PRECISION_INT8))
+    }  # fmt: skip
+    assert merges == {"fp32": False, "fp16": True, "int8": False}
+    assert "model fp32: outputs move by 0.003" in caplog.text and "over the limit of 1e-03" in caplog.text
+    # What the probe exists to catch, per-tensor int8's 0.16, is refused at fp16's limit too.
+    assert not batching.merges_safely("scaled", _forward_drifting_by(0.16), _Texts(), common_pb2.PRECISION_FP16)

@@ -106,7 +106,9 @@ def _load_into(model: LoadedModel, device: str) -> None:
     model.execution_provider = next(iter(sessions.values())).provider
     registration = registration_for(manifest.task)
     if registration is not None:  # else the model serves its tokenizer only
-        resources = ModelResources(model.name, manifest, model.tokenizer, sessions, model.executors, model.settings)
+        resources = ModelResources(
+            model.name, manifest, model.tokenizer, sessions, model.executors, model.settings, variant.precision
+        )
         pipeline = registration.pipeline(resources)
         pipeline.open()
         model.pipeline = pipeline

@@ -20,7 +20,7 @@ from onnxserve.server.runtime.stats import Timings
 from onnxserve.server.runtime.tokenizer import TextTokenizer, batch_arrays
 from tokenizers import Encoding
 
-from onnxserve.v1 import manifest_pb2
+from onnxserve.v1 import common_pb2, manifest_pb2
 
 T = TypeVar("T")
 Request = TypeVar("Request", bound=Message)
@@ -40,7 +40,7 @@ class Executors:
 @dataclass
 class ModelResources:
     """What a pipeline is built from: the model's name, manifest, tokenizer, sessions by role,
-    serving settings, and the thread pools it runs its blocking work on."""
+    serving settings, the thread pools it runs its blocking work on, and the precision served."""
 
     name: str
     manifest: manifest_pb2.Manifest
@@ -48,6 +48,7 @@ class ModelResources:
     sessions: dict[str, Session]
     executors: Executors
     settings: ModelSettings = field(default_factory=ModelSettings)
+    precision: int = common_pb2.PRECISION_FP32
 
 
 @dataclass
@@ -110,12 +111,13 @@ class EncoderPipeline(Pipeline[Request]):
         super().__init__(resources)
         self.session = resources.sessions["model"]
         self.settings = resources.settings
+        self.precision = resources.precision
         self.runner: BatchRunner | None = None
 
     def open(self) -> None:
         """The batcher. Requests share runs only if the model's answers do not move with their
         batchmates, which is measured here, on the built pipeline's own forward."""
-        merge = merges_safely(self.name, self.forward, self.tokenizer)
+        merge = merges_safely(self.name, self.forward, self.tokenizer, self.precision)
         self.runner = BatchRunner(self.name, self.forward, self.settings, merge_requests=merge)
 
     async def close(self) -> None:
