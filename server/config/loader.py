@@ -26,7 +26,9 @@ from typing import Any
 
 from onnxserve.server.config.settings import ModelSettings, ServerSettings
 
+from onnxserve.enums import short_names
 from onnxserve.repository import RepositoryError, model_dirs, validate_model_name
+from onnxserve.v1 import common_pb2
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -39,7 +41,7 @@ CHOICES = {
     "log_level": ("debug", "info", "warning", "error"),
     "log_format": ("text", "json"),
     "models.device": ("", "auto", "cpu", "cuda"),
-    "models.precision": ("auto", "fp32", "fp16", "int8", "int4"),
+    "models.precision": ("auto", *short_names(common_pb2.Precision)),
 }
 AT_LEAST_ONE = {
     "models.max_batch_size", "models.max_batch_tokens", "models.max_queue_size",

@@ -19,7 +19,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from onnxserve.client.client import DEFAULT_TARGET
+from onnxserve.enums import short_names
 from onnxserve.server.config.loader import ConfigError, add_flags, config_warnings, flags_given, load_settings
+from onnxserve.v1 import common_pb2
 
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)  # a message is one line, however long
@@ -243,7 +245,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--repository", required=True, help="the model repository directory")
     export.add_argument("--name", help="the model's name in the repository (default: the source's)")
     export.add_argument("--task", help="the task (default: detected from config.architectures)")
-    export.add_argument("--precision", action="append", choices=("fp32", "fp16", "int8", "int4"),
+    export.add_argument("--precision", action="append", choices=tuple(short_names(common_pb2.Precision)),
                         help="a precision to export; repeat for several (default: fp32, fp16 and int8, "
                              "and int4 for text generation; int4 is for text generation only)")
     export.add_argument("--force", action="store_true", help="write variants that miss their gates")
