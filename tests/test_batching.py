@@ -112,6 +112,49 @@ def test_concurrent_requests_share_runs_and_get_their_own_rows_in_order():
     assert all(t.batch_size == 6 and t.inference_ns > 0 and t.queue_ns > 0 for t in timings)
 
 
+def test_an_idle_model_runs_a_lone_call_at_once():
+    """The default holds nothing back: the run starts with nothing else arriving (the run is
+    held open, so the call is seen inside the engine, not merely answered), and a call arriving
+    while it runs forms the next run as soon as it ends."""
+    assert ModelSettings().max_queue_delay_ms == 0
+
+    async def scenario(runner, forward):
+        lone = asyncio.create_task(runner.infer(texts(3, first_tag=0), Timings()))
+        await started(forward)
+        assert runner.waiting == 0 and forward.runs == [ids_of(texts(3, first_tag=0))]
+        later = asyncio.create_task(runner.infer(texts(3, first_tag=1), Timings()))
+        await queued(runner, 1)
+        forward.release.set()
+        await asyncio.gather(lone, later)
+        return forward.runs
+
+    assert drive(scenario, hold=True) == [ids_of(texts(3, first_tag=0)), ids_of(texts(3, first_tag=1))]
+
+
+def test_a_long_request_takes_turns_with_calls_that_arrive_after_it():
+    """Ten sequences in runs of two: a one-text call queued behind them rides the second run
+    instead of waiting for all five of the long request's runs."""
+    long, short = texts(*[3] * 10, first_tag=0), texts(3, first_tag=50)
+
+    async def scenario(runner, forward):
+        blocker = asyncio.create_task(runner.infer(texts(3, first_tag=100), Timings()))
+        await started(forward)
+        calls = [asyncio.create_task(runner.infer(long, Timings()))]
+        await queued(runner, 1)
+        calls.append(asyncio.create_task(runner.infer(short, Timings())))
+        await queued(runner, 2)
+        forward.release.set()
+        await blocker
+        rows = await asyncio.gather(*calls)
+        return rows, forward.runs[1:]
+
+    (long_rows, short_rows), runs = drive(scenario, hold=True, max_batch_size=2)
+    assert [list(row["ids"]) for row in long_rows] == ids_of(long)
+    assert [list(row["ids"]) for row in short_rows] == ids_of(short)
+    assert runs[0] == ids_of(long[:2]) and ids_of(short)[0] in runs[1]
+    assert len(runs) == 6 and all(len(run) <= 2 for run in runs)
+
+
 def test_max_queue_delay_lets_an_idle_model_wait_for_batchmates():
     async def scenario(runner, forward):
         timings = [Timings() for _ in range(4)]

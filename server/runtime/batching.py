@@ -3,16 +3,17 @@
 Requests from every caller of a model wait in one bounded queue; each ONNX Runtime run takes
 sequences from as many of them as fit, sorted by length so that little is padded, within a batch
 size and a token budget (rows x longest row). Each request gets its own rows back, in its order; a
-request larger than one run is spread over several. Runs go one at a time per model (a run
-already uses every intra-op thread) on a thread of the model's own, so that nothing heavy runs on
-the event loop and no other work (tokenizing, another model, generation) can hold them back.
-How runs are planned, and what was measured: docs/batching.md.
-"""
+request larger than one run is spread over several, which take turns with other callers' runs.
+Runs go one at a time per model (a run already uses every intra-op thread) on a thread of the
+model's own, so that nothing heavy runs on the event loop and no other work (tokenizing, another
+model, generation) can hold them back. An idle model runs what waits at once; the next run forms
+while one executes. How runs are planned, and what was measured: docs/batching.md."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections import deque
@@ -124,13 +125,14 @@ class _Request:
     started: bool = False
     lengths: list[int] = field(init=False)
     outputs: list[RowOutputs | None] = field(init=False)
-    unscheduled: int = field(init=False)  # sequences not yet taken into a run
+    queued: deque[int] = field(init=False)  # its sequences not yet taken into a run, in order
     unfinished: int = field(init=False)  # sequences whose run has not returned
 
     def __post_init__(self) -> None:
         self.lengths = [len(sequence) for sequence in self.sequences]
         self.outputs = [None] * len(self.sequences)
-        self.unscheduled = self.unfinished = len(self.sequences)
+        self.queued = deque(range(len(self.sequences)))
+        self.unfinished = len(self.sequences)
 
 
 class _Item(NamedTuple):
@@ -152,7 +154,8 @@ class BatchRunner:
         self.forward = forward
         self.settings = settings
         self.merge_requests = merge_requests
-        self._pending: deque[_Item] = deque()
+        #: Requests with sequences not yet taken into a run, in turn order (see _take).
+        self._queue: deque[_Request] = deque()
         self._waiting = 0
         self._arrived = asyncio.Event()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"onnxserve-run-{name}")
@@ -198,7 +201,7 @@ class BatchRunner:
 
     def _admit(self, request: _Request) -> None:
         self._waiting += 1
-        self._pending.extend(_Item(request, index, length) for index, length in enumerate(request.lengths))
+        self._queue.append(request)
         self._arrived.set()
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._serve(), name=f"batching {self.name}")
@@ -206,8 +209,8 @@ class BatchRunner:
     def _release(self, request: _Request) -> None:
         """Frees the place of a request that leaves with sequences still waiting (cancelled, past
         its deadline, or failed); those sequences are skipped when they come up."""
-        if request.unscheduled:
-            request.unscheduled = 0
+        if request.queued:
+            request.queued.clear()
             self._waiting -= 1
 
     async def _serve(self) -> None:
@@ -225,27 +228,28 @@ class BatchRunner:
                 delay = self._time_for_batchmates(window, run)
                 if delay <= 0:
                     return self._take(window, run)
-                self._pending.extendleft(reversed(window))
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), delay)
 
     def _window(self) -> list[_Item]:
-        """Takes the oldest waiting sequences of live requests off the queue, at most
-        WINDOW_BATCHES batches' worth; only the oldest request's when requests are not merged."""
+        """The first waiting sequences of live requests in turn order, at most WINDOW_BATCHES
+        batches' worth; only the first request's when requests are not merged. Nothing is taken
+        off the queue here (see _take)."""
+        while self._queue and not self._queue[0].queued:
+            self._queue.popleft()  # scheduled whole, or its caller left (_release freed its place)
         limit = WINDOW_BATCHES * self.settings.max_batch_size
         window: list[_Item] = []
-        while self._pending and len(window) < limit:
-            item = self._pending.popleft()
-            if item.request.done.done():
-                continue  # its caller left; _release freed its place
-            if window and not self.merge_requests and item.request is not window[0].request:
-                self._pending.appendleft(item)
+        for request in self._queue:
+            if not request.queued:
+                continue
+            for index in itertools.islice(request.queued, limit - len(window)):
+                window.append(_Item(request, index, request.lengths[index]))
+            if len(window) >= limit or not self.merge_requests:
                 break
-            window.append(item)
         return window
 
     def _choose(self, window: list[_Item]) -> list[int]:
-        """The planned run that carries the oldest sequence, so that none waits forever."""
+        """The planned run that carries the first sequence in turn order, so that none waits forever."""
         runs = plan_runs([item.length for item in window], self.settings.max_batch_size, self.settings.max_batch_tokens)
         return next(run for run in runs if 0 in run)
 
@@ -265,14 +269,26 @@ class BatchRunner:
         return self.settings.max_queue_delay_ms / 1e3 - waited_ns / 1e9
 
     def _take(self, window: list[_Item], run: list[int]) -> list[_Item]:
-        """Returns the run's items and puts the rest of the window back, in order."""
-        chosen = set(run)
-        self._pending.extendleft(reversed([item for i, item in enumerate(window) if i not in chosen]))
+        """Takes the run's items off the queue, then gives the requests it served, if they still
+        have sequences waiting, the last turns: a long request is spread over runs that alternate
+        with other callers' runs, so that a short call never waits for all of a long one."""
         items = [window[i] for i in run]
-        for item in items:
-            item.request.unscheduled -= 1
-            if item.request.unscheduled == 0:
+        chosen = {(id(item.request), item.index) for item in items}
+        window_share: dict[_Request, int] = {}
+        for item in window:
+            window_share[item.request] = window_share.get(item.request, 0) + 1
+        for request, share in window_share.items():  # the window is each request's first `share`
+            kept = [i for i in itertools.islice(request.queued, share) if (id(request), i) not in chosen]
+            for _ in range(share):
+                request.queued.popleft()
+            request.queued.extendleft(reversed(kept))
+            if not request.queued:
                 self._waiting -= 1
+        served = {item.request for item in items}
+        later = [request for request in self._queue if request in served and request.queued]
+        if later:
+            self._queue = deque(request for request in self._queue if request not in served and request.queued)
+            self._queue.extend(later)
         return items
 
     async def _execute(self, items: list[_Item]) -> None:
