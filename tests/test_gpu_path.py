@@ -19,6 +19,7 @@ import logging
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -28,15 +29,18 @@ from onnxruntime.capi import build_and_package_info
 from onnxserve.export import validate
 from onnxserve.export.decoder_graph import build_decoder_graph
 from onnxserve.export.optimize import KV_CACHE_PREFIXES, to_fp16
+from onnxserve.server.config.settings import ModelSettings
 from onnxserve.server.errors import ModelLoadError
-from onnxserve.server.models.loading import choose_variant
+from onnxserve.server.models.loading import choose_variant, load_model
 from onnxserve.server.runtime import batching, sessions
 from onnxserve.server.runtime.sessions import Session, SessionSettings
+from onnxserve.server.tasks.base import Executors
+from onnxserve.server.tasks.generation import fused
 from onnxserve.server.tasks.generation.fused import FusedBatch, FusedGraph
 from transformers import AutoModelForCausalLM
 
 from onnxserve.repository import read_manifest
-from onnxserve.v1 import common_pb2, manifest_pb2
+from onnxserve.v1 import common_pb2, manifest_pb2, models_pb2
 from tests import generation_reference as reference
 from tests.conftest import Exported
 
@@ -194,6 +198,22 @@ def test_a_fused_decoder_not_in_fp16_is_refused_on_cuda(
     fp16 = Session(fp16_fused["llama-causal-lm"], SessionSettings(intra_op_threads=1))
     fp16.provider = sessions.CUDA
     assert FusedGraph(fp16).cache_device == "cuda"
+
+
+def test_loading_a_fp32_fused_decoder_on_cuda_fails_naming_why(
+    export: Callable[..., Exported], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the whole load (the export's probes, then the pipeline): the CPU stands in for CUDA
+    in the fused graph's device check, so the refusal is what a GPU server would give."""
+    exported = export("llama-causal-lm", precisions=("fp32",))
+    monkeypatch.setattr(fused, "CUDA", sessions.CPU)
+    with ThreadPoolExecutor(1) as pool:
+        model = load_model(
+            exported.name, 1, exported.model_dir / "1", "cpu", ModelSettings(warmup=False),
+            Executors(tokenizing=pool, generation=pool),
+        )  # fmt: skip
+    assert model.state == models_pb2.MODEL_STATE_FAILED
+    assert "GroupQueryAttention has no float32 CUDA kernel" in model.reason and "fp16 variant" in model.reason
 
 
 def test_auto_on_cuda_takes_the_fp16_variant() -> None:
