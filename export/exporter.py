@@ -14,12 +14,14 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from onnxserve.export.checkpoint import Checkpoint, load_config, load_tokenizer, open_source
 from onnxserve.export.decoder_graph import build_decoder_graph, supports_fused_decoder
 from onnxserve.export.errors import ExportError
 from onnxserve.export.generative_gate import DEFAULT_GATE, GenerativeGate, GenerativeValidator
+from onnxserve.export.images import image_processing, load_image_processor
 from onnxserve.export.manifest import describe_model, now_rfc3339
 from onnxserve.export.optimize import (
     can_fuse,
@@ -65,7 +67,8 @@ class _Model:
     checkpoint: Checkpoint
     spec: TaskSpec
     config: PretrainedConfig
-    tokenizer: PreTrainedTokenizerFast
+    tokenizer: PreTrainedTokenizerFast | None  # None for vision models
+    image_processor: Any  # transformers' image processor of vision models, else None
     generation: GenerationConfig | None
     manifest: manifest_pb2.Manifest  # the fields that describe the model
 
@@ -150,7 +153,12 @@ def _read(checkpoint: Checkpoint, task: str | None) -> _Model:
     config = load_config(checkpoint.path)
     spec = task_spec(task or detect_task(checkpoint.path, config))
     check_exportable(config, spec)
-    tokenizer = load_tokenizer(checkpoint.path)
+    tokenizer, image_processor, processing = None, None, None
+    if spec.registration.inputs == "images":
+        image_processor = load_image_processor(checkpoint.path)
+        processing = image_processing(image_processor)
+    else:
+        tokenizer = load_tokenizer(checkpoint.path)
     generation = None
     if spec.generative:
         generation = (
@@ -158,8 +166,8 @@ def _read(checkpoint: Checkpoint, task: str | None) -> _Model:
             if (checkpoint.path / GENERATION_CONFIG_FILE).is_file()
             else GenerationConfig.from_model_config(config)
         )
-    manifest = describe_model(checkpoint, spec, config, tokenizer, generation)
-    return _Model(checkpoint, spec, config, tokenizer, generation, manifest)
+    manifest = describe_model(checkpoint, spec, config, tokenizer, generation, processing)
+    return _Model(checkpoint, spec, config, tokenizer, image_processor, generation, manifest)
 
 
 def _make_variants(model: _Model, stage: Path, wanted: list[str], steps: Steps) -> list[_Variant]:
@@ -300,6 +308,7 @@ def _validator(model: _Model, generative_gate: GenerativeGate) -> Validator | Ge
         model.checkpoint.path,
         model.config,
         model.tokenizer,
+        model.image_processor,
         model.manifest.pooling,
         model.manifest.max_length,
     )
@@ -323,7 +332,8 @@ def _check(validator: Validator | GenerativeValidator, variant: _Variant) -> str
 
 
 def _write(model: _Model, stage: Path, variants: list[_Variant], probes: Probes) -> Path:
-    model.tokenizer.backend_tokenizer.save(str(stage / TOKENIZER_FILE))
+    if model.tokenizer is not None:
+        model.tokenizer.backend_tokenizer.save(str(stage / TOKENIZER_FILE))
     write_probes(stage / PROBES_FILE, probes)
     if model.generation is not None:
         original = model.checkpoint.path / GENERATION_CONFIG_FILE

@@ -24,7 +24,9 @@ _POSITION_OFFSET = {
     "roberta": 2, "xlm-roberta": 2, "xlm-roberta-xl": 2, "camembert": 2, "longformer": 2,
     "data2vec-text": 2, "roberta-prelayernorm": 2, "ibert": 2, "mpnet": 2,
 }  # fmt: skip
-_CLASS_LABELS = (common_pb2.TASK_TEXT_CLASSIFICATION, common_pb2.TASK_TOKEN_CLASSIFICATION)
+_CLASS_LABELS = (
+    common_pb2.TASK_TEXT_CLASSIFICATION, common_pb2.TASK_TOKEN_CLASSIFICATION, common_pb2.TASK_IMAGE_CLASSIFICATION,
+)  # fmt: skip
 _SPECIAL_TOKENS = ("cls_token", "sep_token", "pad_token", "mask_token", "unk_token", "bos_token", "eos_token")
 _LIBRARIES = ("torch", "transformers", "optimum", "optimum-onnx", "onnx")
 
@@ -33,25 +35,31 @@ def describe_model(
     checkpoint: Checkpoint,
     spec: TaskSpec,
     config: PretrainedConfig,
-    tokenizer: PreTrainedTokenizerFast,
+    tokenizer: PreTrainedTokenizerFast | None,
     generation: GenerationConfig | None,
+    image_processing: manifest_pb2.ImageProcessing | None = None,
 ) -> manifest_pb2.Manifest:
-    """A manifest with every field except the name, version, variants, opset and time."""
+    """A manifest with every field except the name, version, variants, opset and time. Vision
+    models have no tokenizer, and their image processing instead."""
     manifest = manifest_pb2.Manifest(
         format_version=MANIFEST_FORMAT_VERSION,
         task=spec.proto,
         source=checkpoint.source,
         architecture=(config.architectures or [""])[0],
         model_type=config.model_type,
-        max_length=max_length(checkpoint.path, config, tokenizer),
         pooling=pooling(checkpoint.path),
         hidden_size=getattr(config, "hidden_size", None) or 0,
         multi_label=config.problem_type == "multi_label_classification",
-        clean_up_tokenization_spaces=bool(tokenizer.clean_up_tokenization_spaces),
         library_versions=library_versions(),
     )
     if spec.proto in _CLASS_LABELS:
         manifest.labels.extend(config.id2label[i] for i in range(config.num_labels))
+    if image_processing is not None:
+        manifest.image_processing.CopyFrom(image_processing)
+    if tokenizer is None:
+        return manifest
+    manifest.max_length = max_length(checkpoint.path, config, tokenizer)
+    manifest.clean_up_tokenization_spaces = bool(tokenizer.clean_up_tokenization_spaces)
     eos_ids = _eos_ids(config, generation)
     manifest.special_tokens.CopyFrom(special_tokens(tokenizer, eos_ids))
     if generation is not None:

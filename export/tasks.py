@@ -62,6 +62,7 @@ _HEADS = (
     ("ForQuestionAnswering", "question-answering"),
     ("ForMaskedLM", "fill-mask"),
     ("ForMultipleChoice", "multiple-choice"),
+    ("ForImageClassification", "image-classification"),
     ("ForCausalLM", "text-generation"),
 )
 # Heads whose task depends on whether the model is an encoder-decoder: T5ForConditionalGeneration,

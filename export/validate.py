@@ -14,12 +14,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import torch
 import transformers
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+from onnxserve.export.images import sample_images
 from onnxserve.export.tasks import TaskSpec
 from onnxserve.server.quality.gates import GATES, Sample, judge_outputs
 from onnxserve.server.quality.probes import PROBE_OUTPUT_BYTES, PROBE_ROWS, OutputProbes, main_outputs, probe_rows
@@ -68,7 +70,8 @@ class Validator:
         spec: TaskSpec,
         checkpoint: Path,
         config: PretrainedConfig,
-        tokenizer: PreTrainedTokenizerFast,
+        tokenizer: PreTrainedTokenizerFast | None,
+        image_processor: Any,
         pooling: int,
         max_length: int,
     ) -> None:
@@ -76,7 +79,8 @@ class Validator:
         self.family: OutputFamily = OUTPUT_FAMILIES[spec.name]
         self.pooling = pooling
         # Short samples: enough to exercise attention and padding, cheap on big models.
-        self.batches = _INPUTS[spec.name](_Inputs(tokenizer, config, min(max_length, SAMPLE_MAX_LENGTH)))
+        inputs = _Inputs(tokenizer, config, min(max_length, SAMPLE_MAX_LENGTH), image_processor)
+        self.batches = _INPUTS[spec.name](inputs)
         model_class = getattr(transformers, spec.auto_class)
         model = model_class.from_pretrained(checkpoint, dtype=torch.float32).eval()
         with torch.inference_mode():
@@ -161,11 +165,13 @@ def _session(path: Path, device: str = "cpu") -> ort.InferenceSession:
 
 @dataclass(frozen=True)
 class _Inputs:
-    """What the sample inputs are made with."""
+    """What the sample inputs are made with: a tokenizer for text models, an image processor
+    for vision models."""
 
-    tokenizer: PreTrainedTokenizerFast
+    tokenizer: PreTrainedTokenizerFast | None
     config: PretrainedConfig
     max_length: int
+    image_processor: Any = None
 
     def tokenize(self, *texts: Sequence[str]) -> Batch:
         encoded = self.tokenizer(*texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="np")
@@ -205,6 +211,12 @@ def _sources(inputs: _Inputs) -> list[Batch]:
     return [batch]
 
 
+def _images(inputs: _Inputs) -> list[Batch]:
+    """The sample images as the checkpoint's own image processor makes them."""
+    pixels = inputs.image_processor(images=sample_images(), return_tensors="np")["pixel_values"]
+    return [{"pixel_values": pixels.astype(np.float32)}]
+
+
 # Each task's sample inputs; how its graphs run and what a sample's output is: OUTPUT_FAMILIES.
 _INPUTS = {
     "feature-extraction": _texts,
@@ -214,4 +226,5 @@ _INPUTS = {
     "fill-mask": _masked_texts,
     "multiple-choice": _choices,
     "text2text-generation": _sources,
+    "image-classification": _images,
 }

@@ -117,7 +117,9 @@ def probe_rows(batch: Batch, rows: int) -> Batch:
     """The first `rows` samples of a validation batch, without the columns that are padding in all of
     them (the probe's reference is computed on exactly this batch)."""
     head = {name: value[:rows] for name, value in batch.items()}
-    mask = head["attention_mask"]
+    mask = head.get("attention_mask")
+    if mask is None:  # images: nothing is padding
+        return head
     kept = mask.reshape(-1, mask.shape[-1]).any(axis=0)
     return {name: value[..., kept] if value.shape[-1] == kept.size else value for name, value in head.items()}
 

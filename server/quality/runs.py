@@ -108,6 +108,7 @@ OUTPUT_FAMILIES = {
     "fill-mask": OutputFamily(_run_single, _per_token),
     "multiple-choice": OutputFamily(_run_single, _per_sequence),
     "text2text-generation": OutputFamily(_run_seq2seq, _per_sequence),
+    "image-classification": OutputFamily(_run_single, _per_sequence),
 }
 
 

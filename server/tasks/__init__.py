@@ -6,6 +6,7 @@ from __future__ import annotations
 from onnxserve.server.tasks import (
     feature_extraction,
     fill_mask,
+    image_classification,
     multiple_choice,
     question_answering,
     text_classification,
@@ -23,5 +24,6 @@ for _registration in (
     multiple_choice.REGISTRATION,
     generation.TEXT_GENERATION,
     generation.TEXT2TEXT_GENERATION,
+    image_classification.REGISTRATION,
 ):
     register(_registration)

@@ -39,12 +39,13 @@ class Executors:
 
 @dataclass
 class ModelResources:
-    """What a pipeline is built from: the model's name, manifest, tokenizer, sessions by role,
-    serving settings, the thread pools it runs its blocking work on, and the precision served."""
+    """What a pipeline is built from: the model's name, manifest, tokenizer (None for vision
+    models), sessions by role, serving settings, the thread pools it runs its blocking work on, and
+    the precision served."""
 
     name: str
     manifest: manifest_pb2.Manifest
-    tokenizer: TextTokenizer
+    tokenizer: TextTokenizer | None
     sessions: dict[str, Session]
     executors: Executors
     settings: ModelSettings = field(default_factory=ModelSettings)
@@ -53,9 +54,10 @@ class ModelResources:
 
 @dataclass
 class Prepared:
-    """The output of preprocess: the sequences to run, plus whatever postprocess needs."""
+    """The output of preprocess: the inputs to run (token sequences, or images for vision
+    pipelines), plus whatever postprocess needs."""
 
-    sequences: list[Encoding]
+    sequences: list[Any]
     context: dict[str, Any] = field(default_factory=dict)
 
 
@@ -102,9 +104,9 @@ class Pipeline(ABC, Generic[Request]):
         return await asyncio.get_running_loop().run_in_executor(self.executors.tokenizing, work)
 
 
-class EncoderPipeline(Pipeline[Request]):
-    """A pipeline over one encoder graph whose forward step runs batches of token sequences.
-    Because forward takes plain sequences, its batcher can merge sequences from many requests
+class BatchedPipeline(Pipeline[Request]):
+    """A pipeline over one graph whose forward step runs batches of inputs (token sequences,
+    images). Because forward takes plain inputs, its batcher can merge inputs from many requests
     into one run and hand each request its own rows back."""
 
     def __init__(self, resources: ModelResources) -> None:
@@ -117,16 +119,67 @@ class EncoderPipeline(Pipeline[Request]):
     def open(self) -> None:
         """The batcher. Requests share runs only if the model's answers do not move with their
         batchmates, which is measured here, on the built pipeline's own forward."""
-        merge = merges_safely(self.name, self.forward, self.tokenizer, self.precision)
-        self.runner = BatchRunner(self.name, self.forward, self.settings, merge_requests=merge)
+        self.runner = BatchRunner(self.name, self.forward, self.settings, merge_requests=self.merges_safely())
 
     async def close(self) -> None:
         if self.runner is not None:
             await self.runner.close()
 
     @abstractmethod
+    def merges_safely(self) -> bool:
+        """Whether the model's outputs for an input stay put whatever it is batched with."""
+
+    @abstractmethod
     def preprocess(self, request: Request) -> Prepared:
-        """Validates the request and tokenizes its inputs."""
+        """Validates the request and turns its inputs into what forward runs."""
+
+    @abstractmethod
+    def forward(self, inputs: Sequence[Any]) -> list[RowOutputs]:
+        """Runs one batch and splits the outputs back into one entry per input."""
+
+    @abstractmethod
+    def postprocess(self, request: Request, prepared: Prepared, outputs: list[RowOutputs]) -> Message:
+        """Turns each input's outputs into the response (its metadata is filled later)."""
+
+    @abstractmethod
+    def warm_up_inputs(self) -> list[Any]:
+        """A small input for warm-up, of the kind preprocess makes."""
+
+    def input_tokens(self, prepared: Prepared) -> int:
+        """The tokens a request's inputs hold, for its Metadata; none by default (images)."""
+        return 0
+
+    async def run(self, rpc: str, request: Request, timings: Timings, time_left: float | None) -> Message:
+        """preprocess -> forward (through the batcher, which drops the request if its deadline
+        passes while it waits) -> postprocess."""
+        prepared = await self._blocking(lambda: timings.timed("tokenization", lambda: self.preprocess(request)))
+        timings.tokens = self.input_tokens(prepared)
+        outputs = await self._runner().infer(prepared.sequences, timings, time_left)
+        return await self._blocking(
+            lambda: timings.timed("postprocess", lambda: self.postprocess(request, prepared, outputs))
+        )
+
+    async def warm_up(self) -> None:
+        """One small input through the batcher."""
+        await self._runner().infer(self.warm_up_inputs(), Timings())
+
+    def queue_depth(self) -> int | None:
+        return self._runner().waiting
+
+    def observe_runs(self, callback: Callable[[int, int], None]) -> None:
+        self._runner().on_run = callback
+
+    def _runner(self) -> BatchRunner:
+        if self.runner is None:
+            raise RuntimeError(f"the pipeline of model {self.name!r} was not opened")
+        return self.runner
+
+
+class EncoderPipeline(BatchedPipeline[Request]):
+    """A pipeline over one text encoder graph whose forward step runs batches of token sequences."""
+
+    def merges_safely(self) -> bool:
+        return merges_safely(self.name, self.forward, self.tokenizer, self.precision)
 
     def forward(self, sequences: Sequence[Encoding]) -> list[RowOutputs]:
         """Runs one padded batch and splits the outputs back into one entry per sequence, with
@@ -144,34 +197,12 @@ class EncoderPipeline(Pipeline[Request]):
             )
         return rows
 
-    @abstractmethod
-    def postprocess(self, request: Request, prepared: Prepared, outputs: list[RowOutputs]) -> Message:
-        """Turns each sequence's outputs into the response (its metadata is filled later)."""
+    def input_tokens(self, prepared: Prepared) -> int:
+        return sum(len(s.ids) for s in prepared.sequences)
 
-    async def run(self, rpc: str, request: Request, timings: Timings, time_left: float | None) -> Message:
-        """preprocess -> forward (through the batcher, which drops the request if its deadline
-        passes while it waits) -> postprocess."""
-        prepared = await self._blocking(lambda: timings.timed("tokenization", lambda: self.preprocess(request)))
-        timings.tokens = sum(len(s.ids) for s in prepared.sequences)
-        outputs = await self._runner().infer(prepared.sequences, timings, time_left)
-        return await self._blocking(
-            lambda: timings.timed("postprocess", lambda: self.postprocess(request, prepared, outputs))
-        )
-
-    async def warm_up(self) -> None:
-        """One short text through the batcher (tokenized in microseconds, on the loop)."""
-        await self._runner().infer(self.tokenizer.encode([WARMUP_TEXT]), Timings())
-
-    def queue_depth(self) -> int | None:
-        return self._runner().waiting
-
-    def observe_runs(self, callback: Callable[[int, int], None]) -> None:
-        self._runner().on_run = callback
-
-    def _runner(self) -> BatchRunner:
-        if self.runner is None:
-            raise RuntimeError(f"the pipeline of model {self.name!r} was not opened")
-        return self.runner
+    def warm_up_inputs(self) -> list[Encoding]:
+        """One short text (tokenized in microseconds, on the loop)."""
+        return self.tokenizer.encode([WARMUP_TEXT])
 
 
 def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:

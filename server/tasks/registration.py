@@ -98,7 +98,9 @@ class TaskRegistration:
     """One task: `name` as the exporter and the command spell it, `task` its Task number in the
     manifest, `pipeline` the class built per loaded model version, `rpcs` the Inference RPCs it
     serves (besides Tokenize and Detokenize, which every model serves), `kserve_text` its KServe v2
-    text mapping and `export` its export spec (None: not exported by `onnxserve export`)."""
+    text mapping, `export` its export spec (None: not exported by `onnxserve export`) and
+    `inputs` what its models take: text (they ship a tokenizer, and serve Tokenize and
+    Detokenize) or images (pixel_values from the manifest's image_processing, no tokenizer)."""
 
     name: str
     task: int
@@ -106,6 +108,7 @@ class TaskRegistration:
     rpcs: frozenset[str]
     kserve_text: KServeText | None = None
     export: ExportSpec | None = None
+    inputs: Literal["text", "images"] = "text"
 
     def __post_init__(self) -> None:
         unknown = sorted(self.rpcs - set(INFERENCE.methods_by_name))

@@ -19,7 +19,7 @@ from onnxserve.server.tasks.base import (
 )
 from onnxserve.server.tasks.registration import ExportSpec, KServeText, TaskRegistration
 
-from onnxserve.v1 import common_pb2, inference_pb2
+from onnxserve.v1 import common_pb2, inference_pb2, manifest_pb2
 
 DEFAULT_HYPOTHESIS_TEMPLATE = "This example is {}."
 
@@ -30,6 +30,14 @@ def ranked_labels(scores: np.ndarray, labels: list[str], top_k: int) -> list[inf
     if top_k:
         order = order[:top_k]
     return [inference_pb2.LabelScore(label=labels[i], score=float(scores[i])) for i in order]
+
+
+def scores(manifest: manifest_pb2.Manifest, logits: np.ndarray) -> np.ndarray:
+    """The pipelines' function_to_apply (text and image classification): sigmoid for multi-label or
+    single-logit heads, else softmax."""
+    if manifest.multi_label or logits.shape[-1] == 1:
+        return sigmoid(logits)
+    return softmax(logits)
 
 
 def truncation(request: inference_pb2.ClassifyRequest) -> bool:
@@ -102,12 +110,6 @@ class TextClassificationPipeline(EncoderPipeline[inference_pb2.ClassifyRequest])
         )
         return Prepared(encodings)
 
-    def scores(self, logits: np.ndarray) -> np.ndarray:
-        # The pipeline's function_to_apply: sigmoid for multi-label or single-logit heads.
-        if self.manifest.multi_label or logits.shape[-1] == 1:
-            return sigmoid(logits)
-        return softmax(logits)
-
     def zero_shot_scores(self, request: inference_pb2.ClassifyRequest) -> Callable[[np.ndarray], np.ndarray]:
         """From [candidates, NLI labels] logits: with multi_label (or one candidate), each label's
         entailment against contradiction; otherwise entailment compared across the candidates."""
@@ -124,7 +126,7 @@ class TextClassificationPipeline(EncoderPipeline[inference_pb2.ClassifyRequest])
         labels = list(self.manifest.labels)
         response = inference_pb2.ClassifyResponse()
         for row in outputs:
-            ranked = ranked_labels(self.scores(row["logits"]), labels, request.top_k)
+            ranked = ranked_labels(scores(self.manifest, row["logits"]), labels, request.top_k)
             response.results.add().labels.extend(ranked)
         return response
 

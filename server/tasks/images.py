@@ -1,0 +1,161 @@
+"""What every vision head shares: decoding an `Image` message as the transformers pipelines load
+images (Pillow, EXIF orientation, RGB), the image processor of the manifest's ImageProcessing in
+numpy (resize, center crop, rescale, normalize), and the batched pipeline that runs the images'
+pixel_values through the model's batcher. No torch, no transformers."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from onnxserve.server.errors import InvalidArgument, ModelLoadError
+from onnxserve.server.runtime.batching import DRIFT_LIMIT, DRIFT_LIMITS, batchmate_drift
+from onnxserve.server.tasks.base import BatchedPipeline, ModelResources, Request, RowOutputs
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from onnxserve.v1 import inference_pb2, manifest_pb2
+
+log = logging.getLogger(__name__)
+
+#: The encoded formats the contract names; Pillow is asked to try no other decoder.
+FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+#: Images larger than this are refused before they are decoded: a small file may declare billions
+#: of pixels (a decompression bomb). Pillow's own warning threshold (about 0.25 GB as RGB).
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+RAW_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+def decode(image: inference_pb2.Image, index: int) -> Image.Image:
+    """The request's image `index` as an RGB Pillow image, the way transformers' load_image makes
+    it (EXIF orientation applied, then converted to RGB: alpha dropped, grayscale and palettes
+    expanded); INVALID_ARGUMENT naming the image and the problem for anything else."""
+    source = image.WhichOneof("source")
+    if source == "raw":
+        return _from_raw(image.raw, index)
+    if source is None or not image.data:
+        raise InvalidArgument(f"image {index} is empty: set its data (an encoded file) or raw (pixels)")
+    try:
+        opened = Image.open(io.BytesIO(image.data), formats=FORMATS)
+    except UnidentifiedImageError:
+        raise InvalidArgument(
+            f"image {index} ({len(image.data)} bytes) is not a {', '.join(FORMATS)} file, or is corrupt"
+        ) from None
+    except Image.DecompressionBombError as error:  # Pillow's own check, at twice MAX_PIXELS
+        raise InvalidArgument(f"image {index}: {error}") from None
+    _check_size(opened.width, opened.height, index)
+    try:
+        return ImageOps.exif_transpose(opened).convert("RGB")
+    except Exception as error:  # Pillow's decoders raise OSError, SyntaxError, ValueError, ... by format
+        raise InvalidArgument(f"image {index} ({opened.format}) cannot be decoded: {error}") from error
+
+
+def _from_raw(raw: inference_pb2.RawImage, index: int) -> Image.Image:
+    mode = RAW_MODES.get(raw.channels)
+    if mode is None:
+        raise InvalidArgument(f"image {index}: raw images have 1, 3 or 4 channels, not {raw.channels}")
+    _check_size(raw.width, raw.height, index)
+    expected = raw.width * raw.height * raw.channels
+    if len(raw.pixels) != expected:
+        raise InvalidArgument(
+            f"image {index}: raw pixels hold {len(raw.pixels)} bytes, but width x height x channels = "
+            f"{raw.width} x {raw.height} x {raw.channels} = {expected}"
+        )
+    shape = (raw.height, raw.width) if raw.channels == 1 else (raw.height, raw.width, raw.channels)
+    pixels = np.frombuffer(raw.pixels, dtype=np.uint8).reshape(shape)
+    return Image.fromarray(pixels, mode).convert("RGB")
+
+
+def _check_size(width: int, height: int, index: int) -> None:
+    if width == 0 or height == 0:
+        raise InvalidArgument(f"image {index} has no pixels ({width} x {height})")
+    if width * height > MAX_PIXELS:
+        raise InvalidArgument(f"image {index} has {width} x {height} pixels, over the limit of {MAX_PIXELS}")
+
+
+class ImageProcessor:
+    """The manifest's ImageProcessing: a decoded RGB image to pixel_values, [3, height, width]
+    float32, with the numbers transformers' image processor computes (the same Pillow resize on
+    uint8 pixels, then rescaling in float64 and normalizing in float32, as it does)."""
+
+    def __init__(self, processing: manifest_pb2.ImageProcessing) -> None:
+        self.processing = processing
+        self.mean = np.array(processing.image_mean, dtype=np.float32)
+        self.std = np.array(processing.image_std, dtype=np.float32)
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        p = self.processing
+        pixels = np.asarray(image.resize(self.resized_size(image.width, image.height), Image.Resampling(p.resample)))
+        if p.crop_height and p.crop_width:
+            top, left = (pixels.shape[0] - p.crop_height) // 2, (pixels.shape[1] - p.crop_width) // 2
+            pixels = pixels[top : top + p.crop_height, left : left + p.crop_width]
+        values = (pixels.astype(np.float64) * p.rescale_factor if p.rescale_factor else pixels).astype(np.float32)
+        if self.mean.size:
+            values = (values - self.mean) / self.std
+        return np.ascontiguousarray(values.transpose(2, 0, 1))
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) after the resize: exact, or the shorter side at shortest_edge with the
+        longer one rounded down, as transformers' get_resize_output_image_size computes it."""
+        p = self.processing
+        if p.height and p.width:
+            return p.width, p.height
+        short, long = sorted((width, height))
+        longer = int(p.shortest_edge * long / short)
+        return (p.shortest_edge, longer) if width <= height else (longer, p.shortest_edge)
+
+
+@dataclass(frozen=True)
+class PixelValues:
+    """One preprocessed image as the batcher carries it. It counts as one row: after
+    preprocessing every image of a model has the same size, so nothing is padded and a run is
+    bounded by max_batch_size alone."""
+
+    values: np.ndarray
+
+    def __len__(self) -> int:
+        return 1
+
+
+def probe_images() -> list[Image.Image]:
+    """Synthetic images of varied sizes and content, for warm-up and the batchmate-drift check."""
+    rng = np.random.default_rng(0)
+    gradient = np.linspace(0, 255, 48 * 64 * 3).reshape(48, 64, 3).astype(np.uint8)
+    noise = rng.integers(0, 256, (80, 40, 3), dtype=np.uint8)
+    flat = np.full((33, 33, 3), 200, dtype=np.uint8)
+    return [Image.fromarray(pixels) for pixels in (gradient, noise, flat)]
+
+
+class ImagePipeline(BatchedPipeline[Request]):
+    """A pipeline over one vision graph that takes pixel_values: images are decoded and processed
+    on the tokenizing executor, and their pixel_values batched like token sequences."""
+
+    def __init__(self, resources: ModelResources) -> None:
+        super().__init__(resources)
+        if not resources.manifest.HasField("image_processing"):
+            raise ModelLoadError(f"model {self.name!r} has no image_processing in its manifest: export it again")
+        self.processor = ImageProcessor(resources.manifest.image_processing)
+
+    def pixel_values(self, images: Sequence[inference_pb2.Image]) -> list[PixelValues]:
+        return [PixelValues(self.processor(decode(image, index))) for index, image in enumerate(images)]
+
+    def forward(self, inputs: Sequence[PixelValues]) -> list[RowOutputs]:
+        outputs = self.session.run({"pixel_values": np.stack([image.values for image in inputs])})
+        return [{name: value[row] for name, value in outputs.items()} for row in range(len(inputs))]
+
+    def warm_up_inputs(self) -> list[PixelValues]:
+        return [PixelValues(self.processor(probe_images()[0]))]
+
+    def merges_safely(self) -> bool:
+        """As text encoders (runtime/batching.py merges_safely), measured on probe_images."""
+        drift = batchmate_drift(self.forward, [PixelValues(self.processor(image)) for image in probe_images()])
+        limit = DRIFT_LIMITS.get(self.precision, DRIFT_LIMIT)
+        if drift > limit:
+            log.warning(
+                "model %s: outputs move by %.3g (relative) when batched with other images, over the limit of %.0e; "
+                "its requests will not be batched together (each runs with its own images only)",
+                self.name, drift, limit,
+            )  # fmt: skip
+        return drift <= limit
