@@ -56,6 +56,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     ) -> Message:
         return await self._run("Detokenize", request, context)
 
+    async def ClassifyImage(
+        self, request: inference_pb2.ClassifyImageRequest, context: grpc.aio.ServicerContext
+    ) -> Message:
+        return await self._run("ClassifyImage", request, context)
+
 
 def model_info(model: LoadedModel, versions: list[int]) -> models_pb2.ModelInfo:
     info = models_pb2.ModelInfo(

@@ -60,14 +60,15 @@ class LoadedModel:
 
     def served_rpcs(self) -> list[str]:
         registration = registration_for(self.task)
-        return [*sorted(registration.rpcs if registration else ()), *sorted(TOKENIZER_RPCS)]
+        tokenizer_rpcs = TOKENIZER_RPCS if registration is None or registration.inputs == "text" else ()
+        return [*sorted(registration.rpcs if registration else ()), *sorted(tokenizer_rpcs)]
 
     async def run(self, rpc: str, request: Message, time_left: float | None = None) -> Message:
         """Answers a unary Inference RPC, its Metadata filled. `time_left` is the caller's
         remaining time in seconds (None: no deadline)."""
         started = time.perf_counter_ns()
         timings = Timings()
-        if rpc in TOKENIZER_WORK:
+        if rpc in TOKENIZER_WORK and rpc in self.served_rpcs():  # else refused, naming what it serves
             work, tokenizer = TOKENIZER_WORK[rpc], self._tokenizer()
             loop = asyncio.get_running_loop()
             response = await loop.run_in_executor(self.executors.tokenizing, work, tokenizer, request, timings)

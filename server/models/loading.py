@@ -98,13 +98,14 @@ def _load_into(model: LoadedModel, device: str) -> None:
     else:
         refused = "; ".join(_refusal(r) for r in model.refused_variants)
         raise ModelLoadError(f"every variant missed the export's gate on this machine ({machine}): {refused}")
-    tokenizer_path = model.directory / TOKENIZER_FILE
-    if not tokenizer_path.is_file():
-        raise ModelLoadError(f"{tokenizer_path} is missing")
-    model.tokenizer = TextTokenizer(tokenizer_path, manifest)
+    registration = registration_for(manifest.task)
+    if registration is None or registration.inputs == "text":  # vision models have no tokenizer
+        tokenizer_path = model.directory / TOKENIZER_FILE
+        if not tokenizer_path.is_file():
+            raise ModelLoadError(f"{tokenizer_path} is missing")
+        model.tokenizer = TextTokenizer(tokenizer_path, manifest)
     model.precision = variant.precision
     model.execution_provider = next(iter(sessions.values())).provider
-    registration = registration_for(manifest.task)
     if registration is not None:  # else the model serves its tokenizer only
         resources = ModelResources(
             model.name, manifest, model.tokenizer, sessions, model.executors, model.settings, variant.precision
