@@ -31,6 +31,10 @@ from onnxserve.enums import enum_value
 from onnxserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, models_pb2, models_pb2_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+#: No receive limit of the client's own: the server's send limit decides (max_send_message_bytes,
+#: GetModel's max_response_bytes; 64 MiB by default), and the server refuses upfront a request whose
+#: answer could not fit it. gRPC's default of 4 MiB would throw away answers the server may send.
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1)]
 #: What an image may be: a file path, an encoded file's bytes, a Pillow image or a uint8 array
 #: (height x width, or height x width x 1, 3 or 4 channels).
 ImageSource = str | os.PathLike | bytes | np.ndarray | Any
@@ -237,14 +241,19 @@ class _Methods:
 
 class Client(_Methods):
     """Blocking client. `Client("host:port")`, or pass a ready `grpc.Channel`. `credentials`
-    (`grpc.ssl_channel_credentials(...)`) makes the channel TLS; `token` is sent as a bearer token."""
+    (`grpc.ssl_channel_credentials(...)`) makes the channel TLS; `token` is sent as a bearer token.
+    A channel made here receives answers of any size the server sends (CHANNEL_OPTIONS)."""
 
     def __init__(
         self, target: str | grpc.Channel = DEFAULT_TARGET, timeout: float | None = None,
         credentials: grpc.ChannelCredentials | None = None, token: str | None = None,
     ) -> None:
         if isinstance(target, str):
-            target = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
+            target = (
+                grpc.secure_channel(target, credentials, CHANNEL_OPTIONS)
+                if credentials
+                else grpc.insecure_channel(target, CHANNEL_OPTIONS)
+            )
         super().__init__(target, timeout, token)
 
     def _unary(self, method: Callable, request: Message, parse: Callable[[Any], Any]) -> Any:
@@ -277,7 +286,11 @@ class AsyncClient(_Methods):
         credentials: grpc.ChannelCredentials | None = None, token: str | None = None,
     ) -> None:
         if isinstance(target, str):
-            target = grpc.aio.secure_channel(target, credentials) if credentials else grpc.aio.insecure_channel(target)
+            target = (
+                grpc.aio.secure_channel(target, credentials, CHANNEL_OPTIONS)
+                if credentials
+                else grpc.aio.insecure_channel(target, CHANNEL_OPTIONS)
+            )
         super().__init__(target, timeout, token)
 
     async def _unary(self, method: Callable, request: Message, parse: Callable[[Any], Any]) -> Any:

@@ -203,6 +203,8 @@ class ModelInfo:
     architecture: str
     max_batch_size: int
     max_batch_tokens: int
+    max_inputs_per_request: int  # more in one request is refused (INVALID_ARGUMENT)
+    max_response_bytes: int  # the server's largest response; an Encode that could not fit is refused
     serving_cpu_features: list[str]  # the serving machine's kernel-selecting CPU features
     refused_variants: dict[str, list[str]]  # precision -> the gates its probes missed at load here
 
@@ -226,6 +228,8 @@ class ModelInfo:
             architecture=m.architecture,
             max_batch_size=m.max_batch_size,
             max_batch_tokens=m.max_batch_tokens,
+            max_inputs_per_request=m.max_inputs_per_request,
+            max_response_bytes=m.max_response_bytes,
             serving_cpu_features=list(m.serving_machine.cpu_features),
             refused_variants={
                 short_name(common_pb2.Precision, r.precision): list(r.load_check.failures) for r in m.refused_variants

@@ -28,10 +28,14 @@ class OnnxServeClient {
   constructor(target, options = {}) {
     const services = loadServices(options.protoRoot ?? DEFAULT_PROTO_ROOT);
     const credentials = options.credentials ?? grpc.credentials.createInsecure();
-    this.inference = new services.Inference(target, credentials, options.channelOptions);
+    // No receive limit of the client's own: the server's send limit decides (max_send_message_bytes,
+    // GetModel's maxResponseBytes; 64 MiB by default), and the server refuses upfront a request whose
+    // answer could not fit it. grpc-js's default of 4 MiB would throw away answers the server may send.
+    const channelOptions = { "grpc.max_receive_message_length": -1, ...options.channelOptions };
+    this.inference = new services.Inference(target, credentials, channelOptions);
     // Both stubs share one channel (one HTTP/2 connection, one balancing policy).
     this.models = new services.Models(target, credentials, {
-      ...options.channelOptions,
+      ...channelOptions,
       channelOverride: this.inference.getChannel(),
     });
     this.timeoutMs = options.timeoutMs;

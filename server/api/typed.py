@@ -74,6 +74,8 @@ def model_info(model: LoadedModel, versions: list[int]) -> models_pb2.ModelInfo:
         state_reason=model.reason,
         max_batch_size=model.settings.max_batch_size,
         max_batch_tokens=model.settings.max_batch_tokens,
+        max_inputs_per_request=model.settings.max_inputs_per_request,
+        max_response_bytes=model.max_response_bytes,
     )
     manifest = model.manifest
     if manifest is not None:

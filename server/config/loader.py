@@ -44,7 +44,7 @@ CHOICES = {
     "models.precision": ("auto", *short_names(common_pb2.Precision)),
 }
 AT_LEAST_ONE = {
-    "models.max_batch_size", "models.max_batch_tokens", "models.max_queue_size",
+    "models.max_batch_size", "models.max_batch_tokens", "models.max_queue_size", "models.max_inputs_per_request",
     "max_receive_message_bytes", "max_send_message_bytes",
 }
 FLAG_ALIASES = {"models.intra_op_threads": ("--threads",)}

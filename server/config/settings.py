@@ -23,6 +23,9 @@ class ModelSettings:
     # whatever arrives while the previous run is busy).
     max_queue_delay_ms: float = 0.0
     max_queue_size: int = 1024  # requests waiting per model; one more is refused (RESOURCE_EXHAUSTED)
+    # Inputs (texts, questions, prompts) one request may hold, as TEI's max_client_batch_size and
+    # OpenAI's 2048 embedding inputs: a request with more is refused (INVALID_ARGUMENT) before any work.
+    max_inputs_per_request: int = 2048
     intra_op_threads: int = 0  # 0: one per CPU this process may use (affinity and cgroup quota)
     inter_op_threads: int = 1  # graphs run sequentially: parallel operators only fight the intra-op pool
     warmup: bool = True  # run the model once at load, before it takes traffic

@@ -97,6 +97,7 @@ class ModelLifecycle:
         model_settings = self.settings.model_settings(name)
         device = self.devices.get(name, self.default_device)
         model = await self._blocking(load_model, name, version, directory, device, model_settings, self.executors)
+        model.max_response_bytes = self.settings.max_send_message_bytes
         if model.state == models_pb2.MODEL_STATE_READY and model_settings.warmup:
             await self._warm_up(model)
         if model.state == models_pb2.MODEL_STATE_READY:

@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 from google.protobuf.message import Message
-from onnxserve.server.config.settings import ModelSettings
+from onnxserve.server.config.settings import ModelSettings, ServerSettings
 from onnxserve.server.errors import InvalidArgument, Unimplemented
+from onnxserve.server.models.limits import RequestLimits, check_request
 from onnxserve.server.runtime.sessions import Session
 from onnxserve.server.runtime.stats import Timings
 from onnxserve.server.runtime.tokenizer import TextTokenizer
@@ -53,10 +54,17 @@ class LoadedModel:
     # The served variant's figures on the export's probes, computed here at load (None: no probes).
     load_check: manifest_pb2.Validation | None = None
     refused_variants: list[models_pb2.RefusedVariant] = field(default_factory=list)
+    # The server's largest response (its max_send_message_bytes), which bounds what a request may ask.
+    max_response_bytes: int = ServerSettings.max_send_message_bytes
 
     @property
     def task(self) -> int:
         return self.manifest.task if self.manifest else common_pb2.TASK_UNSPECIFIED
+
+    @property
+    def limits(self) -> RequestLimits:
+        hidden_size = self.manifest.hidden_size if self.manifest else 0
+        return RequestLimits(self.settings.max_inputs_per_request, self.max_response_bytes, hidden_size)
 
     def served_rpcs(self) -> list[str]:
         registration = registration_for(self.task)
@@ -67,6 +75,7 @@ class LoadedModel:
         """Answers a unary Inference RPC, its Metadata filled. `time_left` is the caller's
         remaining time in seconds (None: no deadline)."""
         started = time.perf_counter_ns()
+        check_request(rpc, request, self.limits, self.name)
         timings = Timings()
         if rpc in TOKENIZER_WORK and rpc in self.served_rpcs():  # else refused, naming what it serves
             work, tokenizer = TOKENIZER_WORK[rpc], self._tokenizer()
