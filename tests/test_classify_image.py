@@ -6,6 +6,7 @@ inputs it refuses with INVALID_ARGUMENT, after which the server goes on."""
 from __future__ import annotations
 
 import io
+import json
 import struct
 import zlib
 from functools import cache
@@ -187,6 +188,25 @@ def test_int8_agrees_on_top1_and_passed_its_load_check(int8_server, exported, ki
     expected = reference(exported[kind].checkpoint)(images)
     assert response.metadata.precision == "int8" and info.precision == "int8"
     assert [r.label for r in response] == [want[0]["label"] for want in expected]
+
+
+def test_the_command_classifies_image_files(fp32_server, tmp_path, capsys):
+    from onnxserve.cli import main
+
+    files = []
+    for name in ("png", "jpeg-exif-rotated"):
+        files.append(tmp_path / f"{name}.img")
+        files[-1].write_bytes(FILES[name])
+    command = ["classify-image", "--model", KINDS[0], "--target", fp32_server.target]
+    main([*command, "--json", "--top-k", "3", *map(str, files)])
+    printed = json.loads(capsys.readouterr().out)
+    with fp32_server.client() as client:
+        expected = client.classify_image(model=KINDS[0], images=files, top_k=3)
+    labels = [[x["label"] for x in r["labels"]] for r in printed["results"]]
+    assert labels == [[x.label for x in r.labels] for r in expected] and all(len(x) == 3 for x in labels)
+    with pytest.raises(SystemExit) as failed:
+        main([*command, str(tmp_path / "missing.png")])
+    assert failed.value.code == 2 and "missing.png" in capsys.readouterr().err
 
 
 def _png_declaring(width: int, height: int) -> bytes:

@@ -110,6 +110,13 @@ def _classify(client: Any, args: argparse.Namespace) -> None:
     _print(args, response, ("text", "label", "score"), rows)
 
 
+def _classify_image(client: Any, args: argparse.Namespace) -> None:
+    images = [_read(path, "image") for path in args.images]
+    response = client.classify_image(model=args.model, images=images, top_k=args.top_k)
+    rows = [(path, x.label, x.score) for path, r in zip(args.images, response, strict=True) for x in r.labels]
+    _print(args, response, ("image", "label", "score"), rows)
+
+
 def _tokenize(client: Any, args: argparse.Namespace) -> None:
     response = client.tokenize(model=args.model, texts=args.texts, text_pairs=args.pair)
     rows = [(t, " ".join(e.tokens), " ".join(map(str, e.input_ids))) for t, e in zip(args.texts, response, strict=True)]
@@ -281,6 +288,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--candidate-labels", nargs="+")
     sub.add_argument("--hypothesis-template")
     sub.add_argument("--multi-label", action="store_true")
+    sub = rpc("classify-image", _classify_image, "classify image files (PNG, JPEG, WebP, BMP, GIF, TIFF)")
+    sub.add_argument("images", nargs="+", metavar="IMAGE", help="an image file")
+    sub.add_argument("--top-k", type=int, default=0, help="labels per image (default: 5, as the pipeline)")
     sub = rpc("tokenize", _tokenize, "tokenize texts with the model's tokenizer")
     sub.add_argument("texts", nargs="+")
     sub.add_argument("--pair", action="append")
