@@ -25,7 +25,14 @@ from transformers import (
     ConvNextConfig,
     ConvNextForImageClassification,
     ConvNextImageProcessor,
+    DeiTConfig,
+    DeiTForImageClassification,
+    DeiTImageProcessor,
     PreTrainedModel,
+    ResNetConfig,
+    ResNetForImageClassification,
+    SwinConfig,
+    SwinForImageClassification,
     ViTConfig,
     ViTForImageClassification,
     ViTImageProcessor,
@@ -35,7 +42,13 @@ from transformers import (
 from onnxserve.v1 import inference_pb2, inference_pb2_grpc
 
 LABELS = ("cat", "dog", "bird", "fish", "horse", "frog", "ship")  # more than the pipeline's top_k of 5
-KINDS = ["vit-image-classification", "convnext-image-classification"]
+KINDS = [
+    "vit-image-classification",
+    "convnext-image-classification",
+    "resnet-image-classification",
+    "swin-image-classification",
+    "deit-image-classification",
+]
 
 
 def _labelled() -> dict:
@@ -59,14 +72,44 @@ def _convnext() -> tuple[PreTrainedModel, ConvNextImageProcessor]:
     return ConvNextForImageClassification(config), ConvNextImageProcessor(size={"shortest_edge": 32}, resample=3)
 
 
-BUILDERS = {"vit-image-classification": _vit, "convnext-image-classification": _convnext}
+def _resnet() -> tuple[PreTrainedModel, ConvNextImageProcessor]:
+    # ResNet checkpoints use ConvNeXt's processor; at 64 it resizes by the shortest edge and crops.
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], **_labelled())
+    return ResNetForImageClassification(config), ConvNextImageProcessor(size={"shortest_edge": 64})
+
+
+def _swin() -> tuple[PreTrainedModel, ViTImageProcessor]:
+    config = SwinConfig(
+        image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=4, **_labelled()
+    )
+    return SwinForImageClassification(config), ViTImageProcessor(size={"height": 32, "width": 32})
+
+
+def _deit() -> tuple[PreTrainedModel, DeiTImageProcessor]:
+    config = DeiTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, **_labelled(),
+    )  # fmt: skip
+    processor = DeiTImageProcessor(size={"height": 40, "width": 40}, crop_size={"height": 32, "width": 32})
+    return DeiTForImageClassification(config), processor
+
+
+BUILDERS = {
+    "vit-image-classification": _vit,
+    "convnext-image-classification": _convnext,
+    "resnet-image-classification": _resnet,
+    "swin-image-classification": _swin,
+    "deit-image-classification": _deit,
+}
 
 
 def build(kind: str, directory: Path) -> Path:
     torch.manual_seed(0)
     model, processor = BUILDERS[kind]()
     with torch.no_grad():  # spread logits, so that the ranking is no near-tie
-        model.classifier.weight.uniform_(-0.5, 0.5)
+        for name, parameter in model.named_parameters():
+            if name.startswith("classifier") and name.endswith("weight"):
+                parameter.uniform_(-0.5, 0.5)
     model.eval().save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
