@@ -6,6 +6,7 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
@@ -52,3 +53,10 @@ def pooled_embeddings(checkpoint: Path, texts: list[str], pooling: str, normaliz
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a, b = np.atleast_2d(a), np.atleast_2d(b)
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def assert_same_ranking(served, expected, tolerance: float) -> None:
+    """A served classification (labels by score) against a pipeline's list of {label, score}."""
+    assert [x.label for x in served.labels] == [x["label"] for x in expected]
+    for got, want in zip(served.labels, expected, strict=True):
+        assert got.score == pytest.approx(want["score"], abs=tolerance)

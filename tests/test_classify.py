@@ -8,7 +8,7 @@ import pytest
 from transformers import pipeline
 
 from tests.checkpoints import CORPUS
-from tests.parity import TRICKY_TEXTS
+from tests.parity import TRICKY_TEXTS, assert_same_ranking
 
 KINDS = [
     "bert-sequence-classification",
@@ -29,12 +29,6 @@ PAIRS = [
 @cache
 def reference(checkpoint):
     return pipeline("text-classification", model=str(checkpoint), top_k=None, device="cpu")
-
-
-def assert_same_ranking(served, expected, tolerance: float) -> None:
-    assert [x.label for x in served.labels] == [x["label"] for x in expected]
-    for got, want in zip(served.labels, expected, strict=True):
-        assert got.score == pytest.approx(want["score"], abs=tolerance)
 
 
 @pytest.mark.parametrize("kind", KINDS)

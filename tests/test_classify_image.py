@@ -40,6 +40,7 @@ from transformers import (
 )
 
 from onnxserve.v1 import inference_pb2, inference_pb2_grpc
+from tests.parity import assert_same_ranking
 
 LABELS = ("cat", "dog", "bird", "fish", "horse", "frog", "ship")  # more than the pipeline's top_k of 5
 KINDS = [
@@ -172,12 +173,6 @@ RAW = {
 }
 
 
-def assert_matches(served, expected, tolerance: float = 1e-4) -> None:
-    assert [x.label for x in served.labels] == [x["label"] for x in expected]
-    for got, want in zip(served.labels, expected, strict=True):
-        assert got.score == pytest.approx(want["score"], abs=tolerance)
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_encoded_files_match_the_pipeline(fp32_server, exported, kind):
     with fp32_server.client() as client:
@@ -186,7 +181,7 @@ def test_encoded_files_match_the_pipeline(fp32_server, exported, kind):
     assert len(response) == len(FILES) and response.metadata.model == kind
     for served, want in zip(response, expected, strict=True):
         assert len(served.labels) == 5  # the pipeline's default top_k
-        assert_matches(served, want)
+        assert_same_ranking(served, want, 1e-4)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -197,8 +192,8 @@ def test_raw_pixels_and_pillow_images_match_the_pipeline(fp32_server, exported, 
         from_pillow = client.classify_image(model=kind, images=images, top_k=len(LABELS))
     expected = reference(exported[kind].checkpoint)(images, top_k=len(LABELS))
     for arrays, pillows, want in zip(from_arrays, from_pillow, expected, strict=True):
-        assert_matches(arrays, want)
-        assert_matches(pillows, want)
+        assert_same_ranking(arrays, want, 1e-4)
+        assert_same_ranking(pillows, want, 1e-4)
 
 
 def test_exif_orientation_is_applied(fp32_server):
@@ -218,7 +213,7 @@ def test_top_k(fp32_server, exported):
         every = client.classify_image(model=kind, images=[FILES["png"]], top_k=100)
     expected = reference(exported[kind].checkpoint)(Image.open(io.BytesIO(FILES["png"])), top_k=100)
     assert len(two[0].labels) == 2 and len(every[0].labels) == len(LABELS)
-    assert_matches(every[0], expected)
+    assert_same_ranking(every[0], expected, 1e-4)
     assert [x.label for x in two[0].labels] == [x.label for x in every[0].labels[:2]]
 
 
