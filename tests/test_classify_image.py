@@ -39,6 +39,8 @@ from transformers import (
     pipeline,
 )
 
+from onnxserve.kserve_v2 import grpc_predict_v2_pb2 as v2
+from onnxserve.kserve_v2 import grpc_predict_v2_pb2_grpc as v2_grpc
 from onnxserve.v1 import inference_pb2, inference_pb2_grpc
 from tests.parity import assert_same_ranking
 
@@ -226,6 +228,32 @@ def test_int8_agrees_on_top1_and_passed_its_load_check(int8_server, exported, ki
     expected = reference(exported[kind].checkpoint)(images)
     assert response.metadata.precision == "int8" and info.precision == "int8"
     assert [r.label for r in response] == [want[0]["label"] for want in expected]
+
+
+def test_kserve_tensors_run_the_graph_on_pixel_values(fp32_server, exported):
+    """KServe v2 tensor requests run the model's graph as they do for text models: the processor's
+    pixel_values in, PyTorch's logits out. A text request is refused: images have no text mapping."""
+    kind = KINDS[0]
+    checkpoint = exported[kind].checkpoint
+    images = [Image.open(io.BytesIO(FILES[name])) for name in ("png", "jpeg")]
+    pixels = AutoImageProcessor.from_pretrained(checkpoint, use_fast=False)(images, return_tensors="np")["pixel_values"]
+    tensor = v2.ModelInferRequest.InferInputTensor(name="pixel_values", datatype="FP32", shape=list(pixels.shape))
+    raw_pixels = pixels.astype("<f4").tobytes()
+    request = v2.ModelInferRequest(model_name=kind, inputs=[tensor], raw_input_contents=[raw_pixels])
+    text = v2.ModelInferRequest.InferInputTensor(name="text", datatype="BYTES", shape=[1])
+    text.contents.bytes_contents.append(b"a cat")
+    with grpc.insecure_channel(fp32_server.target) as channel:
+        stub = v2_grpc.GRPCInferenceServiceStub(channel)
+        response = stub.ModelInfer(request, timeout=30)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelInfer(v2.ModelInferRequest(model_name=kind, inputs=[text]), timeout=30)
+    (logits_output,) = [o for o in response.outputs if o.name == "logits"]
+    index = list(response.outputs).index(logits_output)
+    logits = np.frombuffer(response.raw_output_contents[index], "<f4").reshape(list(logits_output.shape))
+    with torch.no_grad():
+        expected = ViTForImageClassification.from_pretrained(checkpoint)(pixel_values=torch.from_numpy(pixels)).logits
+    np.testing.assert_allclose(logits, expected.numpy(), atol=1e-4)
+    assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED and "'text' input" in refused.value.details()
 
 
 def test_the_command_classifies_image_files(fp32_server, tmp_path, capsys):
