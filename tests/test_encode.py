@@ -58,3 +58,46 @@ def test_encode_results_keep_input_order_across_runs(exported, start_server):
         batched = np.array(client.encode(model=kind, texts=TEXTS).results)
         alone = np.array([client.encode(model=kind, texts=[t]).results[0] for t in TEXTS])
     np.testing.assert_allclose(batched, alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("hidden", [1, 16, 32, 384, 4097])  # varint lengths of one, two and three bytes
+def test_responses_built_from_packed_rows_equal_the_float_by_float_ones(hidden):
+    from onnxserve.server.tasks.feature_extraction import embeddings_response
+
+    from onnxserve.v1 import inference_pb2
+
+    vectors = np.random.default_rng(hidden).standard_normal((5, hidden)).astype(np.float32)
+    vectors[0, 0] = np.float32(-0.0)
+    expected = inference_pb2.EncodeResponse()
+    for vector in vectors:
+        expected.embeddings.add().values.extend(vector.tolist())
+    built = embeddings_response(vectors)
+    assert built == expected
+    assert built.SerializeToString() == expected.SerializeToString()
+    assert np.array_equal(np.array([e.values for e in built.embeddings], dtype=np.float32), vectors)
+
+
+def test_small_requests_are_tokenized_on_the_loop_and_large_ones_off_it(exported, start_server, monkeypatch):
+    """A few short texts cost less to tokenize than a thread pool's round trip; a large request
+    must not hold the event loop (and every other call) while it tokenizes."""
+    import threading
+
+    from onnxserve.server.tasks.base import INLINE_REQUEST_BYTES
+
+    kind = KINDS[0]
+    server = start_server({kind: exported[kind]})
+    pipeline = server.server.registry.get(kind).pipeline
+    threads: list[str] = []
+    preprocess = pipeline.preprocess
+
+    def recording(request):
+        threads.append(threading.current_thread().name)
+        return preprocess(request)
+
+    monkeypatch.setattr(pipeline, "preprocess", recording)
+    small, large = [CORPUS[0]], CORPUS[: INLINE_REQUEST_BYTES // 8]
+    assert len(" ".join(large)) > INLINE_REQUEST_BYTES
+    with server.client() as client:
+        for texts in (small, large):
+            assert len(client.encode(model=kind, texts=texts).results) == len(texts)
+    assert threads[0] == server.thread.name and threads[1] != server.thread.name

@@ -25,6 +25,11 @@ from onnxserve.v1 import common_pb2, manifest_pb2
 T = TypeVar("T")
 Request = TypeVar("Request", bound=Message)
 WARMUP_TEXT = "Warm-up: the first run of a session allocates its buffers and picks its kernels."
+#: A text request of at most this many bytes (a few short texts) is tokenized and postprocessed on
+#: the event loop: that takes tens of microseconds, less than a round trip through a thread pool
+#: (submit, wake-up, future chaining), which the profile showed as the largest per-call entries
+#: after gRPC itself (docs/performance.md). Larger requests keep the loop free for other calls.
+INLINE_REQUEST_BYTES = 1024
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,10 @@ class BatchedPipeline(Pipeline[Request]):
     images). Because forward takes plain inputs, its batcher can merge inputs from many requests
     into one run and hand each request its own rows back."""
 
+    #: Requests of at most this many serialized bytes are preprocessed and postprocessed on the
+    #: event loop rather than on the tokenizing executor; 0: none.
+    inline_request_bytes = 0
+
     def __init__(self, resources: ModelResources) -> None:
         super().__init__(resources)
         self.session = resources.sessions["model"]
@@ -152,12 +161,17 @@ class BatchedPipeline(Pipeline[Request]):
     async def run(self, rpc: str, request: Request, timings: Timings, time_left: float | None) -> Message:
         """preprocess -> forward (through the batcher, which drops the request if its deadline
         passes while it waits) -> postprocess."""
-        prepared = await self._blocking(lambda: timings.timed("tokenization", lambda: self.preprocess(request)))
+        inline = request.ByteSize() <= self.inline_request_bytes
+        prepared = await self._step(inline, lambda: timings.timed("tokenization", lambda: self.preprocess(request)))
         timings.tokens = self.input_tokens(prepared)
         outputs = await self._runner().infer(prepared.sequences, timings, time_left)
-        return await self._blocking(
-            lambda: timings.timed("postprocess", lambda: self.postprocess(request, prepared, outputs))
+        return await self._step(
+            inline, lambda: timings.timed("postprocess", lambda: self.postprocess(request, prepared, outputs))
         )
+
+    async def _step(self, inline: bool, work: Callable[[], T]) -> T:
+        """`work` on the event loop when `inline`, else on the tokenizing executor."""
+        return work() if inline else await self._blocking(work)
 
     async def warm_up(self) -> None:
         """One small input through the batcher."""
@@ -177,6 +191,8 @@ class BatchedPipeline(Pipeline[Request]):
 
 class EncoderPipeline(BatchedPipeline[Request]):
     """A pipeline over one text encoder graph whose forward step runs batches of token sequences."""
+
+    inline_request_bytes = INLINE_REQUEST_BYTES
 
     def merges_safely(self) -> bool:
         return merges_safely(self.name, self.forward, self.tokenizer, self.precision)
