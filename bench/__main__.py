@@ -1,16 +1,19 @@
 """`make bench`: Encode and Classify throughput on the real all-MiniLM-L6-v2.
 
-    python -m bench [--seconds 1] [--repeats 1] [--concurrency 1 8 64] [--workloads short medium mixed]
+    python -m bench [--seconds 1] [--repeats 1] [--concurrency 1 8 32] [--workloads short medium mixed]
                     [--tasks encode classify] [--precisions fp32 int8] [--device cpu]
                     [--server-flag=--max-queue-delay-ms=2 ...] [--work ~/.cache/onnxserve-bench]
 
 Three engines (bench/engines.py) on the same texts (bench/workloads.py), closed-loop at each
 concurrency: (a) the raw ONNX Runtime session in this process with the same batches, (b) the server
 over gRPC on loopback from a separate client process, (c) the transformers pipeline (PyTorch) in
-this process, batched. One-text requests; batches of at most --max-batch-size. Each cell runs for
---seconds and at least two rounds of callers, after a warm-up; with --repeats N, the best of N
-taken in turns. Prints the figures and their
-ratios, and writes them with the machine's description to bench/results/throughput-<time>.json."""
+this process, batched. One-text requests; batches of at most --max-batch-size, so that the raw
+session runs batch 1 at c=1 and batch 32 at c=32. Each cell runs for --seconds and at least two
+rounds of callers, after a warm-up; with --repeats N, the best of N taken in turns. Prints the
+figures (throughput, p50/p99) and their ratios: the server against the raw session on the same
+batches, against the raw session's best throughput on the workload (whatever its batch), and
+against the pipeline; writes them with the machine's description to
+bench/results/throughput-<time>.json."""
 
 from __future__ import annotations
 
@@ -215,13 +218,26 @@ def _find(results: list[Measurement], engine: str, precision: str, cell: Cell) -
 
 @dataclass(frozen=True)
 class Ratios:
-    """The server against the raw session (same precision) and against the pipeline."""
+    """The server against the raw session (same precision): on the same batches as its callers
+    (`vs_raw`; the raw session runs batch 1 at c=1), against the session's best throughput on the
+    workload, whatever its batch (`vs_raw_best`), the p50 it adds over the raw session on the same
+    batches; and against the pipeline."""
 
     cell: Cell
     precision: str
     vs_raw: float
+    vs_raw_best: float
     vs_pipeline: float | None
     added_p50_ms: float
+
+
+def raw_best(results: list[Measurement], precision: str, cell: Cell) -> float:
+    """The raw session's best throughput on the cell's task and workload, over every batch size."""
+    return max(
+        m.throughput
+        for m in results
+        if (m.engine, m.precision, m.task, m.workload) == ("raw", precision, cell.task, cell.workload)
+    )
 
 
 def ratios(results: list[Measurement], args: argparse.Namespace) -> list[Ratios]:
@@ -237,6 +253,7 @@ def ratios(results: list[Measurement], args: argparse.Namespace) -> list[Ratios]
                     cell,
                     precision,
                     round(server.throughput / raw.throughput, 2),
+                    round(server.throughput / raw_best(results, precision, cell), 2),
                     round(server.throughput / pipeline.throughput, 2) if pipeline else None,
                     round(server.p50_ms - raw.p50_ms, 2),
                 )
@@ -250,21 +267,29 @@ def _aim(values: list[float], bound: float, at_least: bool) -> dict:
 
 
 def aims(found: list[Ratios], precisions: list[str]) -> dict[str, dict]:
-    """The issue's aims on the CPU, per precision: the worst case measured and whether it holds."""
+    """Issue 18's aims, per precision: the worst case measured and whether it holds. (Its peer aim
+    is 2x Infinity, which this benchmark does not run; the transformers pipeline stands in.)"""
     report = {}
     for precision in precisions:
         mine = [r for r in found if r.precision == precision]
-        at_64 = [r for r in mine if r.cell.concurrency == 64]
-        single = [r.added_p50_ms for r in mine if r.cell.concurrency == 1 and r.cell.workload == "short"]
+
+        def where(workload: str, concurrencies: tuple[int, ...], mine: list[Ratios] = mine) -> list[Ratios]:
+            return [r for r in mine if r.cell.workload == workload and r.cell.concurrency in concurrencies]
+
         checks = {
-            "server >= 0.9x raw session throughput at concurrency 64": ([r.vs_raw for r in at_64], 0.9, True),
-            "server >= 3x transformers pipeline throughput at concurrency 64": (
-                [r.vs_pipeline for r in at_64 if r.vs_pipeline is not None],
-                3.0,
-                True,
+            "short texts: server >= 0.9x the raw session's best throughput at c=8 and c=32": (
+                [r.vs_raw_best for r in where("short", (8, 32))], 0.9, True,
             ),
-            "one short request adds <= 1 ms p50 over the raw session": (single, 1.0, False),
-        }
+            "short texts: p50 at c=1 within 1 ms of the raw session's batch-1 p50": (
+                [r.added_p50_ms for r in where("short", (1,))], 1.0, False,
+            ),
+            "medium texts: server >= 0.95x the raw session's best throughput at c=8": (
+                [r.vs_raw_best for r in where("medium", (8,))], 0.95, True,
+            ),
+            "short texts: server >= 2x the transformers pipeline at c=1, 8 and 32": (
+                [r.vs_pipeline for r in where("short", (1, 8, 32)) if r.vs_pipeline is not None], 2.0, True,
+            ),
+        }  # fmt: skip
         report[precision] = {aim: _aim(*check) for aim, check in checks.items() if check[0]}
     return report
 
@@ -280,10 +305,14 @@ def _cell_table(title: str, columns: list[str]) -> Table:
 
 def print_tables(results: list[Measurement], found: list[Ratios], args: argparse.Namespace) -> None:
     engines = [(e, p) for p in args.precisions for e in ("raw", "server")] + [("pipeline", args.pipeline_precision)]
-    figures = _cell_table("requests/s · p50/p99 ms (one text per request)", [f"{e} {p}" for e, p in engines])
-    labels = ("/raw", "+p50 ms", "/pipeline")
+    figures = _cell_table(
+        "requests/s · p50/p99 ms (one text per request; the raw session in batches of min(c, max batch size))",
+        [f"{e} {p}" for e, p in engines],
+    )
+    labels = ("/raw", "/raw best", "+p50 ms", "/pipeline")
     versus = _cell_table(
-        "server vs raw session (throughput ratio, added p50) and vs the transformers pipeline",
+        "server vs raw session (same batches; best batch on the workload; added p50) and vs the transformers "
+        "pipeline",
         [f"{p} {label}" for p in args.precisions for label in labels],
     )
     for cell in cells(args):
@@ -295,11 +324,16 @@ def print_tables(results: list[Measurement], found: list[Ratios], args: argparse
             *(f"{m.throughput:,.0f} · {m.p50_ms:.1f}/{m.p99_ms:.1f}" if m else "-" for m in found_in_cell),
         )
         values = [
-            (f"{r.vs_raw:.2f}x", f"{r.added_p50_ms:+.2f}", f"{r.vs_pipeline:.2f}x" if r.vs_pipeline else "-")
+            (
+                f"{r.vs_raw:.2f}x",
+                f"{r.vs_raw_best:.2f}x",
+                f"{r.added_p50_ms:+.2f}",
+                f"{r.vs_pipeline:.2f}x" if r.vs_pipeline else "-",
+            )
             for r in found
             if r.cell == cell
         ]
-        versus.add_row(cell.task, cell.workload, str(cell.concurrency), *(v for triple in values for v in triple))
+        versus.add_row(cell.task, cell.workload, str(cell.concurrency), *(v for group in values for v in group))
     console = Console(width=200)
     console.print(figures)
     console.print(versus)
@@ -309,7 +343,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=1.0, help="per cell and engine (default 1)")
     parser.add_argument("--repeats", type=int, default=1, help="measurements per cell and engine, the best kept")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--workloads", nargs="+", choices=list(workloads.LENGTHS), default=list(workloads.LENGTHS))
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     parser.add_argument(
