@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from onnxserve.export.validate import CANNOT_RUN, NotRunnable, validation_device
 from onnxserve.server.errors import ModelLoadError
-from onnxserve.server.quality.gates import BOUNDS, Bounds, judge_generation
-from onnxserve.server.quality.probes import PROBE_PROMPTS, GenerationProbes, truncated
+from onnxserve.server.quality.gates import BOUNDS, Bounds, judge_generation, with_probes
+from onnxserve.server.quality.probes import GenerationProbes, truncated
 from onnxserve.server.quality.runs import common_prefix, greedy, perplexity, step_perplexity
 from onnxserve.server.runtime.sessions import Session, SessionSettings
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
@@ -112,18 +112,20 @@ class GenerativeValidator:
                 for prompt, expected in zip(reference.prompts, reference.continuations, strict=True)
             ]
             variant_perplexity = step_perplexity(session, reference.text, self.pad_token_id)
+            on_probes = self.probes().check({"model": session}, precision)
         except (ModelLoadError, *CANNOT_RUN) as error:
             raise NotRunnable(f"ONNX Runtime cannot run it on the {device}: {error}") from error
         lengths = [len(expected) for expected in reference.continuations]
         bounds = self.gate.bounds[precision]
-        return judge_generation(agreement, lengths, variant_perplexity, reference.perplexity, bounds)
+        validation = judge_generation(agreement, lengths, variant_perplexity, reference.perplexity, bounds)
+        return with_probes(validation, on_probes)
 
     def probes(self) -> GenerationProbes:
         """What the server checks each variant on at load: the first prompts' continuations,
         shortened, and the perplexity text, under this gate's bounds."""
         reference = self.reference
         return GenerationProbes(
-            prompts=reference.prompts[:PROBE_PROMPTS],
+            prompts=reference.prompts,
             continuations=truncated(reference.continuations),
             text=reference.text,
             reference_perplexity=reference.perplexity,

@@ -23,10 +23,11 @@ import transformers
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 from onnxserve.export.images import sample_images
 from onnxserve.export.tasks import TaskSpec
-from onnxserve.server.quality.gates import GATES, Sample, judge_outputs
+from onnxserve.server.errors import ModelLoadError
+from onnxserve.server.quality.gates import GATES, Sample, judge_outputs, with_probes
 from onnxserve.server.quality.probes import PROBE_OUTPUT_BYTES, PROBE_ROWS, OutputProbes, main_outputs, probe_rows
 from onnxserve.server.quality.runs import OUTPUT_FAMILIES, Batch, OutputFamily, Outputs
-from onnxserve.server.runtime.sessions import CPU, CUDA, cuda_problem, cuda_provider_options
+from onnxserve.server.runtime.sessions import CPU, CUDA, Session, SessionSettings, cuda_problem, cuda_provider_options
 from transformers import PretrainedConfig, PreTrainedTokenizerFast
 
 from onnxserve.v1 import manifest_pb2
@@ -119,9 +120,18 @@ class Validator:
                 raise NotRunnable(f"ONNX Runtime failed to run it on the {device}: {error}") from error
             exported.append(self._samples(outputs, batch))
         reference = [s for samples in self.reference for s in samples]
-        return judge_outputs(
+        validation = judge_outputs(
             reference, [s for samples in exported for s in samples], self.family.logits, GATES[precision]
         )
+        return with_probes(validation, self._check_probes(graphs, precision, device))
+
+    def _check_probes(self, graphs: dict[str, Path], precision: str, device: str) -> manifest_pb2.Validation:
+        """The load-time check, as the server will run it (its sessions, its options)."""
+        try:
+            served = {role: Session(path, SessionSettings(device=device)) for role, path in graphs.items()}
+            return self._probes.check(served, precision)
+        except (ModelLoadError, *CANNOT_RUN) as error:
+            raise NotRunnable(f"ONNX Runtime failed to run it on the {device}: {error}") from error
 
     def _run_torch(self, model: torch.nn.Module, batch: Batch) -> Outputs:
         arguments = {name: torch.from_numpy(array) for name, array in batch.items()}

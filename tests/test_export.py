@@ -310,7 +310,9 @@ def test_a_variant_that_misses_its_gate_is_left_out_and_named(
 
     with caplog.at_level(logging.WARNING, logger="onnxserve.export"):
         version_dir = _export(source, tmp_path, name="gated", precisions=("fp32", "int8"))
-    assert re.search(gate + r"; left out \(force writes it\)", caplog.text)
+    # The probes the server checks at load miss it too, and say so.
+    probes = r"; on the probes the server checks at load: min_cosine [\d.]+ is not >= 1\.5"
+    assert re.search(gate + probes + r"; left out \(force writes it\)", caplog.text)
     assert [v.precision for v in read_manifest(version_dir).variants] == [common_pb2.PRECISION_FP32]
     assert not (version_dir / "model.int8.onnx").exists()
 
@@ -318,7 +320,7 @@ def test_a_variant_that_misses_its_gate_is_left_out_and_named(
     fp32, int8 = forced.variants
     assert fp32.validation.passed
     assert not int8.validation.passed
-    assert [f.split(" ")[0] for f in int8.validation.failures] == ["min_cosine"]
+    assert [f.split(" ")[0] for f in int8.validation.failures] == ["min_cosine", "on"]  # on the probes, too
     assert _leftovers(tmp_path) == []
 
 

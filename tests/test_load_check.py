@@ -99,3 +99,13 @@ def test_a_version_whose_probes_changed_is_refused(repository, start_server):
     info = _info(server.target, "good")
     assert info.state == models_pb2.MODEL_STATE_FAILED
     assert "probes.npz" in info.state_reason and "SHA-256" in info.state_reason
+
+
+def test_a_decoder_is_checked_on_greedy_prefixes_and_perplexity(export, start_server):
+    """Decoders' probes: every gate prompt's first 16 greedy tokens and the perplexity text."""
+    server = start_server({"llama": export("llama-causal-lm", precisions=("fp32",))})
+    check = _info(server.target, "llama").load_check
+    assert check.passed and len(check.greedy_agreement) == len(check.reference_tokens) == 6
+    assert list(check.greedy_agreement) == list(check.reference_tokens)  # fp32 agrees all the way
+    assert all(0 < tokens <= 16 for tokens in check.reference_tokens)
+    assert check.perplexity == pytest.approx(check.reference_perplexity, rel=1e-3)

@@ -109,6 +109,9 @@ def test_similar_sentences_score_higher_than_unrelated(servers):
 
 def test_int8_keeps_quality(servers):
     assert len(SENTENCES) >= 50
+    with servers["int8"].client() as client:
+        info = client.get_model(model=MODEL)
+    assert info.precision == "int8" and not info.refused_variants  # the load-time check passed it here
     similarity = cosine(served(servers["int8"], SENTENCES), served(servers["fp32"], SENTENCES))
     assert similarity.mean() >= 0.99, similarity.mean()
     assert similarity.min() >= 0.98, similarity.min()

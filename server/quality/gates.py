@@ -150,6 +150,14 @@ def judge_generation(
     return validation
 
 
+def with_probes(validation: manifest_pb2.Validation, on_probes: manifest_pb2.Validation) -> manifest_pb2.Validation:
+    """The export's verdict, missed also where the variant misses on its probes: the server checks
+    those at load, and a variant it would refuse on this very machine is not one to write."""
+    validation.failures.extend(f"on the probes the server checks at load: {f}" for f in on_probes.failures)
+    validation.passed = not validation.failures
+    return validation
+
+
 def _agreements(reference: np.ndarray, exported: np.ndarray) -> np.ndarray:
     """Per top-1 prediction (rows over the last axis): whether the variant agrees, near-ties included."""
     reference = reference.reshape(-1, reference.shape[-1]).astype(np.float64)
