@@ -86,11 +86,20 @@ _INTEGER_GEMMS = {
 
 def integer_gemm_pair_sums(model: onnx.ModelProto) -> dict[str, int]:
     """Each integer GEMM's largest possible pair sum, 255 * (|w_k| + |w_k+1|) over adjacent weight
-    rows: what vpmaddubsw computes in int16 on AVX2. A GEMM whose weight is not a constant int8
-    matrix cannot be bounded and raises ValueError, naming it."""
-    initializers = {init.name: init for init in model.graph.initializer}
+    rows: what vpmaddubsw computes in int16 on AVX2. Subgraphs (If/Loop branches, where the
+    dynamic fallback quantizes) are walked too. A GEMM whose weight is not a constant int8 matrix
+    cannot be bounded and raises ValueError, naming it."""
+    return _pair_sums(model.graph, {}, "")
+
+
+def _pair_sums(graph: onnx.GraphProto, outer: dict[str, TensorProto], prefix: str) -> dict[str, int]:
+    initializers = {**outer, **{init.name: init for init in graph.initializer}}
     sums = {}
-    for node in model.graph.node:
+    for node in graph.node:
+        for attribute in node.attribute:
+            scope = f"{prefix}{node.name or node.output[0]}.{attribute.name}/"
+            for subgraph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
+                sums |= _pair_sums(subgraph, initializers, scope)
         if node.op_type not in _INTEGER_GEMMS:
             continue
         weight = initializers.get(node.input[_INTEGER_GEMMS[node.op_type][1]])
@@ -99,7 +108,7 @@ def integer_gemm_pair_sums(model: onnx.ModelProto) -> dict[str, int]:
         magnitudes = np.abs(numpy_helper.to_array(weight).astype(np.int64))
         magnitudes = magnitudes.reshape(-1, magnitudes.shape[-1])
         pairs = magnitudes[:-1] + magnitudes[1:] if len(magnitudes) > 1 else magnitudes
-        sums[node.name or node.output[0]] = _UINT8_MAX * int(pairs.max(initial=0))
+        sums[prefix + (node.name or node.output[0])] = _UINT8_MAX * int(pairs.max(initial=0))
     return sums
 
 
