@@ -154,10 +154,10 @@ def _read(checkpoint: Checkpoint, task: str | None) -> _Model:
     spec = task_spec(task or detect_task(checkpoint.path, config))
     check_exportable(config, spec)
     tokenizer, image_processor, processing = None, None, None
-    if spec.registration.inputs == "images":
+    if spec.registration.inputs != "text":
         image_processor = load_image_processor(checkpoint.path)
         processing = image_processing(image_processor)
-    else:
+    if spec.registration.inputs != "images":
         tokenizer = load_tokenizer(checkpoint.path)
     generation = None
     if spec.generative:

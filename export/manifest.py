@@ -80,7 +80,8 @@ def max_length(checkpoint: Path, config: PretrainedConfig, tokenizer: PreTrained
 
 
 def _positions(config: PretrainedConfig) -> int | None:
-    positions = getattr(config, "max_position_embeddings", None)
+    text = getattr(config, "text_config", None) or config  # CLIP: the text tower's
+    positions = getattr(text, "max_position_embeddings", None)
     return positions - _POSITION_OFFSET.get(config.model_type, 0) if positions else None
 
 

@@ -65,6 +65,9 @@ _HEADS = (
     ("ForImageClassification", "image-classification"),
     ("ForCausalLM", "text-generation"),
 )
+# Image-text models whose checkpoints serve zero-shot image classification. SigLIP is not among
+# them yet: its pipeline pads to 64 tokens and scores with a sigmoid.
+_ZERO_SHOT_MODEL_TYPES = ("clip",)
 # Heads whose task depends on whether the model is an encoder-decoder: T5ForConditionalGeneration,
 # MarianMTModel, GPT2LMHeadModel, and old T5 configs' T5WithLMHeadModel.
 _GENERATION_HEADS = ("ForConditionalGeneration", "MTModel", "LMHeadModel")
@@ -82,6 +85,8 @@ def detect_task(checkpoint: Path, config: PretrainedConfig) -> str:
     (they have modules.json) are feature extraction whatever their architecture says."""
     if (checkpoint / "modules.json").is_file():
         return "feature-extraction"
+    if config.model_type in _ZERO_SHOT_MODEL_TYPES:
+        return "zero-shot-image-classification"
     architectures = config.architectures or []
     if not architectures:
         raise ExportError(
@@ -120,6 +125,11 @@ def check_exportable(config: PretrainedConfig, spec: TaskSpec) -> None:
             f"unsupported architecture {architecture}: optimum's ONNX exporter does not know "
             f"model type {config.model_type!r}"
         ) from None
+    if spec.name == "zero-shot-image-classification" and config.model_type not in _ZERO_SHOT_MODEL_TYPES:
+        raise ExportError(
+            f"zero-shot image classification is served for {', '.join(_ZERO_SHOT_MODEL_TYPES)} models, "
+            f"not {config.model_type!r} yet"
+        )
     if spec.optimum_task not in supported:
         servable = sorted({task.removesuffix("-with-past") for task in supported} & TASKS.keys())
         raise ExportError(

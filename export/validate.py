@@ -50,6 +50,7 @@ PAIRS = (
     ("The weather is nice today.", "It is raining heavily."),
 )
 CHOICES = ("in the kitchen.", "on the moon.", "with a friend.")
+ZERO_SHOT_LABELS = ("a cat", "two dogs on a beach", "a red car", "a bowl of soup", "a city at night")
 SAMPLE_MAX_LENGTH = 128
 
 # What ONNX Runtime raises for a graph it cannot run here, e.g. NOT_IMPLEMENTED for a kernel its
@@ -227,6 +228,12 @@ def _images(inputs: _Inputs) -> list[Batch]:
     return [{"pixel_values": pixels.astype(np.float32)}]
 
 
+def _hypotheses_and_images(inputs: _Inputs) -> list[Batch]:
+    """CLIP: the sample images against a few hypotheses, as the zero-shot pipeline writes them."""
+    texts = inputs.tokenize([f"This is a photo of {label}." for label in ZERO_SHOT_LABELS])
+    return [texts | _images(inputs)[0]]
+
+
 # Each task's sample inputs; how its graphs run and what a sample's output is: OUTPUT_FAMILIES.
 _INPUTS = {
     "feature-extraction": _texts,
@@ -237,4 +244,5 @@ _INPUTS = {
     "multiple-choice": _choices,
     "text2text-generation": _sources,
     "image-classification": _images,
+    "zero-shot-image-classification": _hypotheses_and_images,
 }

@@ -99,7 +99,7 @@ def _load_into(model: LoadedModel, device: str) -> None:
         refused = "; ".join(_refusal(r) for r in model.refused_variants)
         raise ModelLoadError(f"every variant missed the export's gate on this machine ({machine}): {refused}")
     registration = registration_for(manifest.task)
-    if registration is None or registration.inputs == "text":  # vision models have no tokenizer
+    if registration is None or registration.inputs != "images":  # image-only models have no tokenizer
         tokenizer_path = model.directory / TOKENIZER_FILE
         if not tokenizer_path.is_file():
             raise ModelLoadError(f"{tokenizer_path} is missing")

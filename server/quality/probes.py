@@ -121,7 +121,8 @@ def probe_rows(batch: Batch, rows: int) -> Batch:
     if mask is None:  # images: nothing is padding
         return head
     kept = mask.reshape(-1, mask.shape[-1]).any(axis=0)
-    return {name: value[..., kept] if value.shape[-1] == kept.size else value for name, value in head.items()}
+    padded = {name for name, value in head.items() if value.ndim == mask.ndim and value.shape[-1] == kept.size}
+    return {name: value[..., kept] if name in padded else value for name, value in head.items()}
 
 
 def main_outputs(outputs: Outputs) -> Outputs:

@@ -20,7 +20,7 @@ from onnxserve.v1 import common_pb2
 Batch = dict[str, np.ndarray]
 Outputs = dict[str, np.ndarray]
 # The outputs the families read: what a probe file stores of PyTorch's.
-MAIN_OUTPUTS = ("last_hidden_state", "logits", "start_logits", "end_logits")
+MAIN_OUTPUTS = ("last_hidden_state", "logits", "start_logits", "end_logits", "logits_per_image")
 
 
 def _feeds(session: ort.InferenceSession, values: Batch) -> Batch:
@@ -72,6 +72,11 @@ def _per_sequence(outputs: Outputs, batch: Batch, pooling: int) -> list[Sample]:
     return [Sample(row, row.ravel()) for row in outputs["logits"]]
 
 
+def _per_image(outputs: Outputs, batch: Batch, pooling: int) -> list[Sample]:
+    """CLIP: each image's logits over the batch's texts."""
+    return [Sample(row, row.ravel()) for row in outputs["logits_per_image"]]
+
+
 def _spans(outputs: Outputs, batch: Batch, pooling: int) -> list[Sample]:
     rows = zip(outputs["start_logits"], outputs["end_logits"], batch["attention_mask"], strict=True)
     return [Sample(main, main.ravel()) for main in (np.stack([_kept(s, m), _kept(e, m)]) for s, e, m in rows)]
@@ -109,6 +114,7 @@ OUTPUT_FAMILIES = {
     "multiple-choice": OutputFamily(_run_single, _per_sequence),
     "text2text-generation": OutputFamily(_run_seq2seq, _per_sequence),
     "image-classification": OutputFamily(_run_single, _per_sequence),
+    "zero-shot-image-classification": OutputFamily(_run_single, _per_image),
 }
 
 

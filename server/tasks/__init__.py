@@ -11,6 +11,7 @@ from onnxserve.server.tasks import (
     question_answering,
     text_classification,
     token_classification,
+    zero_shot_image_classification,
 )
 from onnxserve.server.tasks.generation import pipeline as generation
 from onnxserve.server.tasks.registration import register
@@ -25,5 +26,6 @@ for _registration in (
     generation.TEXT_GENERATION,
     generation.TEXT2TEXT_GENERATION,
     image_classification.REGISTRATION,
+    zero_shot_image_classification.REGISTRATION,
 ):
     register(_registration)

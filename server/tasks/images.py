@@ -107,6 +107,13 @@ class ImageProcessor:
         return (p.shortest_edge, longer) if width <= height else (longer, p.shortest_edge)
 
 
+def image_processor(resources: ModelResources) -> ImageProcessor:
+    """The model's image processor, from its manifest."""
+    if not resources.manifest.HasField("image_processing"):
+        raise ModelLoadError(f"model {resources.name!r} has no image_processing in its manifest: export it again")
+    return ImageProcessor(resources.manifest.image_processing)
+
+
 @dataclass(frozen=True)
 class PixelValues:
     """One preprocessed image as the batcher carries it. It counts as one row: after
@@ -134,9 +141,7 @@ class ImagePipeline(BatchedPipeline[Request]):
 
     def __init__(self, resources: ModelResources) -> None:
         super().__init__(resources)
-        if not resources.manifest.HasField("image_processing"):
-            raise ModelLoadError(f"model {self.name!r} has no image_processing in its manifest: export it again")
-        self.processor = ImageProcessor(resources.manifest.image_processing)
+        self.processor = image_processor(resources)
 
     def pixel_values(self, images: Sequence[inference_pb2.Image]) -> list[PixelValues]:
         return [PixelValues(self.processor(decode(image, index))) for index, image in enumerate(images)]

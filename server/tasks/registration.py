@@ -100,7 +100,8 @@ class TaskRegistration:
     serves (besides Tokenize and Detokenize, which every model serves), `kserve_text` its KServe v2
     text mapping, `export` its export spec (None: not exported by `onnxserve export`) and
     `inputs` what its models take: text (they ship a tokenizer, and serve Tokenize and
-    Detokenize) or images (pixel_values from the manifest's image_processing, no tokenizer)."""
+    Detokenize), images (pixel_values from the manifest's image_processing, no tokenizer), or
+    both (CLIP)."""
 
     name: str
     task: int
@@ -108,7 +109,7 @@ class TaskRegistration:
     rpcs: frozenset[str]
     kserve_text: KServeText | None = None
     export: ExportSpec | None = None
-    inputs: Literal["text", "images"] = "text"
+    inputs: Literal["text", "images", "text and images"] = "text"
 
     def __post_init__(self) -> None:
         unknown = sorted(self.rpcs - set(INFERENCE.methods_by_name))
