@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from onnxserve.export.validate import CANNOT_RUN, NotRunnable, validation_device
 from onnxserve.server.errors import ModelLoadError
-from onnxserve.server.quality.gates import BOUNDS, Bounds, judge_generation, with_probes
+from onnxserve.server.quality.gates import BOUNDS, Bounds, judge_generation
 from onnxserve.server.quality.probes import GenerationProbes, truncated
 from onnxserve.server.quality.runs import common_prefix, greedy, perplexity, step_perplexity
 from onnxserve.server.runtime.sessions import Session, SessionSettings
@@ -112,13 +112,13 @@ class GenerativeValidator:
                 for prompt, expected in zip(reference.prompts, reference.continuations, strict=True)
             ]
             variant_perplexity = step_perplexity(session, reference.text, self.pad_token_id)
-            on_probes = self.probes().check({"model": session}, precision)
         except (ModelLoadError, *CANNOT_RUN) as error:
             raise NotRunnable(f"ONNX Runtime cannot run it on the {device}: {error}") from error
         lengths = [len(expected) for expected in reference.continuations]
         bounds = self.gate.bounds[precision]
-        validation = judge_generation(agreement, lengths, variant_perplexity, reference.perplexity, bounds)
-        return with_probes(validation, on_probes)
+        # The probes need no run of their own here: their continuations are prefixes of these and
+        # their text is this one, so a variant that passes this gate passes them on these kernels.
+        return judge_generation(agreement, lengths, variant_perplexity, reference.perplexity, bounds)
 
     def probes(self) -> GenerationProbes:
         """What the server checks each variant on at load: the first prompts' continuations,

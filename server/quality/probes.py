@@ -5,8 +5,10 @@ A variant's numbers depend on the kernels of the machine that runs it (int8 diff
 and VNNI/AMX, fp16 between the CPU and CUDA), so one that passed on the exporting machine can miss
 where it is served. The server runs each variant on the probes when it loads it and applies the
 same gate as the exporter; it is cheap enough for every load (a few short inputs, or 16 greedy
-tokens per prompt and one short text for decoders). The exporter runs the same check before it
-writes a variant, so a variant that passes there passes at load on the same kernels."""
+tokens per prompt and one short text for decoders). A variant the exporter writes passes them on
+the exporting machine's kernels: decoders' probes are prefixes of the gate's own continuations and
+its text, and the exporter runs the outputs' probes (a subset of the samples, whose mean figures
+could differ from the whole's) before it writes a variant."""
 
 from __future__ import annotations
 
