@@ -35,6 +35,9 @@ class ModelSettings:
     # A variant whose probes miss the export's gate on this machine (int8 kernels differ by CPU) is
     # refused and the next precision served; true serves it anyway, with a warning in the log.
     serve_refused_variants: bool = False
+    # Speech models: audio longer than this (seconds, read from an encoded file's header before it
+    # is decoded) is refused with INVALID_ARGUMENT.
+    max_audio_seconds: float = 600.0
 
 
 @dataclass(frozen=True)

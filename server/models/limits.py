@@ -16,8 +16,8 @@ from onnxserve.server.errors import InvalidArgument
 
 #: The repeated field that holds a request's inputs, by its name in the contract: the first of
 #: these a request type has (Encode's texts, Answer's questions, Generate's prompts, Detokenize's
-#: token sequences, image requests' images).
-INPUT_FIELDS = ("texts", "questions", "prompts", "images", "sequences")
+#: token sequences, image requests' images, speech requests' audios).
+INPUT_FIELDS = ("texts", "questions", "prompts", "images", "audios", "sequences")
 #: Float32s each input adds to an answer, at least: Encode answers one vector of the model's
 #: hidden size per text. Other answers are small beside that (labels, spans, tokens).
 FLOAT_BYTES = 4

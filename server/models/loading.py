@@ -108,7 +108,14 @@ def _load_into(model: LoadedModel, device: str) -> None:
     model.execution_provider = next(iter(sessions.values())).provider
     if registration is not None:  # else the model serves its tokenizer only
         resources = ModelResources(
-            model.name, manifest, model.tokenizer, sessions, model.executors, model.settings, variant.precision
+            model.name,
+            manifest,
+            model.tokenizer,
+            sessions,
+            model.executors,
+            model.settings,
+            variant.precision,
+            model.directory,
         )
         pipeline = registration.pipeline(resources)
         pipeline.open()

@@ -8,6 +8,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import numpy as np
@@ -45,8 +46,9 @@ class Executors:
 @dataclass
 class ModelResources:
     """What a pipeline is built from: the model's name, manifest, tokenizer (None for vision
-    models), sessions by role, serving settings, the thread pools it runs its blocking work on, and
-    the precision served."""
+    models), sessions by role, serving settings, the thread pools it runs its blocking work on, the
+    precision served, and the version's folder (speech models read their feature extractor's
+    configuration there)."""
 
     name: str
     manifest: manifest_pb2.Manifest
@@ -55,6 +57,7 @@ class ModelResources:
     executors: Executors
     settings: ModelSettings = field(default_factory=ModelSettings)
     precision: int = common_pb2.PRECISION_FP32
+    directory: Path | None = None
 
 
 @dataclass

@@ -1,0 +1,232 @@
+"""server/tasks/audio.py against transformers and libsndfile: Whisper's log-mel spectrogram and
+wav2vec2's normalization equal transformers' feature extractors within 1e-4 on 16 kHz input;
+files of every format the contract names decode to the samples libsndfile reads; channels are
+averaged; resampling keeps a tone's samples; and each bad input is refused naming its problem."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+from onnxserve.server.errors import InvalidArgument
+from onnxserve.server.tasks import audio
+from transformers import Wav2Vec2FeatureExtractor, WhisperFeatureExtractor
+from transformers.audio_utils import mel_filter_bank
+
+from onnxserve.v1 import inference_pb2
+
+RATE = 16000
+MAX_SECONDS = 60.0
+FEATURE_TOLERANCE = 1e-4
+
+
+def speech_like(seconds: float, rate: int = RATE, seed: int = 0) -> np.ndarray:
+    """Tones with a wandering pitch, amplitude bursts and noise: a signal with speech's range of
+    levels, so the log-mel clamp and the normalization see varied values."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    pitch = 150 + 60 * np.sin(2 * np.pi * 0.7 * t)
+    voiced = np.sin(2 * np.pi * np.cumsum(pitch) / rate) + 0.3 * np.sin(2 * np.pi * 3 * np.cumsum(pitch) / rate)
+    envelope = np.clip(np.sin(2 * np.pi * 2.3 * t), 0, None) ** 2
+    return (0.4 * voiced * envelope + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def encoded(samples: np.ndarray, rate: int, format: str, subtype: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    soundfile.write(buffer, samples, rate, format=format, subtype=subtype)
+    return buffer.getvalue()
+
+
+def file_audio(data: bytes) -> inference_pb2.Audio:
+    return inference_pb2.Audio(data=data)
+
+
+def raw_audio(samples: np.ndarray, rate: int, channels: int = 1) -> inference_pb2.Audio:
+    raw = inference_pb2.RawAudio(samples=samples.astype("<f4").tobytes(), sample_rate=rate, channels=channels)
+    return inference_pb2.Audio(raw=raw)
+
+
+def config_of(extractor) -> audio.FeatureExtractorConfig:
+    """The server's reading of the extractor as the exporter ships it (preprocessor_config.json)."""
+    return audio.FeatureExtractorConfig.from_dict(json.loads(extractor.to_json_string()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Features
+
+
+@pytest.mark.parametrize("mel_bins", [80, 128])
+def test_mel_filter_bank_is_transformers(mel_bins: int) -> None:
+    expected = mel_filter_bank(201, mel_bins, 0.0, 8000.0, RATE, norm="slaney", mel_scale="slaney")
+    np.testing.assert_allclose(audio.mel_filter_bank(201, mel_bins, 0.0, 8000.0, RATE), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("seconds", [0.05, 1.0, 7.3, 30.0, 34.0])
+@pytest.mark.parametrize("mel_bins", [80, 128])
+def test_whisper_log_mel_is_transformers(seconds: float, mel_bins: int) -> None:
+    """Short clips padded to the 30 s window, a full window, and a longer clip cut to it."""
+    extractor = WhisperFeatureExtractor(feature_size=mel_bins)
+    samples = speech_like(seconds, seed=mel_bins)
+    expected = extractor(samples, sampling_rate=RATE, return_tensors="np")["input_features"][0]
+    got = audio.whisper_log_mel(samples, config_of(extractor))
+    assert got.dtype == np.float32 and got.shape == expected.shape == (mel_bins, 3000)
+    assert np.abs(got - expected).max() <= FEATURE_TOLERANCE
+
+
+def test_whisper_log_mel_longest_padding_is_transformers() -> None:
+    """Long-form audio: the whole clip, as the pipeline asks (padding="longest", no truncation)."""
+    extractor = WhisperFeatureExtractor()
+    samples = speech_like(41.5, seed=3)
+    expected = extractor(samples, sampling_rate=RATE, truncation=False, padding="longest", return_tensors="np")
+    got = audio.whisper_log_mel(samples, config_of(extractor), length=len(samples))
+    assert got.shape == expected["input_features"][0].shape
+    assert np.abs(got - expected["input_features"][0]).max() <= FEATURE_TOLERANCE
+
+
+def test_whisper_log_mel_of_silence_is_transformers() -> None:
+    """All zeros: every mel bin at the floor, so the clamp leaves one value everywhere."""
+    extractor = WhisperFeatureExtractor()
+    samples = np.zeros(RATE, dtype=np.float32)
+    expected = extractor(samples, sampling_rate=RATE, return_tensors="np")["input_features"][0]
+    assert np.abs(audio.whisper_log_mel(samples, config_of(extractor)) - expected).max() <= FEATURE_TOLERANCE
+
+
+@pytest.mark.parametrize("seconds", [0.01, 2.0, 11.0])
+def test_normalize_is_wav2vec2(seconds: float) -> None:
+    extractor = Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True)
+    samples = speech_like(seconds, seed=5) * 3 + 0.2
+    expected = extractor(samples, sampling_rate=RATE, return_tensors="np")["input_values"][0]
+    assert np.abs(audio.normalize(samples) - expected).max() <= FEATURE_TOLERANCE
+
+
+def test_normalize_with_attention_mask_is_wav2vec2() -> None:
+    """A padded batch: each row normalized over its own samples, its padding set to padding_value."""
+    extractor = Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True, padding_value=0.0)
+    short, long = speech_like(0.7, seed=1), speech_like(1.9, seed=2) * 2
+    expected = extractor([short, long], sampling_rate=RATE, padding=True, return_tensors="np")
+    padded = np.zeros(len(long), dtype=np.float32)
+    padded[: len(short)] = short
+    got = audio.normalize(padded, length=len(short))
+    assert expected["attention_mask"][0].sum() == len(short)
+    assert np.abs(got - expected["input_values"][0]).max() <= FEATURE_TOLERANCE
+    assert np.abs(audio.normalize(long) - expected["input_values"][1]).max() <= FEATURE_TOLERANCE
+
+
+def test_feature_extractor_config_is_read_from_the_version(tmp_path: Path) -> None:
+    WhisperFeatureExtractor(feature_size=128).save_pretrained(tmp_path)
+    config = audio.read_feature_extractor(tmp_path)
+    assert (config.feature_extractor_type, config.feature_size, config.n_fft, config.hop_length) == (
+        "WhisperFeatureExtractor", 128, 400, 160,
+    )  # fmt: skip
+    assert config.n_samples == 30 * RATE
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+@pytest.mark.parametrize(
+    ("format", "subtype", "tolerance"),
+    # mpg123 does not decode a file to the same last bit twice
+    [("WAV", "PCM_16", 0), ("WAV", "FLOAT", 0), ("FLAC", "PCM_16", 0), ("OGG", "VORBIS", 0), ("MP3", None, 1e-6)],
+)
+def test_files_decode_as_libsndfile_reads_them(format: str, subtype: str | None, tolerance: float) -> None:
+    samples = speech_like(1.2)
+    data = encoded(samples, RATE, format, subtype)
+    expected, rate = soundfile.read(io.BytesIO(data), dtype="float32")
+    assert rate == RATE
+    got = audio.decode(file_audio(data), 0, RATE, MAX_SECONDS)
+    assert got.shape == expected.shape and np.abs(got - expected).max() <= tolerance
+    if format in ("WAV", "FLAC"):  # lossless: within 16-bit quantization of the source
+        assert np.abs(got - samples).max() <= (1 if subtype == "FLOAT" else 2) / 32768
+
+
+def test_channels_are_averaged() -> None:
+    left, right = speech_like(0.5, seed=1), speech_like(0.5, seed=2)
+    stereo = np.stack([left, right], axis=1)
+    expected = stereo.mean(axis=1)
+    np.testing.assert_allclose(audio.decode(raw_audio(stereo, RATE, 2), 0, RATE, MAX_SECONDS), expected, atol=1e-7)
+    wav = encoded(stereo, RATE, "WAV", "FLOAT")
+    np.testing.assert_allclose(audio.decode(file_audio(wav), 0, RATE, MAX_SECONDS), expected, atol=1e-7)
+
+
+def test_raw_samples_at_the_model_rate_are_kept_exactly() -> None:
+    samples = speech_like(0.3)
+    np.testing.assert_array_equal(audio.decode(raw_audio(samples, RATE), 0, RATE, MAX_SECONDS), samples)
+    unset_channels = inference_pb2.Audio(raw=inference_pb2.RawAudio(samples=samples.tobytes(), sample_rate=RATE))
+    np.testing.assert_array_equal(audio.decode(unset_channels, 0, RATE, MAX_SECONDS), samples)
+
+
+@pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000, 96000])
+def test_resampling_keeps_a_tone(rate: int) -> None:
+    """A 440 Hz tone at `rate`, resampled to 16 kHz, is the same tone sampled at 16 kHz (away from
+    the edges, where the filter sees zeros outside the clip)."""
+    seconds, frequency = 1.0, 440.0
+    tone = lambda r: np.sin(2 * np.pi * frequency * np.arange(int(seconds * r)) / r).astype(np.float32)  # noqa: E731
+    got = audio.resample(tone(rate), rate, RATE)
+    assert got.dtype == np.float32 and len(got) == RATE
+    middle = slice(400, RATE - 400)
+    assert np.abs(got[middle] - tone(RATE)[middle]).max() < 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+
+def _truncated_wav() -> bytes:
+    data = encoded(speech_like(1.0), RATE, "WAV", "PCM_16")
+    return data[: len(data) // 2]
+
+
+def _truncated_mp3() -> bytes:
+    data = encoded(speech_like(1.0), RATE, "MP3")
+    return data[: len(data) // 2]
+
+
+BAD_INPUTS = {
+    "empty": (inference_pb2.Audio(), "audio 0 is empty"),
+    "not audio": (file_audio(b"\x89PNG\r\n\x1a\n" + bytes(100)), "cannot be decoded: format not recognised"),
+    "corrupt flac": (file_audio(encoded(speech_like(1.0), RATE, "FLAC")[:2000]), "cannot be decoded"),
+    "truncated wav": (file_audio(_truncated_wav()), "audio 0 is truncated"),
+    "truncated mp3": (file_audio(_truncated_mp3()), "audio 0 is truncated"),
+    "unsupported format": (file_audio(encoded(speech_like(0.2), RATE, "AIFF")), "an unsupported format"),
+    "zero samples": (raw_audio(np.zeros(0, np.float32), RATE), "audio 0 has no samples"),
+    "zero frames in a file": (file_audio(encoded(np.zeros(0, np.float32), RATE, "WAV")), "audio 0 has no samples"),
+    "nan": (raw_audio(np.array([0.0, np.nan, 0.1], np.float32), RATE), "NaN or infinite sample (frame 1"),
+    "infinity": (raw_audio(np.array([0.0, 0.1, -np.inf], np.float32), RATE), "NaN or infinite sample (frame 2"),
+    "rate 0": (raw_audio(speech_like(0.1), 0), "a sample rate of 0 Hz is outside 1 to 384000 Hz"),
+    "rate too high": (raw_audio(speech_like(0.1), 384001), "a sample rate of 384001 Hz is outside"),
+    "ragged raw bytes": (
+        inference_pb2.Audio(raw=inference_pb2.RawAudio(samples=bytes(10), sample_rate=RATE)),
+        "10 bytes, not a multiple of 4 x channels = 4 x 1 = 4",
+    ),
+    "ragged stereo frames": (
+        inference_pb2.Audio(raw=inference_pb2.RawAudio(samples=bytes(12), sample_rate=RATE, channels=2)),
+        "12 bytes, not a multiple of 4 x channels = 4 x 2 = 8",
+    ),
+    "too long raw": (raw_audio(np.zeros(61 * 8000, np.float32), 8000), "lasts 61.0 s, over the limit of 60 s"),
+    "too long file": (
+        file_audio(encoded(np.zeros(61 * 8000, np.float32), 8000, "FLAC")),
+        "lasts 61.0 s, over the limit of 60 s",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_inputs_are_refused_naming_the_problem(case: str) -> None:
+    message, expected = BAD_INPUTS[case]
+    with pytest.raises(InvalidArgument) as refused:
+        audio.decode(message, 0, RATE, MAX_SECONDS)
+    assert expected in str(refused.value)
+
+
+def test_a_streamed_wav_with_an_unknown_length_is_read() -> None:
+    """Streaming writers (ffmpeg to a pipe) leave the data size at 0xFFFFFFFF: not truncation."""
+    data = bytearray(encoded(speech_like(0.5), RATE, "WAV", "PCM_16"))
+    position = data.index(b"data") + 4
+    data[position : position + 4] = (0xFFFFFFFF).to_bytes(4, "little")
+    assert len(audio.decode(file_audio(bytes(data)), 0, RATE, MAX_SECONDS)) == RATE // 2
