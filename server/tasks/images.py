@@ -98,13 +98,38 @@ class ImageProcessor:
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
         """(width, height) after the resize: exact, or the shorter side at shortest_edge with the
-        longer one rounded down, as transformers' get_resize_output_image_size computes it."""
+        longer one rounded down, as transformers' get_resize_output_image_size computes it (DETR's
+        and YOLOS's rule where a longest_edge bounds the longer side)."""
         p = self.processing
         if p.height and p.width:
             return p.width, p.height
+        if p.longest_edge:
+            return _bounded_size(width, height, p.shortest_edge, p.longest_edge, p.size_multiple)
         short, long = sorted((width, height))
         longer = int(p.shortest_edge * long / short)
         return (p.shortest_edge, longer) if width <= height else (longer, p.shortest_edge)
+
+
+def _bounded_size(width: int, height: int, shortest: int, longest: int, multiple: int) -> tuple[int, int]:
+    """transformers' get_size_with_aspect_ratio, DETR's (multiple 0) and YOLOS's (which rounds both
+    sides down to a multiple of 16, and tests the portrait case first), kept branch for branch:
+    where the longer side would pass `longest`, the shorter one is scaled from the unrounded size."""
+    size, raw = shortest, None
+    short, long = float(min(width, height)), float(max(width, height))
+    if long / short * size > longest:
+        raw = longest * short / long
+        size = int(round(raw))
+    scale = raw if raw is not None else size
+    unchanged = (height <= width and height == size) or (width <= height and width == size)
+    if width < height and (multiple or not unchanged):
+        new_width, new_height = size, int(scale * height / width)
+    elif unchanged:
+        new_width, new_height = width, height
+    else:
+        new_width, new_height = int(scale * width / height), size
+    if multiple:
+        new_width, new_height = new_width - new_width % multiple, new_height - new_height % multiple
+    return new_width, new_height
 
 
 def image_processor(resources: ModelResources) -> ImageProcessor:
@@ -116,11 +141,13 @@ def image_processor(resources: ModelResources) -> ImageProcessor:
 
 @dataclass(frozen=True)
 class PixelValues:
-    """One preprocessed image as the batcher carries it. It counts as one row: after
-    preprocessing every image of a model has the same size, so nothing is padded and a run is
-    bounded by max_batch_size alone."""
+    """One preprocessed image as the batcher carries it, with its decoded size (width, height), which
+    detection and segmentation map their answers back to. It counts as one row: nothing is padded
+    (images of one size run together, see ImagePipeline.forward), and a run is bounded by
+    max_batch_size alone."""
 
     values: np.ndarray
+    size: tuple[int, int] = (0, 0)
 
     def __len__(self) -> int:
         return 1
@@ -144,11 +171,22 @@ class ImagePipeline(BatchedPipeline[Request]):
         self.processor = image_processor(resources)
 
     def pixel_values(self, images: Sequence[inference_pb2.Image]) -> list[PixelValues]:
-        return [PixelValues(self.processor(decode(image, index))) for index, image in enumerate(images)]
+        decoded = (decode(image, index) for index, image in enumerate(images))
+        return [PixelValues(self.processor(image), image.size) for image in decoded]
 
     def forward(self, inputs: Sequence[PixelValues]) -> list[RowOutputs]:
-        outputs = self.session.run({"pixel_values": np.stack([image.values for image in inputs])})
-        return [{name: value[row] for name, value in outputs.items()} for row in range(len(inputs))]
+        """One ONNX Runtime run per pixel_values shape: processors that keep the aspect ratio (DETR's)
+        give each image its own size, and the pipelines run each image alone, unpadded, so images
+        of one size share a run and no image is padded to another's."""
+        rows: list[RowOutputs] = [{} for _ in inputs]
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for index, image in enumerate(inputs):
+            by_shape.setdefault(image.values.shape, []).append(index)
+        for indices in by_shape.values():
+            outputs = self.session.run({"pixel_values": np.stack([inputs[index].values for index in indices])})
+            for row, index in enumerate(indices):
+                rows[index] = {name: value[row] for name, value in outputs.items()}
+        return rows
 
     def warm_up_inputs(self) -> list[PixelValues]:
         return [PixelValues(self.processor(probe_images()[0]))]
