@@ -118,7 +118,7 @@ def _bounded_size(width: int, height: int, shortest: int, longest: int, multiple
     short, long = float(min(width, height)), float(max(width, height))
     if long / short * size > longest:
         raw = longest * short / long
-        size = int(round(raw))
+        size = round(raw)
     scale = raw if raw is not None else size
     unchanged = (height <= width and height == size) or (width <= height and width == size)
     if width < height and (multiple or not unchanged):
