@@ -80,8 +80,13 @@ def max_length(checkpoint: Path, config: PretrainedConfig, tokenizer: PreTrained
 
 
 def _positions(config: PretrainedConfig) -> int | None:
-    text = getattr(config, "text_config", None) or config  # CLIP: the text tower's
-    positions = getattr(text, "max_position_embeddings", None)
+def _text_config(config: PretrainedConfig) -> PretrainedConfig:
+    """The config of the model's text side: CLIP's text tower, a VisionEncoderDecoder's decoder,
+    else the config itself."""
+    return getattr(config, "text_config", None) or getattr(config, "decoder", None) or config
+
+
+    positions = getattr(_text_config(config), "max_position_embeddings", None)
     return positions - _POSITION_OFFSET.get(config.model_type, 0) if positions else None
 
 
@@ -154,7 +159,7 @@ def _decoder_layers(config: PretrainedConfig) -> int:
     # Seq2seq configs count decoder layers apart (T5: num_decoder_layers, BART and Marian:
     # decoder_layers); num_hidden_layers is the encoder's there.
     for field in ("num_decoder_layers", "decoder_layers", "num_hidden_layers"):
-        value = getattr(config, field, None)
+        value = getattr(_text_config(config), field, None)
         if value:
             return value
     return 0

@@ -90,6 +90,8 @@ def detect_task(checkpoint: Path, config: PretrainedConfig) -> str:
     architectures = config.architectures or []
     if not architectures:
         raise ExportError(
+    if config.model_type == "vision-encoder-decoder":  # its architecture is VisionEncoderDecoderModel
+        return "image-to-text"
             f"cannot detect the task: {checkpoint / 'config.json'} names no architecture; "
             f"pass the task ({', '.join(TASKS)})"
         )

@@ -215,11 +215,20 @@ def _choices(inputs: _Inputs) -> list[Batch]:
 
 
 def _sources(inputs: _Inputs) -> list[Batch]:
-    batch = inputs.tokenize(list(TEXTS))
-    start = inputs.config.decoder_start_token_id
-    start = inputs.config.pad_token_id if start is None else start
-    batch["decoder_input_ids"] = np.full([batch["input_ids"].shape[0], 1], start, dtype=np.int64)
-    return [batch]
+    return [_with_decoder_start(inputs.tokenize(list(TEXTS)), inputs.config)]
+
+
+def _captioned_images(inputs: _Inputs) -> list[Batch]:
+    """Image-to-text: the sample images into the encoder, the decoder's first step."""
+    return [_with_decoder_start(_images(inputs)[0], inputs.config)]
+
+
+def _with_decoder_start(batch: Batch, config: PretrainedConfig) -> Batch:
+    """An encoder-decoder's batch with the decoder's first input: each row's start token."""
+    start = config.decoder_start_token_id
+    start = config.pad_token_id if start is None else start
+    rows = next(iter(batch.values())).shape[0]
+    return batch | {"decoder_input_ids": np.full([rows, 1], start, dtype=np.int64)}
 
 
 def _images(inputs: _Inputs) -> list[Batch]:
@@ -246,3 +255,4 @@ _INPUTS = {
     "image-classification": _images,
     "zero-shot-image-classification": _hypotheses_and_images,
 }
+    "image-to-text": _captioned_images,

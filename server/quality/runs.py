@@ -46,14 +46,13 @@ def _run_single(sessions: dict[str, ort.InferenceSession], batch: Batch) -> Outp
 
 
 def _run_seq2seq(sessions: dict[str, ort.InferenceSession], batch: Batch) -> Outputs:
-    """The encoder, then the decoder's first step (its logits are the main output)."""
+    """The encoder, then the decoder's first step (its logits are the main output). An encoder
+    over images has no attention mask, and its decoder none to take."""
     encoder, decoder = sessions["encoder"], sessions["decoder"]
     (hidden,) = encoder.run(["last_hidden_state"], _feeds(encoder, batch))
-    values = {
-        "input_ids": batch["decoder_input_ids"],
-        "encoder_hidden_states": hidden,
-        "encoder_attention_mask": batch["attention_mask"],
-    }
+    values = {"input_ids": batch["decoder_input_ids"], "encoder_hidden_states": hidden}
+    if "attention_mask" in batch:
+        values["encoder_attention_mask"] = batch["attention_mask"]
     (logits,) = decoder.run(["logits"], _feeds(decoder, values))
     return {"logits": logits}
 
@@ -151,6 +150,7 @@ def step_perplexity(session: Session, text: Sequence[int], pad_token_id: int) ->
 def perplexity(logits: np.ndarray, text: Sequence[int]) -> float:
     """exp of the mean negative log-likelihood of text[1:], given logits[i] predicting text[i + 1]."""
     log_probabilities = log_softmax(logits[: len(text) - 1].astype(np.float64))
+    "image-to-text": OutputFamily(_run_seq2seq, _per_sequence),
     targets = np.array(text[1:])
     return float(np.exp(-log_probabilities[np.arange(len(targets)), targets].mean()))
 

@@ -7,6 +7,7 @@ from onnxserve.server.tasks import (
     feature_extraction,
     fill_mask,
     image_classification,
+    image_to_text,
     multiple_choice,
     question_answering,
     text_classification,
@@ -27,5 +28,6 @@ for _registration in (
     generation.TEXT2TEXT_GENERATION,
     image_classification.REGISTRATION,
     zero_shot_image_classification.REGISTRATION,
+    image_to_text.REGISTRATION,
 ):
     register(_registration)

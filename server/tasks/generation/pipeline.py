@@ -7,7 +7,7 @@ batching, scheduler.py, on the scheduler's own thread) for fused decoders."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from onnxserve.server.config.settings import ModelSettings
@@ -18,10 +18,9 @@ from onnxserve.server.tasks.generation.causal import left_pad, open_causal_model
 from onnxserve.server.tasks.generation.decoding import StepModel, decode
 from onnxserve.server.tasks.generation.drivers import Generation, SharedGeneration, SoloGeneration, run, stream
 from onnxserve.server.tasks.generation.fused import FusedGraph, is_fused
-from onnxserve.server.tasks.generation.preparation import RequestSetup
+from onnxserve.server.tasks.generation.preparation import GenerationRequest, RequestSetup
 from onnxserve.server.tasks.generation.scheduler import Scheduler
 from onnxserve.server.tasks.generation.seq2seq import Seq2SeqModel
-from onnxserve.server.tasks.generation.settings import GenerationSettings
 from onnxserve.server.tasks.registration import (
     DECODER_VARIANTS,
     SEQ2SEQ_GRAPHS,
@@ -46,7 +45,6 @@ class GenerationPipeline(Pipeline[Any]):
             raise ModelLoadError(f"a generation model needs the graphs {sorted(needed)}; got {sorted(self.sessions)}")
         if self.seq2seq and not self.defaults.HasField("decoder_start_token_id"):
             raise ModelLoadError("the manifest names no decoder_start_token_id for this encoder-decoder")
-        self.pad_token_id = self.defaults.pad_token_id if self.defaults.HasField("pad_token_id") else 0
         self.setup = RequestSetup(self.manifest, self.tokenizer.tokenizer, self.seq2seq)
         self.stats = DecodingStats()
         self.scheduler = self._scheduler(resources.settings)
@@ -66,22 +64,21 @@ class GenerationPipeline(Pipeline[Any]):
         self, rpc: str, request: inference_pb2.GenerateRequest, timings: Timings, time_left: float | None
     ) -> inference_pb2.GenerateResponse:
         """Generate. A deadline ends the call through gRPC's cancellation, within one step."""
-        generation = await self._start(request.prompts, request.parameters, timings)
+        generation = await self._start(lambda: self.setup(request.prompts, request.parameters, timings), timings)
         return await run(generation, self.executors.generation)
 
     async def stream(
         self, rpc: str, request: inference_pb2.GenerateStreamRequest, timings: Timings, time_left: float | None
     ) -> AsyncIterator[tuple[inference_pb2.GenerateStreamResponse, bool]]:
         """GenerateStream: the last message is the one with the finish reason."""
-        generation = await self._start([request.prompt], request.parameters, timings)
+        generation = await self._start(lambda: self.setup([request.prompt], request.parameters, timings), timings)
         async for message in stream(generation, self.executors.generation):
             yield message, bool(message.finish_reason)
 
-    async def _start(
-        self, prompts: Sequence[str], parameters: inference_pb2.GenerationParameters, timings: Timings
-    ) -> Generation:
+    async def _start(self, setup: Callable[[], GenerationRequest], timings: Timings) -> Generation:
+        """The request set up by `setup`, and its driver, on the generation executor."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executors.generation, self.start, prompts, parameters, timings)
+        return await loop.run_in_executor(self.executors.generation, lambda: self.start(setup(), timings))
 
     async def warm_up(self) -> None:
         """Tokenizing only, with the bare tokenizer: a configured copy would only take memory (a
@@ -96,27 +93,26 @@ class GenerationPipeline(Pipeline[Any]):
         if self.scheduler is not None:
             self.scheduler.close()
 
-    def start(
-        self, prompts: Sequence[str], parameters: inference_pb2.GenerationParameters, timings: Timings
-    ) -> Generation:
-        """Sets the request up and picks its driver."""
-        request = self.setup(prompts, parameters, timings)
+    def start(self, request: GenerationRequest, timings: Timings) -> Generation:
+        """Picks the request's driver."""
         # Beam search reorders its rows at every step, and a request larger than the shared batch
         # would never fit: those run on a step model of their own.
-        if self.scheduler is not None and request.settings.num_beams == 1 and self.scheduler.fits(len(prompts)):
-            history, _ = left_pad(request.token_ids, self.pad_token_id)
+        rows = len(request.prompts)
+        if self.scheduler is not None and request.settings.num_beams == 1 and self.scheduler.fits(rows):
+            history, _ = left_pad(request.token_ids, self.setup.pad_token_id)
             return SharedGeneration(request, timings, self.scheduler, history)
-        model = self._model(request.token_ids, request.settings, lambda work: timings.timed("inference", work))
+        model = self._model(request, lambda work: timings.timed("inference", work))
         steps = decode(model, request.outputs, request.decoding)
         return SoloGeneration(request, timings, steps, model.release, self.stats)
 
-    def _model(self, token_ids: list[list[int]], settings: GenerationSettings, timed: Callable) -> StepModel:
+    def _model(self, request: GenerationRequest, timed: Callable) -> StepModel:
         if self.seq2seq:
             start = self.defaults.decoder_start_token_id
-            return Seq2SeqModel(self.sessions, token_ids, self.pad_token_id, start, timed)
-        rows = len(token_ids) * settings.num_beams
+            return Seq2SeqModel(self.sessions, request.encoder_inputs, start, timed)
+        settings = request.settings
+        rows = len(request.token_ids) * settings.num_beams
         return open_causal_model(
-            self.sessions["model"], token_ids, self.pad_token_id, timed, rows, settings.max_new_tokens
+            self.sessions["model"], request.token_ids, self.setup.pad_token_id, timed, rows, settings.max_new_tokens
         )
 
 

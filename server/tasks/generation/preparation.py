@@ -2,18 +2,21 @@
 parameters made into what a driver decodes. The prompts are tokenized and checked against the
 model's context, the parameters checked and completed with the checkpoint's defaults
 (settings.py), and each prompt gets its output (stopping criteria, incremental detokenizer) and
-the request its `Decoding` (logits processors, warpers, sampler)."""
+the request its `Decoding` (logits processors, warpers, sampler). Encoder-decoders whose encoder
+takes no text (images) are set up from the encoder inputs their task made."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from onnxserve.server.errors import InvalidArgument
 from onnxserve.server.runtime.stats import Timings
 from onnxserve.server.tasks.base import require_batch
 from onnxserve.server.tasks.generation import logits
 from onnxserve.server.tasks.generation.decoding import Decoding, Sampler
+from onnxserve.server.tasks.generation.seq2seq import text_encoder_inputs
 from onnxserve.server.tasks.generation.settings import MAX_SEQUENCES, GenerationSettings, resolve_settings
 from onnxserve.server.tasks.generation.stopping import OutputSequence, StoppingCriteria
 from onnxserve.server.tasks.generation.streaming import IncrementalDecoder
@@ -24,10 +27,12 @@ from onnxserve.v1 import inference_pb2, manifest_pb2
 
 @dataclass
 class GenerationRequest:
-    """A request set up for decoding: one token-id list and one output per prompt."""
+    """A request set up for decoding: one token-id list and one output per prompt, and the
+    encoder's inputs of an encoder-decoder (one row per prompt; empty for causal models)."""
 
     prompts: Sequence[str]
     token_ids: list[list[int]]
+    encoder_inputs: Mapping[str, np.ndarray]
     settings: GenerationSettings
     outputs: list[OutputSequence]
     decoding: Decoding
@@ -42,6 +47,7 @@ class RequestSetup:
         self.tokenizer = tokenizer
         self.seq2seq = seq2seq
         self.eos_token_ids = tuple(self.defaults.eos_token_ids)
+        self.pad_token_id = self.defaults.pad_token_id if self.defaults.HasField("pad_token_id") else 0
 
     @property
     def context(self) -> int:
@@ -54,6 +60,25 @@ class RequestSetup:
         require_batch(prompts, "prompts")
         token_ids = timings.timed("tokenization", lambda: self._tokenize(prompts))
         timings.tokens = sum(len(ids) for ids in token_ids)
+        encoder_inputs = text_encoder_inputs(token_ids, self.pad_token_id) if self.seq2seq else {}
+        return self._request(prompts, token_ids, encoder_inputs, parameters, timings)
+
+    def from_encoder_inputs(
+        self, encoder_inputs: Mapping[str, np.ndarray], parameters: inference_pb2.GenerationParameters, timings: Timings
+    ) -> GenerationRequest:
+        """An encoder-decoder's request whose encoder inputs the task made (an image's
+        pixel_values): one sequence per row, from the decoder start token alone (no prompt)."""
+        rows = len(next(iter(encoder_inputs.values())))
+        return self._request([""] * rows, [[] for _ in range(rows)], encoder_inputs, parameters, timings)
+
+    def _request(
+        self,
+        prompts: Sequence[str],
+        token_ids: list[list[int]],
+        encoder_inputs: Mapping[str, np.ndarray],
+        parameters: inference_pb2.GenerationParameters,
+        timings: Timings,
+    ) -> GenerationRequest:
         settings = resolve_settings(parameters, self.defaults, self._room(token_ids))
         timings.batch_size = len(prompts) * settings.num_beams
         if timings.batch_size > MAX_SEQUENCES:
@@ -63,7 +88,8 @@ class RequestSetup:
             )
         outputs = [self._output(settings) for _ in prompts]
         history_length = 1 if self.seq2seq else max(len(ids) for ids in token_ids)
-        return GenerationRequest(prompts, token_ids, settings, outputs, self._decoding(settings, history_length))
+        decoding = self._decoding(settings, history_length)
+        return GenerationRequest(prompts, token_ids, encoder_inputs, settings, outputs, decoding)
 
     def _tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
         token_ids = [encoding.ids for encoding in self.tokenizer.encode_batch(list(prompts))]

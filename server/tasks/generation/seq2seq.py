@@ -1,13 +1,14 @@
-"""Encoder-decoder models (optimum's text2text-generation-with-past graphs): the encoder runs
-once over the right-padded prompts, then the decoder runs once per token from the decoder start
-token, with its cache (self-attention keys growing, cross-attention keys fixed) fed back.
+"""Encoder-decoder models (optimum's text2text-generation-with-past and image-to-text-with-past
+graphs): the encoder runs once over its inputs (the right-padded prompts, or the images'
+pixel_values), then the decoder runs once per token from the decoder start token, with its cache
+(self-attention keys growing, cross-attention keys fixed) fed back.
 
 The decoder is optimum's merged graph (role "decoder"): `use_cache_branch` False for the first
 run, True after. An export with a separate with-past graph (role "decoder_with_past") also works."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from onnxserve.server.runtime.sessions import Session
@@ -15,44 +16,49 @@ from onnxserve.server.tasks.generation.cache import Cache, new_cache
 from onnxserve.server.tasks.generation.causal import Timed
 
 
-def right_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[np.ndarray, np.ndarray]:
+def text_encoder_inputs(prompts: Sequence[Sequence[int]], pad_token_id: int) -> dict[str, np.ndarray]:
+    """A text encoder's feeds: the prompts padded on the right, and their attention mask."""
     length = max(len(p) for p in prompts)
     ids = np.full((len(prompts), length), pad_token_id, dtype=np.int64)
     mask = np.zeros((len(prompts), length), dtype=np.int64)
     for row, prompt in enumerate(prompts):
         ids[row, : len(prompt)] = prompt
         mask[row, : len(prompt)] = 1
-    return ids, mask
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 class Seq2SeqModel:
-    """One batch of prompts on an encoder-decoder: the StepModel of the decoding loops."""
+    """One batch of encoder inputs (one row per sequence) on an encoder-decoder: the StepModel of
+    the decoding loops."""
 
     def __init__(
         self,
         sessions: dict[str, Session],
-        prompts: Sequence[Sequence[int]],
-        pad_token_id: int,
+        encoder_inputs: Mapping[str, np.ndarray],
         decoder_start_token_id: int,
         timed: Timed,
     ) -> None:
         self.encoder = sessions["encoder"]
         self.first_decoder = sessions["decoder"]
         self.decoder = sessions.get("decoder_with_past", self.first_decoder)
-        self.input_ids, self.encoder_mask = right_pad(prompts, pad_token_id)
-        self.history = np.full((len(prompts), 1), decoder_start_token_id, dtype=np.int64)
+        self.encoder_inputs = encoder_inputs
+        rows = len(next(iter(encoder_inputs.values())))
+        self.history = np.full((rows, 1), decoder_start_token_id, dtype=np.int64)
         self.timed = timed
-        self.cache: Cache = new_cache(self.first_decoder, len(prompts))
+        self.cache: Cache = new_cache(self.first_decoder, rows)
 
     def _encode(self) -> np.ndarray:
-        feeds = {"input_ids": self.input_ids, "attention_mask": self.encoder_mask}
-        return self.encoder.run(feeds)["last_hidden_state"]
+        return self.encoder.run(self.encoder_inputs)["last_hidden_state"]
 
     def start(self) -> np.ndarray:
         hidden = self.timed(self._encode)
         # Per-row inputs of every decoder run: the cache holds them, so that they follow the rows
-        # when rows are reordered or dropped, and stay on the device under I/O binding.
-        self.cache.hold({"encoder_hidden_states": hidden, "encoder_attention_mask": self.encoder_mask})
+        # when rows are reordered or dropped, and stay on the device under I/O binding. Images
+        # are not padded: their decoders take no encoder mask.
+        held = {"encoder_hidden_states": hidden}
+        if "attention_mask" in self.encoder_inputs:
+            held["encoder_attention_mask"] = self.encoder_inputs["attention_mask"]
+        self.cache.hold(held)
         inputs = {"input_ids": self.history, "use_cache_branch": np.array([False])}
         return self.timed(lambda: self.cache.run(self.first_decoder, inputs))
 
