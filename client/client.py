@@ -140,6 +140,20 @@ class _Methods:
             lambda r: _response(r, [_image_classification(c) for c in r.results]),
         )
 
+    def caption_image(
+        self, model: str, images: Sequence[ImageSource], version: int = 0, **parameters: Any
+    ) -> Response[GeneratedSequence]:
+        """One caption per image (its generated_text, token ids and finish reason). `images` as for
+        classify_image; `parameters` are GenerationParameters' fields, as for generate."""
+        request = inference_pb2.CaptionImageRequest(
+            model=model, version=version, images=[image_message(image) for image in images],
+            parameters=_generation_parameters(parameters),
+        )
+        return self._unary(
+            self.inference.CaptionImage, request,
+            lambda r: _response(r, [GeneratedSequence.from_proto(s) for s in r.results]),
+        )
+
     def tag_tokens(
         self, model: str, texts: Sequence[str], aggregation: str = "simple",
         ignore_labels: Sequence[str] | None = None, version: int = 0,
@@ -180,50 +194,6 @@ class _Methods:
             lambda r: _response(
                 r, [[[MaskCandidate.from_proto(c) for c in m.candidates] for m in x.masks] for x in r.results]
             ),
-    def detect_objects(
-        self, model: str, images: Sequence[ImageSource], threshold: float | None = None, version: int = 0
-    ) -> Response[list[DetectedObject]]:
-        """Per image, the objects scoring above `threshold` (None: 0.5, the pipeline's default),
-        boxes in the original image's pixels; `images` as for classify_image."""
-        request = inference_pb2.DetectObjectsRequest(
-            model=model, version=version, images=[image_message(image) for image in images], threshold=threshold,
-        )
-        return self._unary(
-            self.inference.DetectObjects, request,
-            lambda r: _response(r, [[DetectedObject.from_proto(x) for x in d.objects] for d in r.results]),
-        )
-
-    def segment_image(
-        self, model: str, images: Sequence[ImageSource], subtask: str | None = None, threshold: float | None = None,
-        mask_threshold: float | None = None, overlap_mask_area_threshold: float | None = None, version: int = 0,
-    ) -> Response[list[Segment]]:
-        """Per image, its segments with masks of its size; `subtask` "semantic", "instance",
-        "panoptic" or None (the model's, as the pipeline picks); the thresholds None for the
-        pipeline's defaults; `images` as for classify_image."""
-        request = inference_pb2.SegmentImageRequest(
-            model=model, version=version, images=[image_message(image) for image in images],
-            subtask=_enum(inference_pb2.SegmentationSubtask, subtask), threshold=threshold,
-            mask_threshold=mask_threshold, overlap_mask_area_threshold=overlap_mask_area_threshold,
-        )
-        return self._unary(
-            self.inference.SegmentImage, request,
-            lambda r: _response(r, [[Segment.from_proto(x) for x in s.segments] for s in r.results]),
-        )
-
-    def caption_image(
-        self, model: str, images: Sequence[ImageSource], version: int = 0, **parameters: Any
-    ) -> Response[GeneratedSequence]:
-        """One caption per image (its generated_text, token ids and finish reason). `images` as for
-        classify_image; `parameters` are GenerationParameters' fields, as for generate."""
-        request = inference_pb2.CaptionImageRequest(
-            model=model, version=version, images=[image_message(image) for image in images],
-            parameters=_generation_parameters(parameters),
-        )
-        return self._unary(
-            self.inference.CaptionImage, request,
-            lambda r: _response(r, [GeneratedSequence.from_proto(s) for s in r.results]),
-        )
-
         )
 
     def generate(
