@@ -79,13 +79,13 @@ def max_length(checkpoint: Path, config: PretrainedConfig, tokenizer: PreTrained
     return min((limit for limit in limits if limit), default=FALLBACK_MAX_LENGTH)
 
 
-def _positions(config: PretrainedConfig) -> int | None:
 def _text_config(config: PretrainedConfig) -> PretrainedConfig:
     """The config of the model's text side: CLIP's text tower, a VisionEncoderDecoder's decoder,
     else the config itself."""
     return getattr(config, "text_config", None) or getattr(config, "decoder", None) or config
 
 
+def _positions(config: PretrainedConfig) -> int | None:
     positions = getattr(_text_config(config), "max_position_embeddings", None)
     return positions - _POSITION_OFFSET.get(config.model_type, 0) if positions else None
 

@@ -87,11 +87,11 @@ def detect_task(checkpoint: Path, config: PretrainedConfig) -> str:
         return "feature-extraction"
     if config.model_type in _ZERO_SHOT_MODEL_TYPES:
         return "zero-shot-image-classification"
+    if config.model_type == "vision-encoder-decoder":  # its architecture is VisionEncoderDecoderModel
+        return "image-to-text"
     architectures = config.architectures or []
     if not architectures:
         raise ExportError(
-    if config.model_type == "vision-encoder-decoder":  # its architecture is VisionEncoderDecoderModel
-        return "image-to-text"
             f"cannot detect the task: {checkpoint / 'config.json'} names no architecture; "
             f"pass the task ({', '.join(TASKS)})"
         )

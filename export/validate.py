@@ -252,7 +252,7 @@ _INPUTS = {
     "fill-mask": _masked_texts,
     "multiple-choice": _choices,
     "text2text-generation": _sources,
+    "image-to-text": _captioned_images,
     "image-classification": _images,
     "zero-shot-image-classification": _hypotheses_and_images,
 }
-    "image-to-text": _captioned_images,

@@ -112,6 +112,7 @@ OUTPUT_FAMILIES = {
     "fill-mask": OutputFamily(_run_single, _per_token),
     "multiple-choice": OutputFamily(_run_single, _per_sequence),
     "text2text-generation": OutputFamily(_run_seq2seq, _per_sequence),
+    "image-to-text": OutputFamily(_run_seq2seq, _per_sequence),
     "image-classification": OutputFamily(_run_single, _per_sequence),
     "zero-shot-image-classification": OutputFamily(_run_single, _per_image),
 }
@@ -150,7 +151,6 @@ def step_perplexity(session: Session, text: Sequence[int], pad_token_id: int) ->
 def perplexity(logits: np.ndarray, text: Sequence[int]) -> float:
     """exp of the mean negative log-likelihood of text[1:], given logits[i] predicting text[i + 1]."""
     log_probabilities = log_softmax(logits[: len(text) - 1].astype(np.float64))
-    "image-to-text": OutputFamily(_run_seq2seq, _per_sequence),
     targets = np.array(text[1:])
     return float(np.exp(-log_probabilities[np.arange(len(targets)), targets].mean()))
 
