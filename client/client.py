@@ -23,6 +23,7 @@ from onnxserve.client.results import (
     MaskCandidate,
     Metadata,
     ModelInfo,
+    Reconstruction,
     Response,
     StreamChunk,
 )
@@ -73,6 +74,13 @@ def image_message(image: ImageSource) -> inference_pb2.Image:
     return image_message(np.asarray(pixels))
 
 
+def _patch_mask(mask: Sequence[int] | ImageSource) -> inference_pb2.PatchMask:
+    """Patch indices (a list, tuple or range of ints), else a mask image."""
+    if isinstance(mask, list | tuple | range):
+        return inference_pb2.PatchMask(patches=inference_pb2.PatchIndices(indices=mask))
+    return inference_pb2.PatchMask(image=image_message(mask))
+
+
 def _image_classification(message: inference_pb2.ImageClassification) -> Classification:
     return Classification([LabelScore(x.label, x.score) for x in message.labels])
 
@@ -108,6 +116,36 @@ class _Methods:
         )
         return self._unary(
             self.inference.Encode, request, lambda r: _response(r, [list(e.values) for e in r.embeddings])
+        )
+
+    def encode_image(
+        self, model: str, images: Sequence[ImageSource], normalize: bool = False, pooling: str | None = None,
+        version: int = 0,
+    ) -> Response[list[float]]:
+        """One embedding per image; `images` as for classify_image. CLIP models embed texts in the
+        same space with encode."""
+        request = inference_pb2.EncodeImageRequest(
+            model=model, version=version, images=[image_message(image) for image in images], normalize=normalize,
+            pooling=_enum(common_pb2.Pooling, pooling),
+        )
+        return self._unary(
+            self.inference.EncodeImage, request, lambda r: _response(r, [list(e.values) for e in r.embeddings])
+        )
+
+    def reconstruct_image(
+        self, model: str, images: Sequence[ImageSource], masks: Sequence[Sequence[int] | ImageSource] = (),
+        seed: int = 0, mask_ratio: float = 0.0, version: int = 0,
+    ) -> Response[Reconstruction]:
+        """Masked image modeling: `masks` none (random, drawn with `seed` and `mask_ratio`), one for
+        every image or one per image, each a list of patch indices or a mask image (bright patches
+        are masked); `images` as for classify_image."""
+        request = inference_pb2.ReconstructImageRequest(
+            model=model, version=version, images=[image_message(image) for image in images],
+            masks=[_patch_mask(mask) for mask in masks], seed=seed, mask_ratio=mask_ratio,
+        )
+        return self._unary(
+            self.inference.ReconstructImage, request,
+            lambda r: _response(r, [Reconstruction.from_proto(x) for x in r.results]),
         )
 
     def classify(

@@ -6,6 +6,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+import numpy as np
+
 from onnxserve.enums import short_name
 from onnxserve.v1 import common_pb2, inference_pb2, models_pb2
 
@@ -137,6 +139,23 @@ class GeneratedSequence:
     @classmethod
     def from_proto(cls, m: inference_pb2.GeneratedSequence) -> GeneratedSequence:
         return cls(m.generated_text, list(m.token_ids), m.generated_tokens, finish_reason(m.finish_reason))
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """ReconstructImage's answer for one image: `image` a PNG of the model's input size,
+    `reconstruction` the model's output [channels, height, width] (normalized pixel space),
+    `loss` the reconstruction loss, `masked_patches` the patch indices that were masked."""
+
+    image: bytes
+    reconstruction: np.ndarray
+    loss: float
+    masked_patches: list[int]
+
+    @classmethod
+    def from_proto(cls, m: inference_pb2.ImageReconstruction) -> Reconstruction:
+        values = np.frombuffer(m.reconstruction, dtype="<f4").reshape(tuple(m.shape))
+        return cls(m.image, values, m.loss, list(m.masked_patches))
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ beside the ONNX files -> the hidden staging folder renamed to the next version n
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +21,7 @@ from onnxserve.export.checkpoint import Checkpoint, load_config, load_tokenizer,
 from onnxserve.export.decoder_graph import build_decoder_graph, supports_fused_decoder
 from onnxserve.export.errors import ExportError
 from onnxserve.export.generative_gate import DEFAULT_GATE, GenerativeGate, GenerativeValidator
+from onnxserve.export.hand_built import BUILDERS
 from onnxserve.export.images import image_processing, load_image_processor
 from onnxserve.export.manifest import describe_model, now_rfc3339
 from onnxserve.export.optimize import (
@@ -41,6 +42,7 @@ from onnxserve.export.weight_only import quantize_int4_weights, quantize_int8_we
 from onnxserve.export.writer import publish, sha256, staging
 from onnxserve.server.quality.probes import PROBES_FILE, Probes, write_probes
 from onnxserve.server.runtime.machine import this_machine
+from onnxserve.server.tasks.registration import HandBuilt
 from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedTokenizerFast
 
 from onnxserve.enums import short_names
@@ -71,6 +73,17 @@ class _Model:
     image_processor: Any  # transformers' image processor of vision models, else None
     generation: GenerationConfig | None
     manifest: manifest_pb2.Manifest  # the fields that describe the model
+    hand_built: HandBuilt | None = None  # graphs the exporter builds itself rather than optimum
+
+    @property
+    def graphs(self) -> Mapping[str, tuple[str, ...]]:
+        """Each role's files as they are written before conversion: optimum's, or the hand-built ones."""
+        return self.spec.graphs if self.hand_built is None else self.hand_built.graphs
+
+    @property
+    def layout(self) -> str:
+        """What the validation runs and compares: the task's graphs, or the hand-built ones'."""
+        return self.spec.name if self.hand_built is None else self.hand_built.builder
 
 
 @dataclass
@@ -152,12 +165,15 @@ def _check_name(name: str) -> str:
 def _read(checkpoint: Checkpoint, task: str | None) -> _Model:
     config = load_config(checkpoint.path)
     spec = task_spec(task or detect_task(checkpoint.path, config))
-    check_exportable(config, spec)
+    hand_built = spec.export.hand_built_for(config.model_type)
+    if hand_built is None:
+        check_exportable(config, spec)
     tokenizer, image_processor, processing = None, None, None
-    if spec.registration.inputs != "text":
+    inputs = (hand_built and hand_built.inputs) or spec.registration.inputs
+    if inputs != "text":
         image_processor = load_image_processor(checkpoint.path)
         processing = image_processing(image_processor)
-    if spec.registration.inputs != "images":
+    if inputs != "images":
         tokenizer = load_tokenizer(checkpoint.path)
     generation = None
     if spec.generative:
@@ -167,7 +183,7 @@ def _read(checkpoint: Checkpoint, task: str | None) -> _Model:
             else GenerationConfig.from_model_config(config)
         )
     manifest = describe_model(checkpoint, spec, config, tokenizer, generation, processing)
-    return _Model(checkpoint, spec, config, tokenizer, image_processor, generation, manifest)
+    return _Model(checkpoint, spec, config, tokenizer, image_processor, generation, manifest, hand_built)
 
 
 def _make_variants(model: _Model, stage: Path, wanted: list[str], steps: Steps) -> list[_Variant]:
@@ -177,7 +193,7 @@ def _make_variants(model: _Model, stage: Path, wanted: list[str], steps: Steps) 
     decoder with past), which are then put together per role. fp32 is always made, as the other
     variants derive from it, or from the unfused graph before it, by the task's variant plan."""
     work = stage / "optimum"
-    names = [Path(file).stem for files in model.spec.graphs.values() for file in files]
+    names = [Path(file).stem for files in model.graphs.values() for file in files]
 
     def parts(kind: str) -> dict[str, Path]:
         return {name: work / f"{name}.{kind}.onnx" for name in names}
@@ -187,8 +203,12 @@ def _make_variants(model: _Model, stage: Path, wanted: list[str], steps: Steps) 
             files = {"fp32": parts("fp32")}
             recipes = {"fp32": _build_fused_decoder(model, files["fp32"]["model"])}
     else:
-        with steps.step(f"exporting {model.spec.name} with optimum"), quiet():
-            _run_optimum(model, work)
+        if model.hand_built is not None:
+            with steps.step(f"exporting {model.spec.name} with torch.onnx ({model.hand_built.builder})"), quiet():
+                BUILDERS[model.hand_built.builder](model.checkpoint.path, work)
+        else:
+            with steps.step(f"exporting {model.spec.name} with optimum"), quiet():
+                _run_optimum(model, work)
         with steps.step("optimizing the graph (fp32)"):
             unfused = parts("unfused")
             sources = {name: work / f"{name}.onnx" for name in names}
@@ -205,7 +225,7 @@ def _make_variants(model: _Model, stage: Path, wanted: list[str], steps: Steps) 
                 recipe = _convert(CONVERTERS[derivation.converter], files[derivation.source], files[precision])
                 recipes[precision] = f"{recipes[derivation.source]}; {recipe}"
     variants = [
-        _Variant(precision, _assemble(model.spec, files[precision], stage, precision), recipes[precision])
+        _Variant(precision, _assemble(model.graphs, files[precision], stage, precision), recipes[precision])
         for precision in wanted
     ]
     shutil.rmtree(work)
@@ -230,10 +250,12 @@ def _convert(converter: Callable[[Path, Path], str], sources: dict[str, Path], t
     return recipes[0]
 
 
-def _assemble(spec: TaskSpec, parts: dict[str, Path], stage: Path, precision: str) -> dict[str, Path]:
+def _assemble(
+    roles: Mapping[str, tuple[str, ...]], parts: dict[str, Path], stage: Path, precision: str
+) -> dict[str, Path]:
     """Each role's final file in the staging folder: its part moved, or its two decoders merged."""
     graphs = {}
-    for role, files in spec.graphs.items():
+    for role, files in roles.items():
         graphs[role] = target = stage / f"{role}.{precision}.onnx"
         sources = [parts[Path(file).stem] for file in files]
         if len(sources) == 1:
@@ -305,6 +327,7 @@ def _validator(model: _Model, generative_gate: GenerativeGate) -> Validator | Ge
         )
     return Validator(
         model.spec,
+        model.layout,
         model.checkpoint.path,
         model.config,
         model.tokenizer,

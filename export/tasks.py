@@ -63,6 +63,7 @@ _HEADS = (
     ("ForMaskedLM", "fill-mask"),
     ("ForMultipleChoice", "multiple-choice"),
     ("ForImageClassification", "image-classification"),
+    ("ForMaskedImageModeling", "masked-image-modeling"),
     ("ForCausalLM", "text-generation"),
 )
 # Image-text models whose checkpoints serve zero-shot image classification. SigLIP is not among
@@ -105,7 +106,9 @@ def detect_task(checkpoint: Path, config: PretrainedConfig) -> str:
         if architecture.endswith("LMHeadModel"):
             return "text-generation"
     elif architecture.endswith("Model") and "For" not in architecture:
-        return "feature-extraction"
+        # An image encoder (ViTModel, Dinov2Model) ships an image processor and no tokenizer.
+        vision = (checkpoint / "preprocessor_config.json").is_file() and not (checkpoint / "tokenizer.json").is_file()
+        return "image-feature-extraction" if vision else "feature-extraction"
     raise ExportError(
         f"unsupported architecture {architecture}: no servable task for it; "
         f"pass a task ({', '.join(TASKS)}) if the checkpoint fits one"

@@ -70,6 +70,7 @@ class Validator:
     def __init__(
         self,
         spec: TaskSpec,
+        layout: str,
         checkpoint: Path,
         config: PretrainedConfig,
         tokenizer: PreTrainedTokenizerFast | None,
@@ -78,16 +79,17 @@ class Validator:
         max_length: int,
     ) -> None:
         self.spec = spec
-        self.family: OutputFamily = OUTPUT_FAMILIES[spec.name]
+        self.layout = layout  # the task's name, or the hand-built graphs' builder (CLIP's towers)
+        self.family: OutputFamily = OUTPUT_FAMILIES[layout]
         self.pooling = pooling
         # Short samples: enough to exercise attention and padding, cheap on big models.
         inputs = _Inputs(tokenizer, config, min(max_length, SAMPLE_MAX_LENGTH), image_processor)
-        self.batches = _INPUTS[spec.name](inputs)
+        self.batches = _INPUTS[layout](inputs)
         model_class = getattr(transformers, spec.auto_class)
         model = model_class.from_pretrained(checkpoint, dtype=torch.float32).eval()
         with torch.inference_mode():
             self.reference = [self._samples(self._run_torch(model, batch), batch) for batch in self.batches]
-            self._probes = OutputProbes(spec.name, pooling, dict(GATES))
+            self._probes = OutputProbes(layout, pooling, dict(GATES))
             for batch in self.batches:
                 self._add_probe(model, batch)
 
@@ -138,11 +140,20 @@ class Validator:
         arguments = {name: torch.from_numpy(array) for name, array in batch.items()}
         if self.spec.generative:
             arguments["use_cache"] = False
+        if self.layout == "clip_towers":
+            return _clip_features(model, arguments)
         result = model(**arguments)
         return {key: value.numpy() for key, value in result.items() if isinstance(value, torch.Tensor)}
 
     def _samples(self, outputs: Outputs, batch: Batch) -> list[Sample]:
         return self.family.samples(outputs, batch, self.pooling)
+
+
+def _clip_features(model: torch.nn.Module, arguments: dict[str, torch.Tensor]) -> Outputs:
+    """What CLIP's tower graphs compute: get_text_features and get_image_features."""
+    texts = model.get_text_features(input_ids=arguments["input_ids"], attention_mask=arguments["attention_mask"])
+    images = model.get_image_features(pixel_values=arguments["pixel_values"])
+    return {"text_embeds": texts.numpy(), "image_embeds": images.numpy()}
 
 
 def validation_provider() -> str:
@@ -243,7 +254,17 @@ def _hypotheses_and_images(inputs: _Inputs) -> list[Batch]:
     return [texts | _images(inputs)[0]]
 
 
-# Each task's sample inputs; how its graphs run and what a sample's output is: OUTPUT_FAMILIES.
+def _masked_images(inputs: _Inputs) -> list[Batch]:
+    """The sample images with a fixed random half of their patches masked."""
+    batch = _images(inputs)[0]
+    patches = (inputs.config.image_size // inputs.config.patch_size) ** 2
+    rng = np.random.default_rng(14)
+    batch["bool_masked_pos"] = rng.random((len(batch["pixel_values"]), patches)) < 0.5
+    return [batch]
+
+
+# Each task's sample inputs (or hand-built graphs'); how its graphs run and what a sample's output
+# is: OUTPUT_FAMILIES.
 _INPUTS = {
     "feature-extraction": _texts,
     "text-classification": _texts_and_pairs,
@@ -255,4 +276,7 @@ _INPUTS = {
     "image-to-text": _captioned_images,
     "image-classification": _images,
     "zero-shot-image-classification": _hypotheses_and_images,
+    "image-feature-extraction": _images,
+    "clip_towers": _hypotheses_and_images,
+    "masked_image_modeling": _masked_images,
 }

@@ -61,6 +61,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     ) -> Message:
         return await self._run("ClassifyImage", request, context)
 
+    async def EncodeImage(self, request: inference_pb2.EncodeImageRequest, context: grpc.aio.ServicerContext) -> Message:
+        return await self._run("EncodeImage", request, context)
+
+    async def ReconstructImage(
+        self, request: inference_pb2.ReconstructImageRequest, context: grpc.aio.ServicerContext
+    ) -> Message:
+        return await self._run("ReconstructImage", request, context)
+
     async def CaptionImage(
         self, request: inference_pb2.CaptionImageRequest, context: grpc.aio.ServicerContext
     ) -> Message:

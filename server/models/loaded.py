@@ -68,7 +68,8 @@ class LoadedModel:
 
     def served_rpcs(self) -> list[str]:
         registration = registration_for(self.task)
-        tokenizer_rpcs = TOKENIZER_RPCS if registration is None or registration.inputs != "images" else ()
+        has_tokenizer = registration is None or "text" in registration.inputs or self.tokenizer is not None
+        tokenizer_rpcs = TOKENIZER_RPCS if has_tokenizer else ()
         return [*sorted(registration.rpcs if registration else ()), *sorted(tokenizer_rpcs)]
 
     async def run(self, rpc: str, request: Message, time_left: float | None = None) -> Message:

@@ -99,8 +99,10 @@ def _load_into(model: LoadedModel, device: str) -> None:
         refused = "; ".join(_refusal(r) for r in model.refused_variants)
         raise ModelLoadError(f"every variant missed the export's gate on this machine ({machine}): {refused}")
     registration = registration_for(manifest.task)
-    if registration is None or registration.inputs != "images":  # image-only models have no tokenizer
-        tokenizer_path = model.directory / TOKENIZER_FILE
+    tokenizer_path = model.directory / TOKENIZER_FILE
+    # Image-only and audio-only tasks have none, but where the checkpoint's export took text too
+    # (CLIP's towers under image-feature-extraction).
+    if registration is None or "text" in registration.inputs or tokenizer_path.is_file():
         if not tokenizer_path.is_file():
             raise ModelLoadError(f"{tokenizer_path} is missing")
         model.tokenizer = TextTokenizer(tokenizer_path, manifest)

@@ -20,7 +20,10 @@ from onnxserve.v1 import common_pb2
 Batch = dict[str, np.ndarray]
 Outputs = dict[str, np.ndarray]
 # The outputs the families read: what a probe file stores of PyTorch's.
-MAIN_OUTPUTS = ("last_hidden_state", "logits", "start_logits", "end_logits", "logits_per_image")
+MAIN_OUTPUTS = (
+    "last_hidden_state", "logits", "start_logits", "end_logits", "logits_per_image", "text_embeds", "image_embeds",
+    "reconstruction",
+)  # fmt: skip
 
 
 def _feeds(session: ort.InferenceSession, values: Batch) -> Batch:
@@ -57,6 +60,14 @@ def _run_seq2seq(sessions: dict[str, ort.InferenceSession], batch: Batch) -> Out
     return {"logits": logits}
 
 
+def _run_towers(sessions: dict[str, ort.InferenceSession], batch: Batch) -> Outputs:
+    """CLIP's towers, each on its own inputs."""
+    texts = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    (text_embeds,) = sessions["text"].run(["text_embeds"], texts)
+    (image_embeds,) = sessions["vision"].run(["image_embeds"], {"pixel_values": batch["pixel_values"]})
+    return {"text_embeds": text_embeds, "image_embeds": image_embeds}
+
+
 def _kept(array: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """The positions the attention mask keeps: padding is undefined, and fused kernels differ there."""
     return array[mask.astype(bool)]
@@ -74,6 +85,20 @@ def _per_sequence(outputs: Outputs, batch: Batch, pooling: int) -> list[Sample]:
 def _per_image(outputs: Outputs, batch: Batch, pooling: int) -> list[Sample]:
     """CLIP: each image's logits over the batch's texts."""
     return [Sample(row, row.ravel()) for row in outputs["logits_per_image"]]
+
+
+def _image_tokens(outputs: Outputs, batch: Batch, pooling: int) -> list[Sample]:
+    """Image encoders: each image's token states, compared by its first ([CLS]) token's direction."""
+    return [Sample(hidden, hidden[0]) for hidden in outputs["last_hidden_state"]]
+
+
+def _tower_embeddings(outputs: Outputs, batch: Batch, pooling: int) -> list[Sample]:
+    """CLIP's towers: each text's and each image's embedding."""
+    return [Sample(row, row) for name in ("text_embeds", "image_embeds") for row in outputs[name]]
+
+
+def _reconstructions(outputs: Outputs, batch: Batch, pooling: int) -> list[Sample]:
+    return [Sample(image, image.ravel()) for image in outputs["reconstruction"]]
 
 
 def _spans(outputs: Outputs, batch: Batch, pooling: int) -> list[Sample]:
@@ -115,6 +140,9 @@ OUTPUT_FAMILIES = {
     "image-to-text": OutputFamily(_run_seq2seq, _per_sequence),
     "image-classification": OutputFamily(_run_single, _per_sequence),
     "zero-shot-image-classification": OutputFamily(_run_single, _per_image),
+    "image-feature-extraction": OutputFamily(_run_single, _image_tokens, logits=False),
+    "clip_towers": OutputFamily(_run_towers, _tower_embeddings, logits=False),
+    "masked_image_modeling": OutputFamily(_run_single, _reconstructions, logits=False),
 }
 
 

@@ -7,6 +7,7 @@ from onnxserve.server.tasks import (
     feature_extraction,
     fill_mask,
     image_classification,
+    image_feature_extraction,
     image_to_text,
     multiple_choice,
     question_answering,
@@ -28,6 +29,7 @@ for _registration in (
     generation.TEXT2TEXT_GENERATION,
     image_classification.REGISTRATION,
     zero_shot_image_classification.REGISTRATION,
+    image_feature_extraction.REGISTRATION,
     image_to_text.REGISTRATION,
 ):
     register(_registration)

@@ -49,6 +49,11 @@ def embeddings_response(vectors: np.ndarray) -> inference_pb2.EncodeResponse:
     return response
 
 
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Each row scaled to unit L2 norm (an all-zero row stays zero)."""
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), np.float32(1e-12))
+
+
 def model_pooling(manifest: manifest_pb2.Manifest) -> int:
     """The checkpoint's own pooling (sentence-transformers config), else mean."""
     return manifest.pooling or common_pb2.POOLING_MEAN
@@ -70,9 +75,7 @@ class FeatureExtractionPipeline(EncoderPipeline[inference_pb2.EncodeRequest]):
                 for encoding, row in zip(prepared.sequences, outputs, strict=True)
             ]
         ).astype(np.float32, copy=False)
-        if request.normalize:
-            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), np.float32(1e-12))
-        return embeddings_response(vectors)
+        return embeddings_response(unit_rows(vectors) if request.normalize else vectors)
 
 
 REGISTRATION = TaskRegistration(

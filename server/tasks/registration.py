@@ -9,9 +9,9 @@ Importable without torch or transformers: the server imports it, and so does the
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from onnxserve.enums import short_name
 from onnxserve.v1 import common_pb2, inference_pb2
@@ -61,6 +61,21 @@ DECODER_VARIANTS: Mapping[str, Derivation] = {
 
 
 @dataclass(frozen=True)
+class HandBuilt:
+    """Graphs that `onnxserve export` writes itself with torch.onnx where optimum's exporter
+    cannot (CLIP's towers as two graphs; a SimMIM head that takes its mask as an input), for
+    checkpoints of `model_types` ("*": any): `builder`, a name the exporter maps to its function,
+    writes each role's file of `graphs`, which are then optimized and converted as optimum's are.
+    `inputs`, where set, replaces the registration's for these checkpoints (CLIP's towers take text
+    too, so the version ships a tokenizer)."""
+
+    builder: Literal["clip_towers", "masked_image_modeling"]
+    graphs: Mapping[str, tuple[str, ...]]
+    model_types: tuple[str, ...] = ("*",)
+    inputs: Literal["text", "images", "text and images"] | None = None
+
+
+@dataclass(frozen=True)
 class ExportSpec:
     """How `onnxserve export` makes the task's model: optimum's task name and the transformers
     class of the PyTorch reference; the graphs optimum writes per role (one file, or a decoder and
@@ -77,6 +92,11 @@ class ExportSpec:
     validator: Literal["outputs", "generative"] = "outputs"
     fused_decoder: bool = False
     generation_config: bool = False  # the checkpoint's generation_config.json is read and shipped
+    hand_built: tuple[HandBuilt, ...] = ()
+
+    def hand_built_for(self, model_type: str) -> HandBuilt | None:
+        """The graphs the exporter builds itself for this model type, if optimum's are not used."""
+        return next((h for h in self.hand_built if model_type in h.model_types or "*" in h.model_types), None)
 
     @property
     def precisions(self) -> tuple[str, ...]:
@@ -94,20 +114,31 @@ class KServeText:
 
 
 @dataclass(frozen=True)
+class KServeImage:
+    """What a KServe v2 ModelInfer with a BYTES input named `image` runs: the typed `rpc`, each
+    element of `image` (an encoded file) filling one entry of the request's repeated Image field
+    `field`."""
+
+    rpc: str
+    field: str = "images"
+
+
+@dataclass(frozen=True)
 class TaskRegistration:
     """One task: `name` as the exporter and the command spell it, `task` its Task number in the
     manifest, `pipeline` the class built per loaded model version, `rpcs` the Inference RPCs it
-    serves (besides Tokenize and Detokenize, which every model serves), `kserve_text` its KServe v2
-    text mapping, `export` its export spec (None: not exported by `onnxserve export`) and
-    `inputs` what its models take: text (they ship a tokenizer, and serve Tokenize and
-    Detokenize), images (pixel_values from the manifest's image_processing, no tokenizer), or
-    both (CLIP)."""
+    serves (besides Tokenize and Detokenize, which every model serves), `kserve_text` and
+    `kserve_image` its KServe v2 text and image mappings, `export` its export spec (None: not
+    exported by `onnxserve export`) and `inputs` what its models take: text (they ship a
+    tokenizer, and serve Tokenize and Detokenize), images (pixel_values from the manifest's
+    image_processing, no tokenizer), or both (CLIP)."""
 
     name: str
     task: int
     pipeline: type[Pipeline]
     rpcs: frozenset[str]
     kserve_text: KServeText | None = None
+    kserve_image: KServeImage | None = None
     export: ExportSpec | None = None
     inputs: Literal["text", "images", "text and images"] = "text"
 
@@ -115,14 +146,19 @@ class TaskRegistration:
         unknown = sorted(self.rpcs - set(INFERENCE.methods_by_name))
         if unknown:
             raise ValueError(f"task {self.name}: {unknown} are not RPCs of {INFERENCE.full_name}")
-        text = self.kserve_text
-        if text is None:
-            return
-        if text.rpc not in self.rpcs:
-            raise ValueError(f"task {self.name}: its KServe text RPC {text.rpc} is not one it serves")
-        field = INFERENCE.methods_by_name[text.rpc].input_type.fields_by_name.get(text.field)
-        if field is None or not field.is_repeated or field.type != field.TYPE_STRING:
-            raise ValueError(f"task {self.name}: {text.rpc}'s request has no repeated string field {text.field!r}")
+        text, image = self.kserve_text, self.kserve_image
+        if text is not None:
+            self._check_mapping("text", text.rpc, text.field, lambda f: f.type == f.TYPE_STRING, "string")
+        if image is not None:
+            is_image = lambda f: f.message_type is inference_pb2.Image.DESCRIPTOR  # noqa: E731
+            self._check_mapping("image", image.rpc, image.field, is_image, "Image")
+
+    def _check_mapping(self, kind: str, rpc: str, name: str, fits: Callable[[Any], bool], wanted: str) -> None:
+        if rpc not in self.rpcs:
+            raise ValueError(f"task {self.name}: its KServe {kind} RPC {rpc} is not one it serves")
+        field = INFERENCE.methods_by_name[rpc].input_type.fields_by_name.get(name)
+        if field is None or not field.is_repeated or not fits(field):
+            raise ValueError(f"task {self.name}: {rpc}'s request has no repeated {wanted} field {name!r}")
 
 
 _REGISTRY: dict[int, TaskRegistration] = {}

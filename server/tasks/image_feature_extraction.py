@@ -1,0 +1,137 @@
+"""EncodeImage: one embedding per image; and Encode on CLIP's text tower, so that texts and images
+are compared in one space.
+
+Image encoders (ViT, DINOv2, ...: optimum's feature-extraction graph, pixel_values ->
+last_hidden_state, which the image-feature-extraction pipeline returns) are pooled to one vector:
+the first ([CLS]) token's state by default, as DINOv2's pooler output, or the mean of every token's.
+CLIP checkpoints are exported as their two towers (export/hand_built.py): EncodeImage runs the
+vision tower (get_image_features), Encode the text tower (get_text_features), each through a
+batcher of its own."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+import numpy as np
+from google.protobuf.message import Message
+from onnxserve.server.errors import InvalidArgument
+from onnxserve.server.runtime.stats import Timings
+from onnxserve.server.tasks.base import ModelResources, Pipeline, Prepared, RowOutputs, require_batch
+from onnxserve.server.tasks.feature_extraction import FeatureExtractionPipeline, embeddings_response, unit_rows
+from onnxserve.server.tasks.images import ImagePipeline
+from onnxserve.server.tasks.registration import ExportSpec, HandBuilt, KServeImage, TaskRegistration
+
+from onnxserve.v1 import common_pb2, inference_pb2
+
+#: CLIP's graphs as export/hand_built.py writes them.
+CLIP_TOWERS = HandBuilt(
+    "clip_towers",
+    {"text": ("text_model.onnx",), "vision": ("vision_model.onnx",)},
+    model_types=("clip",),
+    inputs="text and images",
+)
+_POOLINGS: dict[int, Callable[[np.ndarray], np.ndarray]] = {
+    common_pb2.POOLING_UNSPECIFIED: lambda hidden: hidden[0],
+    common_pb2.POOLING_CLS: lambda hidden: hidden[0],
+    common_pb2.POOLING_MEAN: lambda hidden: hidden.mean(axis=0),
+}
+
+
+def _projected_only(pooling: int, model: str) -> None:
+    if pooling != common_pb2.POOLING_UNSPECIFIED:
+        raise InvalidArgument(
+            f"model {model!r} is a CLIP model: its embeddings are its projections (get_*_features), which take "
+            "no pooling; leave pooling unspecified"
+        )
+
+
+class ImageEmbeddings(ImagePipeline[inference_pb2.EncodeImageRequest]):
+    """EncodeImage on an image graph: last_hidden_state pooled, or CLIP's image_embeds."""
+
+    def preprocess(self, request: inference_pb2.EncodeImageRequest) -> Prepared:
+        require_batch(request.images, "images")
+        if "image_embeds" in self.session.output_names:
+            _projected_only(request.pooling, self.name)
+        elif request.pooling not in _POOLINGS:
+            raise InvalidArgument(
+                f"pooling {common_pb2.Pooling.Name(request.pooling)} does not apply to images: use CLS or MEAN"
+            )
+        return Prepared(self.pixel_values(request.images))
+
+    def postprocess(
+        self, request: inference_pb2.EncodeImageRequest, prepared: Prepared, outputs: list[RowOutputs]
+    ) -> inference_pb2.EncodeImageResponse:
+        if "image_embeds" in self.session.output_names:
+            vectors = np.stack([row["image_embeds"] for row in outputs])
+        else:
+            vectors = np.stack([_POOLINGS[request.pooling](row["last_hidden_state"]) for row in outputs])
+        vectors = vectors.astype(np.float32, copy=False)
+        embeddings = embeddings_response(unit_rows(vectors) if request.normalize else vectors).embeddings
+        return inference_pb2.EncodeImageResponse(embeddings=embeddings)
+
+
+class TextEmbeddings(FeatureExtractionPipeline):
+    """Encode on CLIP's text tower: its text_embeds (get_text_features)."""
+
+    def preprocess(self, request: inference_pb2.EncodeRequest) -> Prepared:
+        _projected_only(request.pooling, self.name)
+        return super().preprocess(request)
+
+    def postprocess(
+        self, request: inference_pb2.EncodeRequest, prepared: Prepared, outputs: list[RowOutputs]
+    ) -> inference_pb2.EncodeResponse:
+        vectors = np.stack([row["text_embeds"] for row in outputs]).astype(np.float32, copy=False)
+        return embeddings_response(unit_rows(vectors) if request.normalize else vectors)
+
+
+class ImageFeatureExtractionPipeline(Pipeline[Message]):
+    """EncodeImage on the image graph, and Encode on CLIP's text tower where the version has one;
+    each tower is a batched pipeline of its own over its own graph."""
+
+    def __init__(self, resources: ModelResources) -> None:
+        super().__init__(resources)
+        sessions = resources.sessions
+        towers = "vision" in sessions
+        self.images = ImageEmbeddings(replace(resources, sessions={"model": sessions["vision" if towers else "model"]}))
+        self.texts = TextEmbeddings(replace(resources, sessions={"model": sessions["text"]})) if towers else None
+        self.parts: list[Pipeline] = [self.images, *([self.texts] if self.texts else [])]
+
+    def open(self) -> None:
+        for part in self.parts:
+            part.open()
+
+    async def close(self) -> None:
+        for part in self.parts:
+            await part.close()
+
+    async def run(self, rpc: str, request: Message, timings: Timings, time_left: float | None) -> Message:
+        if rpc == "EncodeImage":
+            return await self.images.run(rpc, request, timings, time_left)
+        if self.texts is None:
+            raise InvalidArgument(
+                f"model {self.name!r} encodes images only: Encode needs a model with a text tower (CLIP)"
+            )
+        return await self.texts.run(rpc, request, timings, time_left)
+
+    async def warm_up(self) -> None:
+        for part in self.parts:
+            await part.warm_up()
+
+    def queue_depth(self) -> int | None:
+        return sum(part.queue_depth() or 0 for part in self.parts)
+
+    def observe_runs(self, callback: Callable[[int, int], None]) -> None:
+        for part in self.parts:
+            part.observe_runs(callback)
+
+
+REGISTRATION = TaskRegistration(
+    name="image-feature-extraction",
+    task=common_pb2.TASK_IMAGE_FEATURE_EXTRACTION,
+    pipeline=ImageFeatureExtractionPipeline,
+    rpcs=frozenset({"EncodeImage", "Encode"}),
+    kserve_image=KServeImage("EncodeImage"),
+    export=ExportSpec("feature-extraction", "AutoModel", hand_built=(CLIP_TOWERS,)),
+    inputs="images",
+)

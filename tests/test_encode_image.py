@@ -1,0 +1,132 @@
+"""EncodeImage at parity with transformers on tiny random checkpoints built here: a ViT image
+encoder against pipeline("image-feature-extraction"), and CLIP exported as its two towers, whose
+image embeddings (EncodeImage) and text embeddings (Encode) equal get_image_features and
+get_text_features, and whose cosines equal CLIP's logits_per_image over its logit scale; and the
+requests each refuses."""
+
+from __future__ import annotations
+
+import io
+from functools import cache
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from onnxserve.export.exporter import export_model
+from PIL import Image
+from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, ViTConfig, ViTImageProcessor, ViTModel, pipeline
+from transformers.image_utils import load_image  # as the pipelines load images: EXIF orientation, RGB
+
+from onnxserve.repository import read_manifest
+from tests.conftest import Exported
+from tests.test_classify_image import FILES, RAW
+from tests.test_classify_image_zero_shot import build as build_clip
+
+VIT, CLIP = "vit-image-features", "clip-towers"
+KINDS = [VIT, CLIP]
+TEXTS = ["a photo of a cat", "two dogs playing on the beach", "a red car", "soup"]
+
+
+def build_vit(directory: Path) -> Path:
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, architectures=["ViTModel"],
+    )  # fmt: skip
+    ViTModel(config).eval().save_pretrained(directory)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> dict[str, Exported]:
+    repository = tmp_path_factory.mktemp("encode-image-repository")
+    sources = {VIT: build_vit(tmp_path_factory.mktemp(VIT)), CLIP: build_clip(tmp_path_factory.mktemp(CLIP))}
+    tasks = {VIT: None, CLIP: "image-feature-extraction"}  # ViTModel is detected; CLIP defaults to zero-shot
+    done = {}
+    for kind, source in sources.items():
+        options = {"name": kind, "task": tasks[kind], "precisions": ["fp32"], "show_progress": False}
+        version = export_model(source, repository, **options)
+        done[kind] = Exported(kind, source, version.parent)
+    return done
+
+
+@cache
+def vit_pipeline(checkpoint: Path):
+    processor = AutoImageProcessor.from_pretrained(checkpoint, use_fast=False)
+    return pipeline("image-feature-extraction", model=str(checkpoint), image_processor=processor, device="cpu")
+
+
+@cache
+def clip(checkpoint: Path) -> tuple[CLIPModel, object, object]:
+    model = CLIPModel.from_pretrained(checkpoint).eval()
+    processor = AutoImageProcessor.from_pretrained(checkpoint, use_fast=False)
+    return model, processor, AutoTokenizer.from_pretrained(checkpoint)
+
+
+def pillows() -> list[Image.Image]:
+    return [Image.open(io.BytesIO(data)) for data in FILES.values()] + [Image.fromarray(a) for a in RAW.values()]
+
+
+def sent() -> list:
+    return [*FILES.values(), *RAW.values()]
+
+
+def test_clip_is_exported_as_two_towers(exported):
+    (variant,) = read_manifest(exported[CLIP].model_dir / "1").variants
+    assert sorted(f.role for f in variant.files) == ["text", "vision"] and variant.validation.passed
+
+
+@pytest.mark.parametrize(("pooling", "pool"), [(None, lambda h: h[0]), ("cls", lambda h: h[0]), ("mean", np.mean)])
+def test_vit_embeddings_match_the_pipeline(fp32_server, exported, pooling, pool):
+    with fp32_server.client() as client:
+        response = client.encode_image(model=VIT, images=sent(), pooling=pooling)
+    hidden = [np.array(states[0]) for states in vit_pipeline(exported[VIT].checkpoint)(pillows())]
+    expected = np.stack([pool(h) if pool is not np.mean else h.mean(axis=0) for h in hidden])
+    assert len(response) == len(hidden) and response.metadata.model == VIT
+    np.testing.assert_allclose(np.array(list(response)), expected, atol=1e-4)
+
+
+def test_normalize_scales_to_unit_length(fp32_server):
+    with fp32_server.client() as client:
+        plain = np.array(list(client.encode_image(model=VIT, images=sent())))
+        unit = np.array(list(client.encode_image(model=VIT, images=sent(), normalize=True)))
+    np.testing.assert_allclose(unit, plain / np.linalg.norm(plain, axis=1, keepdims=True), atol=1e-6)
+
+
+def test_clip_towers_match_pytorch_and_share_one_space(fp32_server, exported):
+    model, processor, tokenizer = clip(exported[CLIP].checkpoint)
+    with fp32_server.client() as client:
+        images = np.array(list(client.encode_image(model=CLIP, images=sent())))
+        texts = np.array(list(client.encode(model=CLIP, texts=TEXTS)))
+    pixels = processor([load_image(image) for image in pillows()], return_tensors="pt")["pixel_values"]
+    tokens = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected_images = model.get_image_features(pixel_values=pixels).numpy()
+        expected_texts = model.get_text_features(**tokens).numpy()
+        logits = model(**tokens, pixel_values=pixels).logits_per_image / model.logit_scale.exp()
+    np.testing.assert_allclose(images, expected_images, atol=1e-4)
+    np.testing.assert_allclose(texts, expected_texts, atol=1e-4)
+    unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)  # noqa: E731
+    np.testing.assert_allclose(unit(images) @ unit(texts).T, logits.numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("model", "call", "words"),
+    [
+        (CLIP, lambda c: c.encode_image(model=CLIP, images=[FILES["png"]], pooling="mean"), "take no pooling"),
+        (CLIP, lambda c: c.encode(model=CLIP, texts=["a cat"], pooling="cls"), "take no pooling"),
+        (VIT, lambda c: c.encode(model=VIT, texts=["a cat"]), "encodes images only"),
+        (VIT, lambda c: c.encode_image(model=VIT, images=[FILES["png"]], pooling="last_token"), "use CLS or MEAN"),
+        (VIT, lambda c: c.encode_image(model=VIT, images=[]), "holds no images"),
+        (VIT, lambda c: c.encode_image(model=VIT, images=[b"GIF89a broken"]), "is not a PNG"),
+    ],
+)
+def test_bad_requests_are_refused(fp32_server, model, call, words):
+    with fp32_server.client() as client:
+        with pytest.raises(grpc.RpcError) as refused:
+            call(client)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in refused.value.details()
+        assert len(client.encode_image(model=model, images=[FILES["png"]])) == 1  # and the server goes on
