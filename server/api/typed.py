@@ -61,7 +61,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     ) -> Message:
         return await self._run("ClassifyImage", request, context)
 
-    async def EncodeImage(self, request: inference_pb2.EncodeImageRequest, context: grpc.aio.ServicerContext) -> Message:
+    async def EncodeImage(
+        self, request: inference_pb2.EncodeImageRequest, context: grpc.aio.ServicerContext
+    ) -> Message:
         return await self._run("EncodeImage", request, context)
 
     async def ReconstructImage(
