@@ -41,6 +41,7 @@ class Checkpoint:
     path: Path
     source: str  # for the manifest: the Hub id, or the absolute local path
     default_name: str
+    gguf_file: Path | None = None  # the GGUF file the checkpoint was converted from
 
 
 @contextmanager
@@ -112,7 +113,17 @@ def _from_gguf(source: str, local: Path) -> Iterator[Checkpoint]:
         tokenizer.save_pretrained(folder)
         model.save_pretrained(folder)
         del model
-        yield Checkpoint(Path(folder), origin, Path(file_name).stem)
+        yield Checkpoint(Path(folder), origin, Path(file_name).stem, _gguf_path(location, file_name))
+
+
+def _gguf_path(location: str, file_name: str) -> Path:
+    """The GGUF file on disk: the local one, or the Hub's copy transformers has just downloaded."""
+    local = Path(location) / file_name
+    if local.is_file():
+        return local
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(location, file_name))
 
 
 def _merge_by_score(tokenizer: PreTrainedTokenizerFast, gguf_file: Path | None) -> None:

@@ -213,11 +213,14 @@ class _DecoderGraph:
 
     def embedding(self) -> str:
         embed = self.model.get_input_embeddings()
-        table = embed.weight
-        # Gemma scales the looked-up rows; scaling the table instead gives the same fp32 products.
-        if hasattr(embed, "embed_scale"):
-            table = table * embed.embed_scale.to(table.dtype)
-        return self.op("Gather", [self.weight("embed_tokens.weight", _array(table)), "input_ids"], "embed_tokens")
+        table = self.weight("embed_tokens.weight", _array(embed.weight))
+        rows = self.op("Gather", [table, "input_ids"], "embed_tokens")
+        if not hasattr(embed, "embed_scale"):
+            return rows
+        # Gemma scales the looked-up rows. The table keeps the checkpoint's values, so that a
+        # GGUF's quantized embedding can replace it exactly (export/gguf_weights.py).
+        scale = self.weight("embed_scale", _array(embed.embed_scale.to(embed.weight.dtype)))
+        return self.op("Mul", [rows, scale], "embed_tokens/Scale")
 
     def last_tokens(self, hidden: str) -> str:
         """Each row's hidden state at index min(seqlens_k, sequence - 1): its last real token."""

@@ -13,6 +13,7 @@ import shutil
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from onnxserve.export.checkpoint import Checkpoint, load_config, load_tokenizer,
 from onnxserve.export.decoder_graph import build_decoder_graph, supports_fused_decoder
 from onnxserve.export.errors import ExportError
 from onnxserve.export.generative_gate import DEFAULT_GATE, GenerativeGate, GenerativeValidator
+from onnxserve.export.gguf_weights import import_gguf_weights
 from onnxserve.export.hand_built import BUILDERS
 from onnxserve.export.images import image_processing, load_image_processor
 from onnxserve.export.manifest import describe_model, now_rfc3339
@@ -38,7 +40,7 @@ from onnxserve.export.progress import Steps, quiet
 from onnxserve.export.quantize import quantize_int8
 from onnxserve.export.tasks import TASKS, TaskSpec, check_exportable, detect_task, task_spec
 from onnxserve.export.validate import NotRunnable, Validator, validation_provider
-from onnxserve.export.weight_only import quantize_int4_weights, quantize_int8_weights
+from onnxserve.export.weight_only import RECIPES, quantize_int4_weights, quantize_int8_weights
 from onnxserve.export.writer import publish, sha256, staging
 from onnxserve.server.quality.probes import PROBES_FILE, Probes, write_probes
 from onnxserve.server.runtime.machine import this_machine
@@ -59,6 +61,8 @@ CONVERTERS: dict[str, Callable[[Path, Path], str]] = {
     "int8_weight_only": quantize_int8_weights,
     "int4_weight_only": quantize_int4_weights,
 }
+#: From a GGUF, the weight-only converters' recipes apply only to what the file holds as floats.
+GGUF_RECIPES = {"int8_weight_only": RECIPES["int8"], "int4_weight_only": RECIPES["int4"]}
 GENERATION_CONFIG_FILE = "generation_config.json"
 
 
@@ -222,7 +226,7 @@ def _make_variants(model: _Model, stage: Path, wanted: list[str], steps: Steps) 
         if precision in wanted:
             with steps.step(f"making the {precision} variant"):
                 files[precision] = parts(precision)
-                recipe = _convert(CONVERTERS[derivation.converter], files[derivation.source], files[precision])
+                recipe = _convert(_converter(model, derivation.converter), files[derivation.source], files[precision])
                 recipes[precision] = f"{recipes[derivation.source]}; {recipe}"
     variants = [
         _Variant(precision, _assemble(model.graphs, files[precision], stage, precision), recipes[precision])
@@ -230,6 +234,14 @@ def _make_variants(model: _Model, stage: Path, wanted: list[str], steps: Steps) 
     ]
     shutil.rmtree(work)
     return variants
+
+
+def _converter(model: _Model, name: str) -> Callable[[Path, Path], str]:
+    """The variant plan's converter; a GGUF's weight-only variants carry the file's own blocks."""
+    gguf_file = model.checkpoint.gguf_file
+    if gguf_file is not None and name in GGUF_RECIPES and _has_fused_decoder(model):
+        return partial(import_gguf_weights, gguf_file=gguf_file, recipe=GGUF_RECIPES[name])
+    return CONVERTERS[name]
 
 
 def _has_fused_decoder(model: _Model) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,13 +55,22 @@ RECIPES = {
 
 def quantize_weight_only(source: Path, target: Path, recipe: WeightOnlyRecipe) -> str:
     """Writes the weight-only quantized copy of `source` to `target`; returns the recipe in words."""
+    model = quantize_model(onnx.load(str(source)), recipe)
+    save_model(model, target)
+    return recipe.describe(_count(model, "MatMulNBits"), _count(model, "GatherBlockQuantized"))
+
+
+def quantize_model(model: onnx.ModelProto, recipe: WeightOnlyRecipe, exclude: Sequence[str] = ()) -> onnx.ModelProto:
+    """`model` with its constant-weight MatMuls (and embedding Gather) but the nodes named in
+    `exclude` quantized by `recipe`."""
     op_types = ("MatMul", "Gather") if recipe.quantize_embedding else ("MatMul",)
     quantizer = MatMulNBitsQuantizer(
-        onnx.load(str(source)),
+        model,
         bits=recipe.bits,
         block_size=recipe.block_size,
         is_symmetric=recipe.symmetric,
         accuracy_level=recipe.accuracy_level,
+        nodes_to_exclude=list(exclude),
         op_types_to_quantize=op_types,
         # The embedding [vocab, hidden] is quantized in blocks along the hidden axis, as each
         # gathered row is then dequantized from its own blocks.
@@ -73,9 +83,7 @@ def quantize_weight_only(source: Path, target: Path, recipe: WeightOnlyRecipe) -
     with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
         warnings.simplefilter("ignore", RuntimeWarning)
         quantizer.process()
-    model = quantizer.model.model
-    save_model(model, target)
-    return recipe.describe(_count(model, "MatMulNBits"), _count(model, "GatherBlockQuantized"))
+    return quantizer.model.model
 
 
 def _count(model: onnx.ModelProto, op_type: str) -> int:

@@ -11,7 +11,7 @@ import logging
 import platform
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 
@@ -413,11 +413,19 @@ def test_invalid_name_and_precision(checkpoint: Checkpoints, tmp_path: Path) -> 
 # --- GGUF ---------------------------------------------------------------------------------------
 
 
-def _write_llama_gguf(checkpoint: Path, target: Path) -> None:
+def _write_llama_gguf(checkpoint: Path, target: Path, types: Mapping[str, object] | None = None) -> None:
     """A GGUF file of a Llama checkpoint, laid out as llama.cpp's converter writes one (q and k
-    rows permuted for its rotary layout; transformers permutes them back when reading)."""
+    rows permuted for its rotary layout; transformers permutes them back when reading). `types`:
+    the gguf block type of each tensor kind (`attn_q`, `token_embd`, ...) to quantize; F32 else."""
     import gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def add_tensor(name: str, weights: object) -> None:
+        kind = (types or {}).get(name.removesuffix(".weight").rsplit(".", 1)[-1])
+        if kind is None:
+            writer.add_tensor(name, weights)
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(weights, kind), raw_dtype=kind)
 
     model, tokenizer = AutoModelForCausalLM.from_pretrained(checkpoint), AutoTokenizer.from_pretrained(checkpoint)
     config = model.config
@@ -451,14 +459,14 @@ def _write_llama_gguf(checkpoint: Path, target: Path) -> None:
     for name, tensor in model.state_dict().items():
         module = name.removesuffix(".weight")
         if module in names:
-            writer.add_tensor(f"{names[module]}.weight", tensor.numpy())
+            add_tensor(f"{names[module]}.weight", tensor.numpy())
             continue
         _, _, layer, part = module.split(".", 3)
         gguf_name, weights = layer_names[part], tensor.numpy()
         if gguf_name in heads:
             n = heads[gguf_name]
             weights = weights.reshape(n, 2, -1, weights.shape[1]).swapaxes(1, 2).reshape(weights.shape)
-        writer.add_tensor(f"blk.{layer}.{gguf_name}.weight", weights)
+        add_tensor(f"blk.{layer}.{gguf_name}.weight", weights)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
