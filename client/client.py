@@ -16,6 +16,7 @@ from google.protobuf.message import Message
 from onnxserve.client.results import (
     Answer,
     Classification,
+    DetectedObject,
     Encoding,
     Entity,
     GeneratedSequence,
@@ -25,6 +26,7 @@ from onnxserve.client.results import (
     ModelInfo,
     Reconstruction,
     Response,
+    Segment,
     StreamChunk,
 )
 
@@ -176,6 +178,36 @@ class _Methods:
         return self._unary(
             self.inference.ClassifyImage, request,
             lambda r: _response(r, [_image_classification(c) for c in r.results]),
+        )
+
+    def detect_objects(
+        self, model: str, images: Sequence[ImageSource], threshold: float | None = None, version: int = 0
+    ) -> Response[list[DetectedObject]]:
+        """Per image, the objects scoring above `threshold` (None: 0.5, the pipeline's default),
+        boxes in the original image's pixels; `images` as for classify_image."""
+        request = inference_pb2.DetectObjectsRequest(
+            model=model, version=version, images=[image_message(image) for image in images], threshold=threshold,
+        )
+        return self._unary(
+            self.inference.DetectObjects, request,
+            lambda r: _response(r, [[DetectedObject.from_proto(x) for x in d.objects] for d in r.results]),
+        )
+
+    def segment_image(
+        self, model: str, images: Sequence[ImageSource], subtask: str | None = None, threshold: float | None = None,
+        mask_threshold: float | None = None, overlap_mask_area_threshold: float | None = None, version: int = 0,
+    ) -> Response[list[Segment]]:
+        """Per image, its segments with masks of its size; `subtask` "semantic", "instance",
+        "panoptic" or None (the model's, as the pipeline picks); the thresholds None for the
+        pipeline's defaults; `images` as for classify_image."""
+        request = inference_pb2.SegmentImageRequest(
+            model=model, version=version, images=[image_message(image) for image in images],
+            subtask=_enum(inference_pb2.SegmentationSubtask, subtask), threshold=threshold,
+            mask_threshold=mask_threshold, overlap_mask_area_threshold=overlap_mask_area_threshold,
+        )
+        return self._unary(
+            self.inference.SegmentImage, request,
+            lambda r: _response(r, [[Segment.from_proto(x) for x in s.segments] for s in r.results]),
         )
 
     def caption_image(

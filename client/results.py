@@ -159,6 +159,46 @@ class Reconstruction:
 
 
 @dataclass(frozen=True)
+class BoundingBox:
+    """A box in the original image's whole pixels, corners included."""
+
+    xmin: int
+    ymin: int
+    xmax: int
+    ymax: int
+
+
+@dataclass(frozen=True)
+class DetectedObject:
+    score: float
+    label: str
+    box: BoundingBox
+
+    @classmethod
+    def from_proto(cls, m: inference_pb2.DetectedObject) -> DetectedObject:
+        return cls(m.score, m.label, BoundingBox(m.box.xmin, m.box.ymin, m.box.xmax, m.box.ymax))
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One segment: `mask` the pipeline's mask as a PNG (mode L, 255 on the segment) of the
+    original image's size, `mask_array` the same as booleans [height, width]; `score` None for
+    semantic segmentation, as the pipeline."""
+
+    label: str
+    score: float | None
+    mask: bytes
+    mask_array: np.ndarray
+
+    @classmethod
+    def from_proto(cls, m: inference_pb2.Segment) -> Segment:
+        packed = m.packed_mask
+        bits = np.unpackbits(np.frombuffer(packed.bits, np.uint8), count=packed.width * packed.height)
+        score = m.score if m.HasField("score") else None
+        return cls(m.label, score, m.mask, bits.reshape(packed.height, packed.width).astype(bool))
+
+
+@dataclass(frozen=True)
 class StreamChunk:
     """One streamed piece; the last one carries finish_reason, generated_text and metadata."""
 

@@ -21,6 +21,8 @@ MAX_PIXEL_DIFF = 1e-4
 # ConvNeXt (and ResNet, which uses its processor) resize below this edge to edge / crop_pct, then
 # crop to the edge; at or above it they resize to a square (transformers' ConvNextImageProcessor).
 _CONVNEXT_CROP_BELOW = 384
+# YolosImageProcessor rounds both sides of its resize down to a multiple of this (its mod_size).
+_YOLOS_SIZE_MULTIPLE = 16
 
 
 def load_image_processor(checkpoint: Path) -> Any:
@@ -43,8 +45,10 @@ def image_processing(processor: Any) -> manifest_pb2.ImageProcessing:
     _resize(processor, processing)
     if getattr(processor, "do_center_crop", False):
         processing.crop_height, processing.crop_width = processor.crop_size["height"], processor.crop_size["width"]
-    if processing.shortest_edge and not processing.crop_height:
+    if processing.shortest_edge and not processing.crop_height and not processing.longest_edge:
         raise ExportError(f"{name} resizes by the shortest edge without cropping: images would not share one size")
+    if getattr(processor, "do_pad", False) and getattr(processor, "pad_size", None):
+        raise ExportError(f"{name} pads to a fixed pad_size, which the exported graph has no pixel_mask for")
     if processor.do_rescale:
         processing.rescale_factor = processor.rescale_factor
     if processor.do_normalize:
@@ -55,7 +59,7 @@ def image_processing(processor: Any) -> manifest_pb2.ImageProcessing:
 
 
 def _resize(processor: Any, processing: manifest_pb2.ImageProcessing) -> None:
-    size = processor.size
+    size, name = processor.size, type(processor).__name__
     if hasattr(processor, "crop_pct") and "shortest_edge" in size:  # ConvNextImageProcessor's rule
         edge = size["shortest_edge"]
         if edge < _CONVNEXT_CROP_BELOW:
@@ -65,10 +69,13 @@ def _resize(processor: Any, processing: manifest_pb2.ImageProcessing) -> None:
             processing.height = processing.width = edge
     elif "height" in size and "width" in size:
         processing.height, processing.width = size["height"], size["width"]
+    elif "shortest_edge" in size and "longest_edge" in size:  # DETR's and YOLOS's aspect-keeping resize
+        processing.shortest_edge, processing.longest_edge = size["shortest_edge"], size["longest_edge"]
+        processing.size_multiple = _YOLOS_SIZE_MULTIPLE if name == "YolosImageProcessor" else 0
     elif "shortest_edge" in size:
         processing.shortest_edge = size["shortest_edge"]
     else:
-        raise ExportError(f"{type(processor).__name__}'s size {size} is not one the server reproduces")
+        raise ExportError(f"{name}'s size {size} is not one the server reproduces")
 
 
 def _per_channel(value: float | list[float]) -> list[float]:

@@ -63,6 +63,8 @@ _HEADS = (
     ("ForMaskedLM", "fill-mask"),
     ("ForMultipleChoice", "multiple-choice"),
     ("ForImageClassification", "image-classification"),
+    ("ForObjectDetection", "object-detection"),
+    ("ForSemanticSegmentation", "image-segmentation"),
     ("ForMaskedImageModeling", "masked-image-modeling"),
     ("ForCausalLM", "text-generation"),
 )

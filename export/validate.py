@@ -275,6 +275,8 @@ _INPUTS = {
     "text2text-generation": _sources,
     "image-to-text": _captioned_images,
     "image-classification": _images,
+    "object-detection": _images,
+    "image-segmentation": _images,
     "zero-shot-image-classification": _hypotheses_and_images,
     "image-feature-extraction": _images,
     "clip_towers": _hypotheses_and_images,

@@ -61,6 +61,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     ) -> Message:
         return await self._run("ClassifyImage", request, context)
 
+    async def DetectObjects(
+        self, request: inference_pb2.DetectObjectsRequest, context: grpc.aio.ServicerContext
+    ) -> Message:
+        return await self._run("DetectObjects", request, context)
+
+    async def SegmentImage(
+        self, request: inference_pb2.SegmentImageRequest, context: grpc.aio.ServicerContext
+    ) -> Message:
+        return await self._run("SegmentImage", request, context)
+
     async def EncodeImage(
         self, request: inference_pb2.EncodeImageRequest, context: grpc.aio.ServicerContext
     ) -> Message:

@@ -22,7 +22,7 @@ Outputs = dict[str, np.ndarray]
 # The outputs the families read: what a probe file stores of PyTorch's.
 MAIN_OUTPUTS = (
     "last_hidden_state", "logits", "start_logits", "end_logits", "logits_per_image", "text_embeds", "image_embeds",
-    "reconstruction",
+    "reconstruction", "pred_boxes",
 )  # fmt: skip
 
 
@@ -101,6 +101,19 @@ def _reconstructions(outputs: Outputs, batch: Batch, pooling: int) -> list[Sampl
     return [Sample(image, image.ravel()) for image in outputs["reconstruction"]]
 
 
+def _detections(outputs: Outputs, batch: Batch, pooling: int) -> list[Sample]:
+    """Object detection: each image's logits per query over the labels and "no object" (the
+    label agreement), its boxes' coordinates as the vector compared by direction."""
+    rows = zip(outputs["logits"], outputs["pred_boxes"], strict=True)
+    return [Sample(logits, boxes.ravel()) for logits, boxes in rows]
+
+
+def _pixel_classes(outputs: Outputs, batch: Batch, pooling: int) -> list[Sample]:
+    """Semantic segmentation: each image's logits as the classes of each pixel, at the logits'
+    resolution (the label agreement is per pixel there)."""
+    return [Sample(np.moveaxis(logits, 0, -1), logits.ravel()) for logits in outputs["logits"]]
+
+
 def _spans(outputs: Outputs, batch: Batch, pooling: int) -> list[Sample]:
     rows = zip(outputs["start_logits"], outputs["end_logits"], batch["attention_mask"], strict=True)
     return [Sample(main, main.ravel()) for main in (np.stack([_kept(s, m), _kept(e, m)]) for s, e, m in rows)]
@@ -139,6 +152,8 @@ OUTPUT_FAMILIES = {
     "text2text-generation": OutputFamily(_run_seq2seq, _per_sequence),
     "image-to-text": OutputFamily(_run_seq2seq, _per_sequence),
     "image-classification": OutputFamily(_run_single, _per_sequence),
+    "object-detection": OutputFamily(_run_single, _detections),
+    "image-segmentation": OutputFamily(_run_single, _pixel_classes),
     "zero-shot-image-classification": OutputFamily(_run_single, _per_image),
     "image-feature-extraction": OutputFamily(_run_single, _image_tokens, logits=False),
     "clip_towers": OutputFamily(_run_towers, _tower_embeddings, logits=False),

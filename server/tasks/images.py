@@ -87,7 +87,13 @@ class ImageProcessor:
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         p = self.processing
-        pixels = np.asarray(image.resize(self.resized_size(image.width, image.height), Image.Resampling(p.resample)))
+        size = self.resized_size(image.width, image.height)
+        if 0 in size:  # the processor itself fails on it, with PIL's words
+            raise InvalidArgument(
+                f"an image of {image.width} x {image.height} pixels is too narrow for {p.processor}, which would "
+                f"resize it to {size[0]} x {size[1]}"
+            )
+        pixels = np.asarray(image.resize(size, Image.Resampling(p.resample)))
         if p.crop_height and p.crop_width:
             top, left = (pixels.shape[0] - p.crop_height) // 2, (pixels.shape[1] - p.crop_width) // 2
             pixels = pixels[top : top + p.crop_height, left : left + p.crop_width]

@@ -117,6 +117,47 @@ def _classify_image(client: Any, args: argparse.Namespace) -> None:
     _print(args, response, ("image", "label", "score"), rows)
 
 
+def _detect(client: Any, args: argparse.Namespace) -> None:
+    images = [_read(path, "image") for path in args.images]
+    response = client.detect_objects(model=args.model, images=images, threshold=args.threshold)
+    rows = [
+        (path, x.label, x.score, f"{x.box.xmin}, {x.box.ymin}, {x.box.xmax}, {x.box.ymax}")
+        for path, objects in zip(args.images, response, strict=True)
+        for x in objects
+    ]
+    _print(args, response, ("image", "label", "score", "box (xmin, ymin, xmax, ymax)"), rows)
+
+
+def _segment(client: Any, args: argparse.Namespace) -> None:
+    images = [_read(path, "image") for path in args.images]
+    response = client.segment_image(
+        model=args.model, images=images, subtask=args.subtask, threshold=args.threshold,
+        mask_threshold=args.mask_threshold, overlap_mask_area_threshold=args.overlap_mask_area_threshold,
+    )
+    written = _write_masks(args.masks, args.images, response) if args.masks else {}
+    rows = [
+        (path, s.label, s.score, int(s.mask_array.sum()), written.get((i, j), ""))
+        for i, (path, segments) in enumerate(zip(args.images, response, strict=True))
+        for j, s in enumerate(segments)
+    ]
+    _print(args, response, ("image", "label", "score", "pixels", "mask file"), rows)
+
+
+def _write_masks(folder: str, paths: Sequence[str], response: Any) -> dict[tuple[int, int], str]:
+    """Each segment's PNG mask as FOLDER/<image name>.<segment>.<label>.png; the files by
+    (image, segment)."""
+    target = Path(folder)
+    target.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for i, (path, segments) in enumerate(zip(paths, response, strict=True)):
+        for j, segment in enumerate(segments):
+            label = "".join(c if c.isalnum() or c in "-_" else "_" for c in segment.label)
+            file = target / f"{Path(path).stem}.{j}.{label}.png"
+            file.write_bytes(segment.mask)
+            written[(i, j)] = str(file)
+    return written
+
+
 def _tokenize(client: Any, args: argparse.Namespace) -> None:
     response = client.tokenize(model=args.model, texts=args.texts, text_pairs=args.pair)
     rows = [(t, " ".join(e.tokens), " ".join(map(str, e.input_ids))) for t, e in zip(args.texts, response, strict=True)]
@@ -291,6 +332,18 @@ def _parser() -> argparse.ArgumentParser:
     sub = rpc("classify-image", _classify_image, "classify image files (PNG, JPEG, WebP, BMP, GIF, TIFF)")
     sub.add_argument("images", nargs="+", metavar="IMAGE", help="an image file")
     sub.add_argument("--top-k", type=int, default=0, help="labels per image (default: 5, as the pipeline)")
+    sub = rpc("detect", _detect, "find objects in image files (boxes in the images' pixels)")
+    sub.add_argument("images", nargs="+", metavar="IMAGE", help="an image file")
+    sub.add_argument("--threshold", type=float, help="keep objects scoring above this (default: 0.5, as the pipeline)")
+    sub = rpc("segment", _segment, "segment image files (semantic, instance or panoptic)")
+    sub.add_argument("images", nargs="+", metavar="IMAGE", help="an image file")
+    sub.add_argument("--subtask", choices=("semantic", "instance", "panoptic"),
+                     help="default: the model's, as the pipeline picks")
+    sub.add_argument("--threshold", type=float, help="instance and panoptic (default: 0.9, as the pipeline)")
+    sub.add_argument("--mask-threshold", type=float, help="instance and panoptic (default: 0.5)")
+    sub.add_argument("--overlap-mask-area-threshold", type=float, help="instance and panoptic (default: 0.5)")
+    sub.add_argument("--masks", metavar="FOLDER",
+                     help="write each mask as FOLDER/<image name>.<segment>.<label>.png (mode L, 255 on the segment)")
     sub = rpc("tokenize", _tokenize, "tokenize texts with the model's tokenizer")
     sub.add_argument("texts", nargs="+")
     sub.add_argument("--pair", action="append")
