@@ -45,6 +45,8 @@ def decode(image: inference_pb2.Image, index: int) -> Image.Image:
         ) from None
     except Image.DecompressionBombError as error:  # Pillow's own check, at twice MAX_PIXELS
         raise InvalidArgument(f"image {index}: {error}") from None
+    except (OSError, SyntaxError, ValueError) as error:  # a known header, then a broken file (truncated JPEG)
+        raise InvalidArgument(f"image {index} ({len(image.data)} bytes) cannot be read: {error}") from None
     _check_size(opened.width, opened.height, index)
     try:
         return ImageOps.exif_transpose(opened).convert("RGB")

@@ -187,14 +187,36 @@ def _fill_mask(client: Any, args: argparse.Namespace) -> None:
     _print(args, response, ("token_str", "score", "sequence"), rows)
 
 
-def _generate(client: Any, args: argparse.Namespace) -> None:
-    parameters = {
+def _generation_parameters(args: argparse.Namespace) -> dict[str, Any]:
+    """The decoding options of the generate and caption commands (_add_generation_options)."""
+    return {
         "max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample, "temperature": args.temperature,
         "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed, "num_beams": args.num_beams,
         "stop": args.stop or None,
     }
+
+
+def _add_generation_options(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--max-new-tokens", type=int)
+    sub.add_argument("--do-sample", action="store_true")
+    sub.add_argument("--temperature", type=float)
+    sub.add_argument("--top-k", type=int)
+    sub.add_argument("--top-p", type=float)
+    sub.add_argument("--seed", type=int)
+    sub.add_argument("--num-beams", type=int)
+    sub.add_argument("--stop", action="append")
+
+
+def _caption(client: Any, args: argparse.Namespace) -> None:
+    images = [_read(path, "image") for path in args.images]
+    response = client.caption_image(model=args.model, images=images, **_generation_parameters(args))
+    rows = [(path, r.generated_text, r.finish_reason) for path, r in zip(args.images, response, strict=True)]
+    _print(args, response, ("image", "generated_text", "finish_reason"), rows)
+
+
+def _generate(client: Any, args: argparse.Namespace) -> None:
     chunks = []
-    for chunk in client.generate_stream(model=args.model, prompt=args.prompt, **parameters):
+    for chunk in client.generate_stream(model=args.model, prompt=args.prompt, **_generation_parameters(args)):
         chunks.append(chunk)
         if not args.json:
             print(chunk.text, end="", flush=True)
@@ -362,14 +384,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--targets", nargs="+")
     sub = rpc("generate", _generate, "generate text, printed as it streams")
     sub.add_argument("prompt")
-    sub.add_argument("--max-new-tokens", type=int)
-    sub.add_argument("--do-sample", action="store_true")
-    sub.add_argument("--temperature", type=float)
-    sub.add_argument("--top-k", type=int)
-    sub.add_argument("--top-p", type=float)
-    sub.add_argument("--seed", type=int)
-    sub.add_argument("--num-beams", type=int)
-    sub.add_argument("--stop", action="append")
+    _add_generation_options(sub)
+    sub = rpc("caption", _caption, "caption image files (image-to-text), one text per image")
+    sub.add_argument("images", nargs="+", metavar="IMAGE", help="an image file")
+    _add_generation_options(sub)
     rpc("models", _models, "list the served models")
     sub = rpc("model", _model, "describe one model")
     sub.add_argument("--version", type=int, default=0)
