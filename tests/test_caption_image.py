@@ -219,7 +219,7 @@ def test_the_command_captions_image_files(fp32_server, client, tmp_path, capsys)
     [
         ([], {}, "holds no images"),
         ([inference_pb2.Image(data=FILES["png"]), inference_pb2.Image(data=b"not an image")], {}, "image 1 (12 bytes)"),
-        ([inference_pb2.Image(data=FILES["jpeg"][:100])], {}, "image 0 (100 bytes) cannot be read: Truncated File Read"),
+        ([inference_pb2.Image(data=FILES["jpeg"][:100])], {}, "image 0 (100 bytes) cannot be read: Truncated"),
         ([inference_pb2.Image()], {}, "image 0 is empty"),
         ([inference_pb2.Image(data=FILES["png"])], {"max_new_tokens": POSITIONS}, "at most 63 more tokens"),
         ([inference_pb2.Image(data=FILES["png"])], {"num_beams": 0}, "num_beams must be at least 1"),
