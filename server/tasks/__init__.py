@@ -10,6 +10,7 @@ from onnxserve.server.tasks import (
     image_feature_extraction,
     image_segmentation,
     image_to_text,
+    masked_image_modeling,
     multiple_choice,
     object_detection,
     question_answering,
@@ -34,6 +35,7 @@ for _registration in (
     object_detection.REGISTRATION,
     image_segmentation.REGISTRATION,
     image_feature_extraction.REGISTRATION,
+    masked_image_modeling.REGISTRATION,
     image_to_text.REGISTRATION,
 ):
     register(_registration)

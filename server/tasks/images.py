@@ -191,10 +191,14 @@ class ImagePipeline(BatchedPipeline[Request]):
         for index, image in enumerate(inputs):
             by_shape.setdefault(image.values.shape, []).append(index)
         for indices in by_shape.values():
-            outputs = self.session.run({"pixel_values": np.stack([inputs[index].values for index in indices])})
+            outputs = self.session.run(self.feeds([inputs[index] for index in indices]))
             for row, index in enumerate(indices):
                 rows[index] = {name: value[row] for name, value in outputs.items()}
         return rows
+
+    def feeds(self, inputs: Sequence[PixelValues]) -> dict[str, np.ndarray]:
+        """One run's inputs; heads whose graph takes more per image (a patch mask) add theirs."""
+        return {"pixel_values": np.stack([image.values for image in inputs])}
 
     def warm_up_inputs(self) -> list[PixelValues]:
         return [PixelValues(self.processor(probe_images()[0]))]

@@ -1,0 +1,129 @@
+"""ReconstructImage at parity with the forward of a tiny random ViTForMaskedImageModeling (SimMIM)
+built here and exported with its mask as an input: for masks given as patch indices, as a mask
+image and drawn at random from a seed, the reconstruction equals PyTorch's `reconstruction` and the
+loss its `loss` for each image alone, within 1e-4; and the bad requests it refuses."""
+
+from __future__ import annotations
+
+import io
+from functools import cache
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, ViTConfig, ViTForMaskedImageModeling, ViTImageProcessor
+from transformers.image_utils import load_image
+
+from tests.test_classify_image import FILES, RAW
+
+KINDS = ["vit-masked-image-modeling"]
+KIND = KINDS[0]
+GRID = 4  # 32 x 32 images in patches of 8
+PATCHES = GRID * GRID
+
+
+def build(directory: Path) -> Path:
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=32, patch_size=8, encoder_stride=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64,
+    )  # fmt: skip
+    ViTForMaskedImageModeling(config).eval().save_pretrained(directory)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, export):
+    return {KIND: export(KIND, precisions=("fp32",), source=build(tmp_path_factory.mktemp(KIND)))}
+
+
+@cache
+def reference(checkpoint: Path):
+    model = ViTForMaskedImageModeling.from_pretrained(checkpoint).eval()
+    return model, AutoImageProcessor.from_pretrained(checkpoint, use_fast=False)
+
+
+def forward(checkpoint: Path, data: bytes, masked: list[int]) -> tuple[np.ndarray, float]:
+    """PyTorch's reconstruction and loss for one image alone, with these patches masked."""
+    model, processor = reference(checkpoint)
+    pixels = processor(load_image(Image.open(io.BytesIO(data))), return_tensors="pt")["pixel_values"]
+    mask = torch.zeros(1, PATCHES, dtype=torch.bool)
+    mask[0, masked] = True
+    with torch.no_grad():
+        output = model(pixel_values=pixels, bool_masked_pos=mask)
+    return output.reconstruction[0].numpy(), float(output.loss)
+
+
+def assert_matches_pytorch(exported, images: list[bytes], response) -> None:
+    for data, result in zip(images, response, strict=True):
+        reconstruction, loss = forward(exported[KIND].checkpoint, data, result.masked_patches)
+        assert result.reconstruction.shape == reconstruction.shape == (3, 32, 32)
+        np.testing.assert_allclose(result.reconstruction, reconstruction, atol=1e-4)
+        assert result.loss == pytest.approx(loss, abs=1e-4)
+
+
+def test_patch_indices_match_pytorch(fp32_server, exported):
+    images = [FILES["png"], FILES["jpeg-exif-rotated"], FILES["png-rgba"]]
+    masks = [[0, 5, 6, 15], [1, 2, 3], list(range(PATCHES))]
+    with fp32_server.client() as client:
+        response = client.reconstruct_image(model=KIND, images=images, masks=masks)
+    assert [r.masked_patches for r in response] == masks
+    assert_matches_pytorch(exported, images, response)
+
+
+def test_a_mask_image_masks_its_bright_patches(fp32_server, exported):
+    """The left half white: at the model's input size, the first two columns of patches."""
+    mask = np.zeros((50, 50), dtype=np.uint8)
+    mask[:, :25] = 255
+    images = [FILES["jpeg"], FILES["webp"]]
+    with fp32_server.client() as client:
+        response = client.reconstruct_image(model=KIND, images=images, masks=[mask])  # one mask for both
+    expected = [row * GRID + column for row in range(GRID) for column in (0, 1)]
+    assert [r.masked_patches for r in response] == [expected, expected]
+    assert_matches_pytorch(exported, images, response)
+
+
+def test_random_masks_follow_the_seed_and_ratio(fp32_server, exported):
+    images = [FILES["png"], FILES["bmp"]]
+    with fp32_server.client() as client:
+        first = client.reconstruct_image(model=KIND, images=images, seed=7)
+        again = client.reconstruct_image(model=KIND, images=images, seed=7)
+        other = client.reconstruct_image(model=KIND, images=images, seed=8, mask_ratio=0.25)
+    assert [r.masked_patches for r in first] == [r.masked_patches for r in again]
+    assert [len(r.masked_patches) for r in first] == [round(0.6 * PATCHES)] * 2  # SimMIM's default ratio
+    assert [len(r.masked_patches) for r in other] == [PATCHES // 4] * 2
+    assert first[0].masked_patches != first[1].masked_patches  # each image draws its own
+    assert_matches_pytorch(exported, images, first)
+
+
+def test_the_png_is_the_reconstruction_in_pixels(fp32_server, exported):
+    """Normalization (ViT's mean and std of 0.5) and rescaling undone, rounded, clipped."""
+    with fp32_server.client() as client:
+        (result,) = client.reconstruct_image(model=KIND, images=[RAW["rgb"]], masks=[[3, 4]])
+    png = Image.open(io.BytesIO(result.image))
+    expected = np.clip(np.rint((result.reconstruction.transpose(1, 2, 0) * 0.5 + 0.5) * 255), 0, 255)
+    assert png.format == "PNG" and png.size == (32, 32) and png.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(png), expected.astype(np.uint8))
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"images": []}, "holds no images"),
+        ({"masks": [[1], [2]]}, "2 masks for 3 images"),
+        ({"masks": [[0, PATCHES]]}, f"patch {PATCHES} is outside the model's 4 x 4 grid"),
+        ({"masks": [b"not an image"]}, "mask 0: image 0 (12 bytes) is not a PNG"),
+        ({"mask_ratio": 1.5}, "mask_ratio 1.5 is not between 0 and 1"),
+        ({"images": [b"\x89PNG broken"] * 3}, "image 0 (11 bytes) is not a PNG"),
+    ],
+)
+def test_bad_requests_are_refused(fp32_server, options, words):
+    with fp32_server.client() as client:
+        with pytest.raises(grpc.RpcError) as refused:
+            client.reconstruct_image(model=KIND, **{"images": [FILES["png"]] * 3, **options})
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in refused.value.details()
+        assert len(client.reconstruct_image(model=KIND, images=[FILES["png"]])) == 1  # and the server goes on
