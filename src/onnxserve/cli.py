@@ -135,12 +135,20 @@ def _segment(client: Any, args: argparse.Namespace) -> None:
         mask_threshold=args.mask_threshold, overlap_mask_area_threshold=args.overlap_mask_area_threshold,
     )
     written = _write_masks(args.masks, args.images, response) if args.masks else {}
-    rows = [
-        (path, s.label, s.score, int(s.mask_array.sum()), written.get((i, j), ""))
-        for i, (path, segments) in enumerate(zip(args.images, response, strict=True))
-        for j, s in enumerate(segments)
+    results = [  # the masks as their pixel counts and files: no bytes in a table or JSON
+        [
+            {"label": s.label, "score": s.score, "pixels": int(s.mask_array.sum()), "mask_file": written.get((i, j))}
+            for j, s in enumerate(segments)
+        ]
+        for i, segments in enumerate(response)
     ]
-    _print(args, response, ("image", "label", "score", "pixels", "mask file"), rows)
+    rows = [
+        (path, s["label"], s["score"], s["pixels"], s["mask_file"] or "")
+        for path, segments in zip(args.images, results, strict=True)
+        for s in segments
+    ]
+    plain = {"results": results, "metadata": _plain(response.metadata)}
+    _print(args, plain, ("image", "label", "score", "pixels", "mask file"), rows)
 
 
 def _write_masks(folder: str, paths: Sequence[str], response: Any) -> dict[tuple[int, int], str]:
