@@ -8,8 +8,10 @@ server goes on."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
+import subprocess
 from functools import cache
 from pathlib import Path
 
@@ -34,6 +36,7 @@ from transformers import (
 from transformers.image_utils import load_image
 
 from onnxserve.v1 import inference_pb2, inference_pb2_grpc
+from tests.node_tools import node_client
 from tests.test_classify_image import FILES, RAW
 
 KIND = "vit-gpt2-image-to-text"
@@ -189,6 +192,32 @@ def test_the_async_client_captions(fp32_server, client):
 
     expected = client.caption_image(model=KIND, images=[FILES["png"]], max_new_tokens=NEW_TOKENS)
     assert asyncio.run(caption()) == [r.token_ids for r in expected]
+
+
+# Node: one caption with beams, printed as JSON (argv: target, model, the image in base64).
+NODE_CAPTION = """
+const { OnnxServeClient } = require(".");
+const [target, model, image] = process.argv.slice(1);
+const client = new OnnxServeClient(target, { timeoutMs: 60000 });
+const parameters = { maxNewTokens: 12, numBeams: 2 };
+const request = { model, images: [{ data: Buffer.from(image, "base64") }], parameters };
+client.captionImage(request).then((response) => {
+  console.log(JSON.stringify(response.results));
+  client.close();
+});
+"""
+
+
+def test_the_node_client_captions(fp32_server, client):
+    image = base64.b64encode(FILES["png"]).decode()
+    result = subprocess.run(
+        ["node", "-e", NODE_CAPTION, fp32_server.target, KIND, image],
+        cwd=node_client(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (caption,) = json.loads(result.stdout)
+    (expected,) = client.caption_image(model=KIND, images=[FILES["png"]], max_new_tokens=NEW_TOKENS, num_beams=2)
+    assert caption["tokenIds"] == expected.token_ids and caption["generatedText"] == expected.generated_text
 
 
 def test_int8_captions_and_passed_its_load_check(int8_server):

@@ -4,6 +4,8 @@
 import * as grpc from "@grpc/grpc-js";
 import type { AnswerRequest } from "./generated/onnxserve/v1/AnswerRequest";
 import type { AnswerResponse__Output } from "./generated/onnxserve/v1/AnswerResponse";
+import type { CaptionImageRequest } from "./generated/onnxserve/v1/CaptionImageRequest";
+import type { CaptionImageResponse__Output } from "./generated/onnxserve/v1/CaptionImageResponse";
 import type { ClassifyRequest } from "./generated/onnxserve/v1/ClassifyRequest";
 import type { ClassifyResponse__Output } from "./generated/onnxserve/v1/ClassifyResponse";
 import type { DetokenizeRequest } from "./generated/onnxserve/v1/DetokenizeRequest";
@@ -53,6 +55,8 @@ export declare class OnnxServeClient {
   answer(request: AnswerRequest, options?: CallOptions): Promise<AnswerResponse__Output>;
   fillMask(request: FillMaskRequest, options?: CallOptions): Promise<FillMaskResponse__Output>;
   generate(request: GenerateRequest, options?: CallOptions): Promise<GenerateResponse__Output>;
+  /** One caption per image (`images[i].data`: an encoded file as a Buffer, or `raw` pixels). */
+  captionImage(request: CaptionImageRequest, options?: CallOptions): Promise<CaptionImageResponse__Output>;
   /** An async-iterable stream of pieces; the last carries finishReason, generatedText and metadata. */
   generateStream(
     request: GenerateStreamRequest,
@@ -72,5 +76,5 @@ export type {
   DetokenizeResponse__Output, EncodeRequest, EncodeResponse__Output, FillMaskRequest, FillMaskResponse__Output,
   GenerateRequest, GenerateResponse__Output, GenerateStreamRequest, GenerateStreamResponse__Output, GetModelRequest,
   ListModelsResponse__Output, ModelInfo__Output, TagTokensRequest, TagTokensResponse__Output, TokenizeRequest,
-  TokenizeResponse__Output,
+  TokenizeResponse__Output, CaptionImageRequest, CaptionImageResponse__Output,
 };

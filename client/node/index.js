@@ -48,6 +48,7 @@ class OnnxServeClient {
   answer(request, options) { return this._unary(this.inference, "Answer", request, options); }
   fillMask(request, options) { return this._unary(this.inference, "FillMask", request, options); }
   generate(request, options) { return this._unary(this.inference, "Generate", request, options); }
+  captionImage(request, options) { return this._unary(this.inference, "CaptionImage", request, options); }
   tokenize(request, options) { return this._unary(this.inference, "Tokenize", request, options); }
   detokenize(request, options) { return this._unary(this.inference, "Detokenize", request, options); }
   listModels(options) { return this._unary(this.models, "ListModels", {}, options); }
