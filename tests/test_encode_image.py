@@ -7,6 +7,7 @@ requests each refuses."""
 from __future__ import annotations
 
 import io
+import json
 from functools import cache
 from pathlib import Path
 
@@ -130,3 +131,17 @@ def test_bad_requests_are_refused(fp32_server, model, call, words):
             call(client)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in refused.value.details()
         assert len(client.encode_image(model=model, images=[FILES["png"]])) == 1  # and the server goes on
+
+
+def test_the_command_encodes_image_files(fp32_server, tmp_path, capsys):
+    from onnxserve.cli import main
+
+    files = []
+    for name in ("png", "jpeg-exif-rotated"):
+        files.append(tmp_path / f"{name}.img")
+        files[-1].write_bytes(FILES[name])
+    main(["encode-image", "--model", CLIP, "--target", fp32_server.target, "--json", "--normalize", *map(str, files)])
+    printed = json.loads(capsys.readouterr().out)
+    with fp32_server.client() as client:
+        expected = client.encode_image(model=CLIP, images=files, normalize=True)
+    np.testing.assert_allclose(printed["results"], list(expected), rtol=1e-6)

@@ -6,6 +6,7 @@ loss its `loss` for each image alone, within 1e-4; and the bad requests it refus
 from __future__ import annotations
 
 import io
+import json
 from functools import cache
 from pathlib import Path
 
@@ -127,3 +128,20 @@ def test_bad_requests_are_refused(fp32_server, options, words):
             client.reconstruct_image(model=KIND, **{"images": [FILES["png"]] * 3, **options})
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in refused.value.details()
         assert len(client.reconstruct_image(model=KIND, images=[FILES["png"]])) == 1  # and the server goes on
+
+
+def test_the_command_reconstructs_image_files(fp32_server, tmp_path, capsys):
+    from onnxserve.cli import main
+
+    image = tmp_path / "photo.png"
+    image.write_bytes(FILES["png"])
+    command = ["reconstruct", "--model", KIND, "--target", fp32_server.target]
+    main([*command, "--json", "--patches", "0,5,6", "--output", str(tmp_path / "out"), str(image)])
+    (printed,) = json.loads(capsys.readouterr().out)
+    with fp32_server.client() as client:
+        (expected,) = client.reconstruct_image(model=KIND, images=[image], masks=[[0, 5, 6]])
+    assert printed["masked_patches"] == [0, 5, 6] and printed["loss"] == pytest.approx(expected.loss)
+    assert (tmp_path / "out" / "photo.reconstruction.png").read_bytes() == expected.image
+    with pytest.raises(SystemExit) as failed:
+        main([*command, "--patches", "0,x", str(image)])
+    assert failed.value.code == 2 and "not a comma-separated list" in capsys.readouterr().err

@@ -7,7 +7,7 @@ from __future__ import annotations
 from onnxserve.server.errors import InvalidArgument
 from onnxserve.server.tasks.base import Prepared, RowOutputs, require_batch
 from onnxserve.server.tasks.images import ImagePipeline
-from onnxserve.server.tasks.registration import ExportSpec, TaskRegistration
+from onnxserve.server.tasks.registration import ExportSpec, KServeImage, TaskRegistration
 from onnxserve.server.tasks.text_classification import ranked_labels, scores
 
 from onnxserve.v1 import common_pb2, inference_pb2
@@ -41,6 +41,7 @@ REGISTRATION = TaskRegistration(
     task=common_pb2.TASK_IMAGE_CLASSIFICATION,
     pipeline=ImageClassificationPipeline,
     rpcs=frozenset({"ClassifyImage"}),
+    kserve_image=KServeImage("ClassifyImage"),
     export=ExportSpec("image-classification", "AutoModelForImageClassification"),
     inputs="images",
 )

@@ -17,7 +17,7 @@ import numpy as np
 from onnxserve.server.errors import InvalidArgument
 from onnxserve.server.tasks.base import ModelResources, Prepared, RowOutputs, require_batch
 from onnxserve.server.tasks.images import ImagePipeline, PixelValues, decode
-from onnxserve.server.tasks.registration import SINGLE_GRAPH, ExportSpec, HandBuilt, TaskRegistration
+from onnxserve.server.tasks.registration import SINGLE_GRAPH, ExportSpec, HandBuilt, KServeImage, TaskRegistration
 from PIL import Image
 
 from onnxserve.v1 import common_pb2, inference_pb2
@@ -152,6 +152,7 @@ REGISTRATION = TaskRegistration(
     task=common_pb2.TASK_MASKED_IMAGE_MODELING,
     pipeline=MaskedImageModelingPipeline,
     rpcs=frozenset({"ReconstructImage"}),
+    kserve_image=KServeImage("ReconstructImage"),
     export=ExportSpec("masked-im", "AutoModelForMaskedImageModeling", hand_built=(MASKED_IMAGE_MODEL,)),
     inputs="images",
 )

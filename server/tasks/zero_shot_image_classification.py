@@ -16,7 +16,7 @@ from onnxserve.server.runtime.stats import Timings
 from onnxserve.server.runtime.tokenizer import batch_arrays
 from onnxserve.server.tasks.base import ModelResources, Pipeline, require_batch, softmax
 from onnxserve.server.tasks.images import decode, image_processor, probe_images
-from onnxserve.server.tasks.registration import ExportSpec, TaskRegistration
+from onnxserve.server.tasks.registration import ExportSpec, KServeImage, TaskRegistration
 from onnxserve.server.tasks.text_classification import hypotheses, ranked_labels
 
 from onnxserve.v1 import common_pb2, inference_pb2
@@ -80,6 +80,7 @@ REGISTRATION = TaskRegistration(
     task=common_pb2.TASK_ZERO_SHOT_IMAGE_CLASSIFICATION,
     pipeline=ZeroShotImageClassificationPipeline,
     rpcs=frozenset({"ClassifyImage"}),
+    kserve_image=KServeImage("ClassifyImage"),
     export=ExportSpec("zero-shot-image-classification", "AutoModelForZeroShotImageClassification"),
     inputs="text and images",
 )

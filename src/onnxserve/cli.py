@@ -117,6 +117,48 @@ def _classify_image(client: Any, args: argparse.Namespace) -> None:
     _print(args, response, ("image", "label", "score"), rows)
 
 
+def _encode_image(client: Any, args: argparse.Namespace) -> None:
+    images = [_read(path, "image") for path in args.images]
+    response = client.encode_image(model=args.model, images=images, pooling=args.pooling, normalize=args.normalize)
+    rows = [
+        (path, len(v), ", ".join(f"{x:.4f}" for x in v[:4]) + ", ...")
+        for path, v in zip(args.images, response, strict=True)
+    ]
+    _print(args, response, ("image", "dim", "embedding"), rows)
+
+
+def _reconstruct(client: Any, args: argparse.Namespace) -> None:
+    """Reconstructs masked image files; --output writes each reconstruction as a PNG."""
+    images = [_read(path, "image") for path in args.images]
+    masks = [_read(args.mask, "--mask")] if args.mask else [args.patches] if args.patches else []
+    response = client.reconstruct_image(
+        model=args.model, images=images, masks=masks, seed=args.seed, mask_ratio=args.mask_ratio
+    )
+    written = [_write_reconstruction(args.output, path, r.image) for path, r in zip(args.images, response, strict=True)]
+    results = [
+        {"image": path, "loss": r.loss, "masked_patches": r.masked_patches, "written": target}
+        for path, r, target in zip(args.images, response, written, strict=True)
+    ]
+    rows = [(x["image"], x["loss"], len(x["masked_patches"]), x["written"] or "") for x in results]
+    _print(args, results, ("image", "loss", "masked patches", "written"), rows)
+
+
+def _write_reconstruction(folder: str | None, image: str, png: bytes) -> str | None:
+    if folder is None:
+        return None
+    target = Path(folder) / f"{Path(image).stem}.reconstruction.png"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(png)
+    return str(target)
+
+
+def _patch_list(text: str) -> list[int]:
+    try:
+        return [int(index) for index in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of patch indices") from None
+
+
 def _detect(client: Any, args: argparse.Namespace) -> None:
     images = [_read(path, "image") for path in args.images]
     response = client.detect_objects(model=args.model, images=images, threshold=args.threshold)
@@ -362,6 +404,18 @@ def _parser() -> argparse.ArgumentParser:
     sub = rpc("classify-image", _classify_image, "classify image files (PNG, JPEG, WebP, BMP, GIF, TIFF)")
     sub.add_argument("images", nargs="+", metavar="IMAGE", help="an image file")
     sub.add_argument("--top-k", type=int, default=0, help="labels per image (default: 5, as the pipeline)")
+    sub = rpc("encode-image", _encode_image, "image embeddings (CLIP models: in the space of their text embeddings)")
+    sub.add_argument("images", nargs="+", metavar="IMAGE", help="an image file")
+    sub.add_argument("--pooling", choices=("cls", "mean"), help="image encoders (default: the [CLS] token's state)")
+    sub.add_argument("--normalize", action="store_true")
+    sub = rpc("reconstruct", _reconstruct, "reconstruct image files with patches masked (masked image modeling)")
+    sub.add_argument("images", nargs="+", metavar="IMAGE", help="an image file")
+    mask = sub.add_mutually_exclusive_group()
+    mask.add_argument("--patches", type=_patch_list, help="the masked patches' indices, e.g. 0,5,6 (every image)")
+    mask.add_argument("--mask", metavar="FILE", help="a mask image: its bright patches are masked (every image)")
+    sub.add_argument("--seed", type=int, default=0, help="random masks (no --patches or --mask): the draw's seed")
+    sub.add_argument("--mask-ratio", type=float, default=0.0, help="random masks: the share masked (default 0.6)")
+    sub.add_argument("--output", metavar="FOLDER", help="write each as FOLDER/<image name>.reconstruction.png")
     sub = rpc("detect", _detect, "find objects in image files (boxes in the images' pixels)")
     sub.add_argument("images", nargs="+", metavar="IMAGE", help="an image file")
     sub.add_argument("--threshold", type=float, help="keep objects scoring above this (default: 0.5, as the pipeline)")

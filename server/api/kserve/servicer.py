@@ -2,8 +2,9 @@
 that tools built for Triton, KServe and MLServer can call onnxserve.
 
 ModelInfer has two modes. Tensors in, tensors out: the inputs feed the model's ONNX graph as they
-are. Text in, results out: a BYTES input named `text` runs the model's whole pipeline
-(tokenize -> forward -> postprocess) and the results come back as tensors (docs/kserve.md)."""
+are. Text or images in, results out: a BYTES input named `text` (or `image`, encoded files) runs
+the model's whole pipeline (tokenize or decode and process -> forward -> postprocess) and the
+results come back as tensors (docs/kserve.md)."""
 
 from __future__ import annotations
 
@@ -20,12 +21,12 @@ from onnxserve.server.api.kserve.tensors import (
     encode_outputs,
     select_outputs,
 )
-from onnxserve.server.api.kserve.text import TEXT_INPUT, build_request, response_tensors
+from onnxserve.server.api.kserve.text import IMAGE_INPUT, TEXT_INPUT, build_request, response_tensors
 from onnxserve.server.errors import InvalidArgument, Unimplemented
 from onnxserve.server.models.loaded import LoadedModel
 from onnxserve.server.models.registry import ModelRegistry
 from onnxserve.server.runtime.sessions import Session
-from onnxserve.server.tasks.registration import KServeText, registration_for, task_name
+from onnxserve.server.tasks.registration import KServeImage, KServeText, registration_for, task_name
 
 import onnxserve
 from onnxserve.kserve_v2 import grpc_predict_v2_pb2 as v2
@@ -108,14 +109,24 @@ def _texts(arrays: dict[str, np.ndarray], name: str) -> list[str]:
         raise InvalidArgument(f"input {name!r} holds bytes that are not UTF-8: {error}") from error
 
 
-def text_mapping(model: LoadedModel) -> KServeText:
-    """The typed RPC a text request runs on this model, and the field `text` fills: its task's."""
+def pipeline_mapping(model: LoadedModel, main_input: str) -> KServeText | KServeImage:
+    """The typed RPC a text (or image) request runs on this model, and the field `text` (or
+    `image`) fills: its task's registration's."""
     registration = registration_for(model.task)
-    if registration is None or registration.kserve_text is None or model.pipeline is None:
+    mapping = None
+    if registration is not None and model.pipeline is not None:
+        mapping = registration.kserve_image if main_input == IMAGE_INPUT else registration.kserve_text
+    if mapping is None:
         raise Unimplemented(
-            f"model {model.name!r} ({task_name(model.task)}) has no pipeline here for a {TEXT_INPUT!r} input"
+            f"model {model.name!r} ({task_name(model.task)}) has no pipeline here for a {main_input!r} input"
         )
-    return registration.kserve_text
+    return mapping
+
+
+def _images(arrays: dict[str, np.ndarray]) -> list[bytes]:
+    if arrays[IMAGE_INPUT].dtype != object:
+        raise InvalidArgument(f"input {IMAGE_INPUT!r} must be BYTES (encoded image files)")
+    return [bytes(value) for value in arrays[IMAGE_INPUT].flat]
 
 
 class KServeServicer(v2_grpc.GRPCInferenceServiceServicer):
@@ -154,10 +165,12 @@ class KServeServicer(v2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: v2.ModelInferRequest, context: grpc.aio.ServicerContext) -> Message:
         model = self.registry.resolve(request.model_name, parse_version(request.model_version))
         arrays = decode_inputs(request)
-        if TEXT_INPUT in arrays:
-            outputs = await self._run_text(model, arrays, request, context)
+        if IMAGE_INPUT in arrays or TEXT_INPUT in arrays:
+            outputs = await self._run_pipeline(model, arrays, request, context)
         elif request.parameters:
-            raise InvalidArgument(f"parameters apply to text requests (a {TEXT_INPUT!r} input); tensors take none")
+            raise InvalidArgument(
+                f"parameters apply to pipeline requests (a {TEXT_INPUT!r} or {IMAGE_INPUT!r} input); tensors take none"
+            )
         else:
             outputs = await self._run_tensors(model, arrays)
         requested = [output.name for output in request.outputs]
@@ -186,15 +199,17 @@ class KServeServicer(v2_grpc.GRPCInferenceServiceServicer):
             # What check_feeds cannot see: shapes that disagree, ids outside the vocabulary.
             raise InvalidArgument(f"model {model.name!r} refused the inputs: {error}") from error
 
-    async def _run_text(
+    async def _run_pipeline(
         self,
         model: LoadedModel,
         arrays: dict[str, np.ndarray],
         request: v2.ModelInferRequest,
         context: grpc.aio.ServicerContext,
     ) -> dict[str, np.ndarray]:
-        mapping = text_mapping(model)
-        texts = {name: _texts(arrays, name) for name in arrays}
-        typed = build_request(mapping, model.name, texts, request.parameters)
+        """A `text` or `image` request: the typed call of the task's mapping, on its execution path."""
+        mapping = pipeline_mapping(model, IMAGE_INPUT if IMAGE_INPUT in arrays else TEXT_INPUT)
+        images = _images(arrays) if IMAGE_INPUT in arrays else []
+        texts = {name: _texts(arrays, name) for name in arrays if name != IMAGE_INPUT}
+        typed = build_request(mapping, model.name, texts, request.parameters, images)
         response = await model.run(mapping.rpc, typed, context.time_remaining())
         return response_tensors(response)

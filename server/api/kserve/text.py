@@ -1,11 +1,11 @@
-"""The text mode of KServe v2 ModelInfer: tensors and parameters to the typed request of the model's
-RPC, and the typed response back to tensors. Both directions follow the contract's field names,
-so every task maps the same way (docs/kserve.md):
+"""The pipeline mode of KServe v2 ModelInfer: tensors and parameters to the typed request of the
+model's RPC, and the typed response back to tensors. Both directions follow the contract's field
+names, so every task maps the same way (docs/kserve.md):
 
 - the BYTES input `text` fills the field that the task's registration names (texts, questions or
-  prompts: `KServeText`, tasks/registration.py); any other BYTES
-  input fills the repeated string field of its name (text_pairs, contexts, candidate_labels,
-  targets, stop);
+  prompts: `KServeText`, tasks/registration.py), or the BYTES input `image` (encoded files) the
+  repeated Image field it names (`KServeImage`); any other BYTES input fills the repeated string
+  field of its name (text_pairs, contexts, candidate_labels, targets, stop);
 - each request parameter sets the scalar option of its name (top_k, pooling, max_new_tokens...);
 - each scalar field under the response's results becomes an output tensor of that name, with one
   dimension per repeated level, ragged levels padded ("" for text, -1 for integers, NaN for
@@ -21,12 +21,14 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from onnxserve.server.errors import InvalidArgument
-from onnxserve.server.tasks.registration import INFERENCE, KServeText
+from onnxserve.server.tasks.registration import INFERENCE, KServeImage, KServeText
 
 from onnxserve.enums import short_name, short_names
 from onnxserve.kserve_v2 import grpc_predict_v2_pb2 as v2
+from onnxserve.v1 import inference_pb2
 
 TEXT_INPUT = "text"
+IMAGE_INPUT = "image"
 #: The sub-message that holds an RPC's options when it has one (Generate's GenerationParameters).
 OPTIONS_FIELD = "parameters"
 
@@ -35,24 +37,34 @@ OUTPUT_NAMES = {"onnxserve.v1.Embedding.values": "embedding"}
 
 _FLOATS = (FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_DOUBLE)
 _STRING = FieldDescriptor.TYPE_STRING
+_BYTES = FieldDescriptor.TYPE_BYTES
 _BOOL = FieldDescriptor.TYPE_BOOL
 
 
 # --- request -------------------------------------------------------------------------------------
 
 
-def build_request(mapping: KServeText, model: str, texts: dict[str, list[str]], parameters: Any) -> Message:
-    """The typed request of the mapping's RPC from the text inputs by name and the request's
-    parameters; its type is the RPC's input in the contract."""
-    rpc, text_field = mapping.rpc, mapping.field
+def build_request(
+    mapping: KServeText | KServeImage,
+    model: str,
+    texts: dict[str, list[str]],
+    parameters: Any,
+    images: Sequence[bytes] = (),
+) -> Message:
+    """The typed request of the mapping's RPC from the text inputs by name, the `image` input's
+    encoded files (image mappings) and the request's parameters; its type is the RPC's input in
+    the contract."""
+    rpc, main_field = mapping.rpc, mapping.field
+    main_input = IMAGE_INPUT if isinstance(mapping, KServeImage) else TEXT_INPUT
     request = message_factory.GetMessageClass(INFERENCE.methods_by_name[rpc].input_type)(model=model)
     fields = request.DESCRIPTOR.fields_by_name
     options = getattr(request, OPTIONS_FIELD) if OPTIONS_FIELD in fields else request
+    getattr(request, main_field).extend(inference_pb2.Image(data=data) for data in images)
     for name, values in texts.items():
-        field = text_field if name == TEXT_INPUT else name
+        field = main_field if name == main_input else name
         target = request if field in request.DESCRIPTOR.fields_by_name else options
         if not _is_text_list(target.DESCRIPTOR.fields_by_name.get(field)):
-            allowed = [TEXT_INPUT, *(n for n in _text_lists(request, options) if n != text_field)]
+            allowed = [main_input, *(n for n in _text_lists(request, options) if n != main_field)]
             raise InvalidArgument(f"{rpc} takes the BYTES inputs {allowed}, not {name!r}")
         getattr(target, field).extend(values)
     for name, parameter in parameters.items():
@@ -65,7 +77,7 @@ def _is_text_list(field: FieldDescriptor | None) -> bool:
 
 
 def _text_lists(*messages: Message) -> list[str]:
-    return [f.name for m in messages for f in m.DESCRIPTOR.fields if _is_text_list(f)]
+    return list(dict.fromkeys(f.name for m in messages for f in m.DESCRIPTOR.fields if _is_text_list(f)))
 
 
 def _options(message: Message) -> list[str]:
@@ -159,6 +171,8 @@ def pad(rows: Sequence[Any], field: FieldDescriptor) -> np.ndarray:
     """Nested lists as one array, each ragged level padded to its longest."""
     if field.type == _STRING or field.enum_type is not None:
         dtype, fill = np.dtype(object), ""
+    elif field.type == _BYTES:
+        dtype, fill = np.dtype(object), b""
     elif field.type in _FLOATS:
         dtype, fill = np.dtype(np.float32), np.nan
     elif field.type == _BOOL:
