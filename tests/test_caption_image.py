@@ -35,9 +35,12 @@ from transformers import (
 )
 from transformers.image_utils import load_image
 
+from onnxserve.kserve_v2 import grpc_predict_v2_pb2 as v2
+from onnxserve.kserve_v2 import grpc_predict_v2_pb2_grpc as v2_grpc
 from onnxserve.v1 import inference_pb2, inference_pb2_grpc
 from tests.node_tools import node_client
 from tests.test_classify_image import FILES, RAW
+from tests.test_kserve import output
 
 KIND = "vit-gpt2-image-to-text"
 NEW_TOKENS = 12
@@ -192,6 +195,22 @@ def test_the_async_client_captions(fp32_server, client):
 
     expected = client.caption_image(model=KIND, images=[FILES["png"]], max_new_tokens=NEW_TOKENS)
     assert asyncio.run(caption()) == [r.token_ids for r in expected]
+
+
+def test_kserve_image_input_captions_like_caption_image(fp32_server, client):
+    """KServe v2: a BYTES input `image` runs CaptionImage; the request's parameters are its
+    GenerationParameters; each caption's fields come back as tensors (token ids padded with -1)."""
+    images = [FILES["png"], FILES["jpeg"], FILES["png-5x7"]]
+    request = v2.ModelInferRequest(model_name=KIND)
+    request.inputs.add(name="image", datatype="BYTES", shape=[len(images)]).contents.bytes_contents.extend(images)
+    request.parameters["max_new_tokens"].int64_param = NEW_TOKENS
+    request.parameters["num_beams"].int64_param = 2
+    with grpc.insecure_channel(fp32_server.target) as channel:
+        response = v2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
+    typed = client.caption_image(model=KIND, images=images, max_new_tokens=NEW_TOKENS, num_beams=2)
+    assert output(response, "generated_text").tolist() == [r.generated_text for r in typed]
+    token_ids = output(response, "token_ids").tolist()
+    assert [[token for token in row if token >= 0] for row in token_ids] == [r.token_ids for r in typed]
 
 
 # Node: one caption with beams, printed as JSON (argv: target, model, the image in base64).

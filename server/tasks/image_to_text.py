@@ -16,7 +16,7 @@ from onnxserve.server.tasks.generation.drivers import run
 from onnxserve.server.tasks.generation.pipeline import GenerationPipeline
 from onnxserve.server.tasks.generation.preparation import GenerationRequest
 from onnxserve.server.tasks.images import decode, image_processor
-from onnxserve.server.tasks.registration import SEQ2SEQ_GRAPHS, ExportSpec, TaskRegistration
+from onnxserve.server.tasks.registration import SEQ2SEQ_GRAPHS, ExportSpec, KServeImage, TaskRegistration
 
 from onnxserve.v1 import common_pb2, inference_pb2
 
@@ -59,6 +59,7 @@ REGISTRATION = TaskRegistration(
     task=common_pb2.TASK_IMAGE_TO_TEXT,
     pipeline=ImageToTextPipeline,
     rpcs=frozenset({"CaptionImage"}),
+    kserve_image=KServeImage("CaptionImage"),
     # As text2text generation: fp16 and int8 (dynamic) variants of the encoder and the merged
     # decoder, each judged on the first decoder step's logits against PyTorch's.
     export=ExportSpec(
