@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
 from functools import cache
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from transformers.image_utils import load_image  # as the pipelines load images:
 
 from onnxserve.repository import read_manifest
 from tests.conftest import Exported
+from tests.node_tools import node_client
 from tests.test_classify_image import FILES, RAW
 from tests.test_classify_image_zero_shot import build as build_clip
 
@@ -145,3 +147,24 @@ def test_the_command_encodes_image_files(fp32_server, tmp_path, capsys):
     with fp32_server.client() as client:
         expected = client.encode_image(model=CLIP, images=files, normalize=True)
     np.testing.assert_allclose(printed["results"], list(expected), rtol=1e-6)
+
+
+def test_the_node_client_encodes_images(fp32_server, tmp_path):
+    image = tmp_path / "photo.png"
+    image.write_bytes(FILES["png"])
+    script = """
+const { OnnxServeClient } = require(".");
+const [target, model, file] = process.argv.slice(1);
+const client = new OnnxServeClient(target, { timeoutMs: 60000 });
+client.encodeImage({ model, images: [{ data: require("fs").readFileSync(file) }], normalize: true })
+  .then((response) => process.stdout.write(JSON.stringify(response.embeddings.map((e) => e.values))))
+  .finally(() => client.close());
+"""
+    result = subprocess.run(
+        ["node", "-e", script, fp32_server.target, CLIP, str(image)],
+        cwd=node_client(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    with fp32_server.client() as client:
+        expected = client.encode_image(model=CLIP, images=[image], normalize=True)
+    np.testing.assert_allclose(json.loads(result.stdout), list(expected), rtol=1e-6)

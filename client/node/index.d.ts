@@ -6,10 +6,14 @@ import type { AnswerRequest } from "./generated/onnxserve/v1/AnswerRequest";
 import type { AnswerResponse__Output } from "./generated/onnxserve/v1/AnswerResponse";
 import type { CaptionImageRequest } from "./generated/onnxserve/v1/CaptionImageRequest";
 import type { CaptionImageResponse__Output } from "./generated/onnxserve/v1/CaptionImageResponse";
+import type { ClassifyImageRequest } from "./generated/onnxserve/v1/ClassifyImageRequest";
+import type { ClassifyImageResponse__Output } from "./generated/onnxserve/v1/ClassifyImageResponse";
 import type { ClassifyRequest } from "./generated/onnxserve/v1/ClassifyRequest";
 import type { ClassifyResponse__Output } from "./generated/onnxserve/v1/ClassifyResponse";
 import type { DetokenizeRequest } from "./generated/onnxserve/v1/DetokenizeRequest";
 import type { DetokenizeResponse__Output } from "./generated/onnxserve/v1/DetokenizeResponse";
+import type { EncodeImageRequest } from "./generated/onnxserve/v1/EncodeImageRequest";
+import type { EncodeImageResponse__Output } from "./generated/onnxserve/v1/EncodeImageResponse";
 import type { EncodeRequest } from "./generated/onnxserve/v1/EncodeRequest";
 import type { EncodeResponse__Output } from "./generated/onnxserve/v1/EncodeResponse";
 import type { FillMaskRequest } from "./generated/onnxserve/v1/FillMaskRequest";
@@ -21,6 +25,8 @@ import type { GenerateStreamResponse__Output } from "./generated/onnxserve/v1/Ge
 import type { GetModelRequest } from "./generated/onnxserve/v1/GetModelRequest";
 import type { ListModelsResponse__Output } from "./generated/onnxserve/v1/ListModelsResponse";
 import type { ModelInfo__Output } from "./generated/onnxserve/v1/ModelInfo";
+import type { ReconstructImageRequest } from "./generated/onnxserve/v1/ReconstructImageRequest";
+import type { ReconstructImageResponse__Output } from "./generated/onnxserve/v1/ReconstructImageResponse";
 import type { TagTokensRequest } from "./generated/onnxserve/v1/TagTokensRequest";
 import type { TagTokensResponse__Output } from "./generated/onnxserve/v1/TagTokensResponse";
 import type { TokenizeRequest } from "./generated/onnxserve/v1/TokenizeRequest";
@@ -57,6 +63,15 @@ export declare class OnnxServeClient {
   generate(request: GenerateRequest, options?: CallOptions): Promise<GenerateResponse__Output>;
   /** One caption per image (`images[i].data`: an encoded file as a Buffer, or `raw` pixels). */
   captionImage(request: CaptionImageRequest, options?: CallOptions): Promise<CaptionImageResponse__Output>;
+  /** Labels per image (`images` as for captionImage); with candidateLabels, zero-shot (CLIP). */
+  classifyImage(request: ClassifyImageRequest, options?: CallOptions): Promise<ClassifyImageResponse__Output>;
+  /** One embedding per image; CLIP models answer `encode` for texts in the same space. */
+  encodeImage(request: EncodeImageRequest, options?: CallOptions): Promise<EncodeImageResponse__Output>;
+  /** Masked image modeling: per image, the PNG, the float32 reconstruction bytes, the loss, the masked patches. */
+  reconstructImage(
+    request: ReconstructImageRequest,
+    options?: CallOptions,
+  ): Promise<ReconstructImageResponse__Output>;
   /** An async-iterable stream of pieces; the last carries finishReason, generatedText and metadata. */
   generateStream(
     request: GenerateStreamRequest,
@@ -76,5 +91,7 @@ export type {
   DetokenizeResponse__Output, EncodeRequest, EncodeResponse__Output, FillMaskRequest, FillMaskResponse__Output,
   GenerateRequest, GenerateResponse__Output, GenerateStreamRequest, GenerateStreamResponse__Output, GetModelRequest,
   ListModelsResponse__Output, ModelInfo__Output, TagTokensRequest, TagTokensResponse__Output, TokenizeRequest,
-  TokenizeResponse__Output, CaptionImageRequest, CaptionImageResponse__Output,
+  TokenizeResponse__Output, CaptionImageRequest, CaptionImageResponse__Output, ClassifyImageRequest,
+  ClassifyImageResponse__Output, EncodeImageRequest, EncodeImageResponse__Output, ReconstructImageRequest,
+  ReconstructImageResponse__Output,
 };

@@ -49,6 +49,9 @@ class OnnxServeClient {
   fillMask(request, options) { return this._unary(this.inference, "FillMask", request, options); }
   generate(request, options) { return this._unary(this.inference, "Generate", request, options); }
   captionImage(request, options) { return this._unary(this.inference, "CaptionImage", request, options); }
+  classifyImage(request, options) { return this._unary(this.inference, "ClassifyImage", request, options); }
+  encodeImage(request, options) { return this._unary(this.inference, "EncodeImage", request, options); }
+  reconstructImage(request, options) { return this._unary(this.inference, "ReconstructImage", request, options); }
   tokenize(request, options) { return this._unary(this.inference, "Tokenize", request, options); }
   detokenize(request, options) { return this._unary(this.inference, "Detokenize", request, options); }
   listModels(options) { return this._unary(this.models, "ListModels", {}, options); }
