@@ -1,5 +1,6 @@
-"""Where an export starts: SOURCE (a local folder, a Hub id, or a GGUF file) made into a local
-checkpoint folder, and the config, tokenizer and sentence-transformers settings read from it."""
+"""Where an export starts: SOURCE (a local folder, a Hub id, a GGUF file or a CTranslate2
+model.bin) made into a local checkpoint folder, and the config, tokenizer and sentence-transformers
+settings read from it."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 
 from onnxserve.v1 import common_pb2
 
+#: The file name of a CTranslate2 model (faster-whisper), read by export/ctranslate2.py.
+CTRANSLATE2_MODEL = "model.bin"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # What an export reads from a Hub repository: configs, tokenizer files and weights. Repositories
 # often also hold ONNX, TensorFlow or OpenVINO copies that are never needed here.
@@ -51,13 +54,18 @@ def open_source(source: str) -> Iterator[Checkpoint]:
     if source.endswith(".gguf"):
         with _from_gguf(source, local) as checkpoint:
             yield checkpoint
+    elif local.name == CTRANSLATE2_MODEL:
+        with _from_ctranslate2(local) as checkpoint:
+            yield checkpoint
     elif local.is_dir():
         if not (local / "config.json").is_file():
             raise ExportError(f"{local} has no config.json: it is not a transformers checkpoint folder")
         folder = local.resolve()
         yield Checkpoint(folder, str(folder), folder.name)
     elif local.exists():
-        raise ExportError(f"source {source!r} is a file: give a checkpoint folder, a .gguf file or a Hub id")
+        raise ExportError(
+            f"source {source!r} is a file: give a checkpoint folder, a .gguf file, a CTranslate2 model.bin or a Hub id"
+        )
     elif not _HUB_ID.fullmatch(source):
         raise ExportError(f"source {source!r} not found: give a checkpoint folder or a Hugging Face Hub id")
     else:
@@ -124,6 +132,20 @@ def _gguf_path(location: str, file_name: str) -> Path:
     from huggingface_hub import hf_hub_download
 
     return Path(hf_hub_download(location, file_name))
+
+
+@contextmanager
+def _from_ctranslate2(model_bin: Path) -> Iterator[Checkpoint]:
+    """A CTranslate2 Whisper model.bin (faster-whisper's format) converted into a transformers
+    checkpoint in a temporary folder (export/ctranslate2.py)."""
+    from onnxserve.export.ctranslate2 import convert_whisper
+
+    if not model_bin.is_file():
+        raise ExportError(f"CTranslate2 model {model_bin} not found")
+    with tempfile.TemporaryDirectory(prefix="onnxserve-ct2-") as folder:
+        convert_whisper(model_bin, Path(folder))
+        origin = model_bin.resolve()
+        yield Checkpoint(Path(folder), str(origin), origin.parent.name)
 
 
 def _merge_by_score(tokenizer: PreTrainedTokenizerFast, gguf_file: Path | None) -> None:
