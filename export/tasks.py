@@ -68,9 +68,8 @@ _HEADS = (
     ("ForMaskedImageModeling", "masked-image-modeling"),
     ("ForCausalLM", "text-generation"),
 )
-# Image-text models whose checkpoints serve zero-shot image classification. SigLIP is not among
-# them yet: its pipeline pads to 64 tokens and scores with a sigmoid.
-_ZERO_SHOT_MODEL_TYPES = ("clip",)
+# Image-text models whose checkpoints serve zero-shot image classification.
+_ZERO_SHOT_MODEL_TYPES = ("clip", "siglip")
 # Heads whose task depends on whether the model is an encoder-decoder: T5ForConditionalGeneration,
 # MarianMTModel, GPT2LMHeadModel, and old T5 configs' T5WithLMHeadModel.
 _GENERATION_HEADS = ("ForConditionalGeneration", "MTModel", "LMHeadModel")
