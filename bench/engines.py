@@ -144,12 +144,13 @@ class Server:
         self.target = target
         self.caller = caller
 
-    def measure(self, rpc: str, model: str, texts: list[str], load: Load) -> Sample:
+    def measure(self, rpc: str, model: str, texts: list[str], load: Load, field: str = "texts") -> Sample:
+        """`texts` fill the requests' `field`, one each: texts, or base64 files for "images"."""
         job = {
             "target": self.target,
             "rpc": rpc,
             "model": model,
-            "texts": texts,
+            field: texts,
             "concurrency": load.concurrency,
             "seconds": load.seconds,
             "min_requests": load.min_requests,

@@ -1,11 +1,13 @@
 """The benchmark's gRPC caller, in a process of its own as real callers are (`python -m
 bench.loadgen`): reads one JSON job per line on stdin, runs it closed-loop (`concurrency` callers,
 each sending its next one-text request as soon as its last is answered) and writes one JSON
-result per line on stdout: each request's latency and the batch size the server reported."""
+result per line on stdout: each request's latency and the batch size the server reported. A job
+carries `texts`, or `images` (base64 encoded files) for image RPCs, one per request."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import json
 import sys
@@ -16,7 +18,11 @@ import grpc
 
 from onnxserve.v1 import inference_pb2, inference_pb2_grpc
 
-REQUESTS = {"Encode": inference_pb2.EncodeRequest, "Classify": inference_pb2.ClassifyRequest}
+REQUESTS = {
+    "Encode": inference_pb2.EncodeRequest,
+    "Classify": inference_pb2.ClassifyRequest,
+    "ClassifyImage": inference_pb2.ClassifyImageRequest,
+}
 
 
 async def closed_loop(call: Any, requests: list[Any], concurrency: int, seconds: float, min_requests: int) -> dict:
@@ -42,10 +48,17 @@ async def run(job: dict) -> dict:
     """A warm-up of two requests per caller, not recorded, then the measured loop."""
     async with grpc.aio.insecure_channel(job["target"]) as channel:
         call = getattr(inference_pb2_grpc.InferenceStub(channel), job["rpc"])
-        requests = [REQUESTS[job["rpc"]](model=job["model"], texts=[text]) for text in job["texts"]]
+        requests = [REQUESTS[job["rpc"]](model=job["model"], **one) for one in _inputs(job)]
         concurrency = job["concurrency"]
         await closed_loop(call, requests, concurrency, 0.0, 2 * concurrency)
         return await closed_loop(call, requests, concurrency, job["seconds"], job["min_requests"])
+
+
+def _inputs(job: dict) -> list[dict]:
+    """Each request's input field: one text, or one encoded image."""
+    if "images" in job:
+        return [{"images": [inference_pb2.Image(data=base64.b64decode(data))]} for data in job["images"]]
+    return [{"texts": [text]} for text in job["texts"]]
 
 
 def main() -> None:
