@@ -38,7 +38,7 @@ class TaskSpec:
         return self.export.optimum_task
 
     @property
-    def auto_class(self) -> str:
+    def auto_class(self) -> str | tuple[str, ...]:
         """The transformers class that loads the PyTorch reference."""
         return self.export.auto_class
 
@@ -65,6 +65,7 @@ _HEADS = (
     ("ForImageClassification", "image-classification"),
     ("ForObjectDetection", "object-detection"),
     ("ForSemanticSegmentation", "image-segmentation"),
+    ("ForSegmentation", "image-segmentation"),  # DETR's panoptic head
     ("ForMaskedImageModeling", "masked-image-modeling"),
     ("ForCausalLM", "text-generation"),
 )

@@ -85,8 +85,7 @@ class Validator:
         # Short samples: enough to exercise attention and padding, cheap on big models.
         inputs = _Inputs(tokenizer, config, min(max_length, SAMPLE_MAX_LENGTH), image_processor)
         self.batches = _INPUTS[layout](inputs)
-        model_class = getattr(transformers, spec.auto_class)
-        model = model_class.from_pretrained(checkpoint, dtype=torch.float32).eval()
+        model = _reference_model(spec.auto_class, checkpoint)
         with torch.inference_mode():
             self.reference = [self._samples(self._run_torch(model, batch), batch) for batch in self.batches]
             self._probes = OutputProbes(layout, pooling, dict(GATES))
@@ -154,6 +153,19 @@ def _clip_features(model: torch.nn.Module, arguments: dict[str, torch.Tensor]) -
     texts = model.get_text_features(input_ids=arguments["input_ids"], attention_mask=arguments["attention_mask"])
     images = model.get_image_features(pixel_values=arguments["pixel_values"])
     return {"text_embeds": texts.numpy(), "image_embeds": images.numpy()}
+
+
+def _reference_model(auto_class: str | tuple[str, ...], checkpoint: Path) -> torch.nn.Module:
+    """The PyTorch reference: the checkpoint loaded by the first of the task's auto classes that
+    knows its architecture (image segmentation's semantic heads and DETR's panoptic one have none
+    in common), as optimum's exporter tries them."""
+    names = (auto_class,) if isinstance(auto_class, str) else auto_class
+    for name in names[:-1]:
+        try:
+            return getattr(transformers, name).from_pretrained(checkpoint, dtype=torch.float32).eval()
+        except ValueError:  # "Unrecognized configuration class ... for this kind of AutoModel"
+            continue
+    return getattr(transformers, names[-1]).from_pretrained(checkpoint, dtype=torch.float32).eval()
 
 
 def validation_provider() -> str:

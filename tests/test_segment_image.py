@@ -1,9 +1,11 @@
-"""SegmentImage at parity with transformers.pipeline("image-segmentation") on a tiny random
-Segformer built here with its processor: semantic segmentation of encoded files of every format
-the contract names, raw pixels and Pillow images, masks equal to the pipeline's but where the two
-best classes of a pixel tie within rounding; both mask forms (PNG and bit-packed) carrying the same
-pixels; the upsampling against torch's own; and the bad inputs refused with INVALID_ARGUMENT, after
-which the server goes on."""
+"""SegmentImage at parity with transformers.pipeline("image-segmentation") on tiny random
+checkpoints built here with their processors: a Segformer's semantic segmentation of encoded files
+of every format the contract names, raw pixels and Pillow images, and a DETR panoptic head's
+(DetrForSegmentation, a ResNet backbone from transformers) panoptic, instance and semantic
+segmentation; masks equal to the pipeline's but where the two best classes (or queries) of a pixel
+tie within rounding; both mask forms (PNG and bit-packed) carrying the same pixels; the upsampling
+against torch's own; and the bad inputs refused with INVALID_ARGUMENT, after which the server goes
+on."""
 
 from __future__ import annotations
 
@@ -11,15 +13,22 @@ import io
 import json
 from functools import cache
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import numpy as np
 import pytest
 import torch
-from onnxserve.server.tasks.image_segmentation import pixel_classes
+from onnxserve.client.results import Segment
+from onnxserve.server.tasks.image_segmentation import pixel_classes, query_segments
 from PIL import Image, ImageOps
 from transformers import (
     AutoImageProcessor,
+    DetrConfig,
+    DetrForSegmentation,
+    DetrImageProcessor,
+    PreTrainedModel,
+    ResNetConfig,
     SegformerConfig,
     SegformerForSemanticSegmentation,
     SegformerImageProcessor,
@@ -30,30 +39,59 @@ from onnxserve.v1 import inference_pb2, inference_pb2_grpc
 from tests.test_classify_image import FILES, RAW
 
 LABELS = ("sky", "tree", "road", "car", "person")
-KINDS = ["segformer-semantic-segmentation"]
-KIND = KINDS[0]
-# Where the upsampled logits of a pixel's two best classes are closer than this, either may win.
+KINDS = ["segformer-semantic-segmentation", "detr-panoptic-segmentation"]
+KIND, PANOPTIC = KINDS
+# Where the upsampled maps of a pixel's two best classes (or queries) are closer than this, either
+# may win.
 TIE = 1e-4
 
 
-def build(directory: Path) -> Path:
-    torch.manual_seed(0)
+def _labelled() -> dict:
+    return {"id2label": dict(enumerate(LABELS)), "label2id": {label: i for i, label in enumerate(LABELS)}}
+
+
+def _segformer() -> tuple[PreTrainedModel, SegformerImageProcessor]:
     config = SegformerConfig(
         num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16], num_attention_heads=[1, 2],
-        decoder_hidden_size=16, patch_sizes=[7, 3], strides=[4, 2], mlp_ratios=[2, 2],
-        id2label=dict(enumerate(LABELS)), label2id={label: i for i, label in enumerate(LABELS)},
+        decoder_hidden_size=16, patch_sizes=[7, 3], strides=[4, 2], mlp_ratios=[2, 2], **_labelled(),
     )  # fmt: skip
-    model = SegformerForSemanticSegmentation(config)
-    with torch.no_grad():  # spread the class logits, so that every label covers some pixels
-        model.decode_head.classifier.weight.uniform_(-1, 1)
+    return SegformerForSemanticSegmentation(config), SegformerImageProcessor(size={"height": 32, "width": 32})
+
+
+def _detr_panoptic() -> tuple[PreTrainedModel, DetrImageProcessor]:
+    # The mask head reads four backbone stages; its group norms need d_model + heads divisible by 8.
+    stages = ["stage1", "stage2", "stage3", "stage4"]
+    backbone = ResNetConfig(embedding_size=8, hidden_sizes=[8, 8, 16, 16], depths=[1, 1, 1, 1], out_features=stages)
+    config = DetrConfig(
+        use_timm_backbone=False, use_pretrained_backbone=False, backbone=None, backbone_config=backbone,
+        d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=8, decoder_attention_heads=8,
+        encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=8, **_labelled(),
+    )  # fmt: skip
+    processor = DetrImageProcessor(size={"shortest_edge": 48, "longest_edge": 128}, format="coco_panoptic")
+    return DetrForSegmentation(config), processor
+
+
+BUILDERS = {KIND: _segformer, PANOPTIC: _detr_panoptic}
+# The class heads' weights, spread (uniform in +-spread) so that every label covers some pixels; DETR's
+# less, so that no query's score outweighs every other's mask and images have several segments.
+SPREADS = {"decode_head.classifier.weight": 2.0, "detr.class_labels_classifier.weight": 0.5}
+
+
+def build(kind: str, directory: Path) -> Path:
+    torch.manual_seed(0)
+    model, processor = BUILDERS[kind]()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name in SPREADS:
+                parameter.uniform_(-SPREADS[name], SPREADS[name])
     model.eval().save_pretrained(directory)
-    SegformerImageProcessor(size={"height": 32, "width": 32}).save_pretrained(directory)
+    processor.save_pretrained(directory)
     return directory
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, export):
-    return {KIND: export(KIND, source=build(tmp_path_factory.mktemp(KIND)))}
+    return {kind: export(kind, source=build(kind, tmp_path_factory.mktemp(kind))) for kind in KINDS}
 
 
 @cache
@@ -62,24 +100,42 @@ def reference(checkpoint: Path):
     return pipeline("image-segmentation", model=str(checkpoint), image_processor=processor, device="cpu")
 
 
-def ties(checkpoint: Path, image: Image.Image) -> np.ndarray:
-    """The pixels of an image whose two best classes are within TIE after PyTorch's upsampling."""
+def ties(checkpoint: Path, image: Image.Image, subtask: str = "semantic", threshold: float = 0.0) -> np.ndarray:
+    """The pixels of an image whose two best classes (semantic) or queries (panoptic) are within
+    TIE in PyTorch's upsampled maps, as post-processing computes them."""
     upright = ImageOps.exif_transpose(image).convert("RGB")
     processor = AutoImageProcessor.from_pretrained(checkpoint, use_fast=False)
     pixels = processor(images=upright, return_tensors="pt")["pixel_values"]
+    size = upright.size[::-1]
     with torch.no_grad():
-        logits = SegformerForSemanticSegmentation.from_pretrained(checkpoint)(pixel_values=pixels).logits
-        upsampled = torch.nn.functional.interpolate(logits, size=upright.size[::-1], mode="bilinear")[0]
-    best = upsampled.topk(2, dim=0).values
+        if not hasattr(processor, "post_process_panoptic_segmentation"):
+            logits = SegformerForSemanticSegmentation.from_pretrained(checkpoint)(pixel_values=pixels).logits
+            maps = torch.nn.functional.interpolate(logits, size=size, mode="bilinear")[0]
+        else:
+            outputs = DetrForSegmentation.from_pretrained(checkpoint)(pixel_values=pixels)
+            probabilities, masks = outputs.logits[0].softmax(-1), outputs.pred_masks[0].sigmoid()
+            if subtask == "semantic":
+                maps = torch.einsum("qc,qhw->chw", probabilities[:, :-1], masks)
+                maps = torch.nn.functional.interpolate(maps[None], size=size, mode="bilinear")[0]
+            else:
+                scores, classes = probabilities.max(-1)
+                kept = (classes != len(LABELS)) & (scores > threshold)
+                if kept.sum() < 2:  # no query, or one: no pixel to share
+                    return np.zeros(size, dtype=bool)
+                maps = torch.nn.functional.interpolate(masks[kept][None], size=size, mode="bilinear")[0]
+                maps = maps * scores[kept][:, None, None]
+    best = maps.topk(2, dim=0).values
     return (best[0] - best[1] < TIE).numpy()
 
 
 def assert_same_segments(served: list, expected: list[dict], tied: np.ndarray) -> None:
-    """The same labels in the same order, no scores (semantic), and each mask equal to the
-    pipeline's but where the pixel's best classes tie; the PNG and the packed mask the same."""
+    """The same labels in the same order, the same scores (None for semantic segmentation), and
+    each mask equal to the pipeline's but where the pixel's best classes or queries tie; the PNG
+    and the packed mask the same."""
     assert [s.label for s in served] == [e["label"] for e in expected]
     for got, want in zip(served, expected, strict=True):
-        assert got.score is None and want["score"] is None
+        assert (got.score is None) == (want["score"] is None)
+        assert want["score"] is None or got.score == pytest.approx(want["score"], abs=1e-4)
         png = np.asarray(Image.open(io.BytesIO(got.mask)))
         assert Image.open(io.BytesIO(got.mask)).mode == "L" and set(np.unique(png)) <= {0, 255}
         np.testing.assert_array_equal(png == 255, got.mask_array)
@@ -108,6 +164,65 @@ def test_a_batch_of_raw_pixels_and_pillow_images_matches_the_pipeline(fp32_serve
         assert_same_segments(arrays, want, ties(checkpoint, image))
         assert_same_segments(pillows, want, ties(checkpoint, image))
     assert len({s.label for r in from_arrays for s in r}) > 1
+
+
+PANOPTIC_FILES = ("png", "jpeg", "png-rgba", "png-5x7", "jpeg-exif-rotated", "large-jpeg")
+# Subtasks and thresholds. A random head's scores are low, and the mask threshold applies to masks
+# weighed by them: low thresholds leave segments to compare; the defaults (likely none) compare too.
+PANOPTIC_OPTIONS = [
+    (None, {}),
+    ("panoptic", {"threshold": 0.0, "mask_threshold": 0.05}),
+    ("instance", {"threshold": 0.0, "mask_threshold": 0.05}),
+    ("panoptic", {"threshold": 0.2, "mask_threshold": 0.1, "overlap_mask_area_threshold": 0.8}),
+    ("semantic", {}),
+]
+
+
+@pytest.mark.parametrize(("subtask", "thresholds"), PANOPTIC_OPTIONS)
+def test_detrs_panoptic_head_matches_the_pipeline(fp32_server, exported, subtask, thresholds):
+    checkpoint = exported[PANOPTIC].checkpoint
+    images = [Image.open(io.BytesIO(FILES[name])) for name in PANOPTIC_FILES]
+    with fp32_server.client() as client:
+        response = client.segment_image(model=PANOPTIC, images=images, subtask=subtask, **thresholds)
+    for served, image in zip(response, images, strict=True):
+        want = reference(checkpoint)(image, subtask=subtask, **thresholds)
+        tied = ties(checkpoint, image, subtask or "panoptic", thresholds.get("threshold", 0.9))  # 0.9: the default
+        assert_same_segments(served, want, tied)
+    if thresholds.get("threshold") == 0.0 or subtask == "semantic":  # segments to compare in every image
+        assert all(response)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize(
+    ("threshold", "mask_threshold", "overlap"), [(0.0, 0.05, 0.5), (0.3, 0.2, 0.8), (0.0, 0.5, 0.2)]
+)
+def test_query_segments_are_detrs_post_processing(seed, threshold, mask_threshold, overlap):
+    """The panoptic post-processing on random logits and masks of many queries (a random tiny
+    head's queries are too alike to share an image): every segment, its score and its pixels,
+    against DetrImageProcessor.post_process_panoptic_segmentation, ties aside."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 2, (12, len(LABELS) + 1)).astype(np.float32)
+    rows, columns = np.mgrid[0:9, 0:13]  # each query's mask a disc: queries own the parts they outweigh
+    centers, radii = rng.uniform((0, 0), (9, 13), (12, 2)), rng.uniform(2, 5, (12, 1, 1))
+    distances = np.hypot(rows - centers[:, :1, None], columns - centers[:, 1:, None])
+    masks = (3 * (radii - distances)).astype(np.float32)
+    size = (50, 37)  # width, height
+    served = query_segments({"logits": logits, "pred_masks": masks}, size, list(LABELS), 0, threshold,
+                            mask_threshold, overlap)  # fmt: skip
+    outputs = SimpleNamespace(logits=torch.from_numpy(logits)[None], pred_masks=torch.from_numpy(masks)[None])
+    (expected,) = DetrImageProcessor().post_process_panoptic_segmentation(
+        outputs, threshold, mask_threshold, overlap, target_sizes=[size[::-1]]
+    )
+    want = [
+        {
+            "label": LABELS[s["label_id"]],
+            "score": s["score"],
+            "mask": (expected["segmentation"] == s["id"]).numpy() * 255,
+        }
+        for s in expected["segments_info"]
+    ]
+    assert len(want) >= 2 or overlap > 0.5  # several segments, but where the overlap rule is strict
+    assert_same_segments([Segment.from_proto(s) for s in served], want, np.zeros(size[::-1], dtype=bool))
 
 
 @pytest.mark.parametrize(("height", "width", "target"), [(8, 8, (5, 7)), (8, 8, (480, 640)), (6, 9, (257, 33))])
@@ -154,7 +269,7 @@ def _call(target: str, request: inference_pb2.SegmentImageRequest) -> inference_
                 "images": [inference_pb2.Image(data=FILES["png"])],
                 "subtask": inference_pb2.SEGMENTATION_SUBTASK_PANOPTIC,
             },
-            "segments images semantically: it has no panoptic segmentation",
+            "has no panoptic segmentation: it serves semantic",
         ),
         ({"images": [inference_pb2.Image(data=FILES["png"])], "mask_threshold": float("nan")}, "mask_threshold is NaN"),
     ],

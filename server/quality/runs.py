@@ -22,7 +22,7 @@ Outputs = dict[str, np.ndarray]
 # The outputs the families read: what a probe file stores of PyTorch's.
 MAIN_OUTPUTS = (
     "last_hidden_state", "logits", "start_logits", "end_logits", "logits_per_image", "text_embeds", "image_embeds",
-    "reconstruction", "pred_boxes",
+    "reconstruction", "pred_boxes", "pred_masks",
 )  # fmt: skip
 
 
@@ -108,9 +108,13 @@ def _detections(outputs: Outputs, batch: Batch, pooling: int) -> list[Sample]:
     return [Sample(logits, boxes.ravel()) for logits, boxes in rows]
 
 
-def _pixel_classes(outputs: Outputs, batch: Batch, pooling: int) -> list[Sample]:
-    """Semantic segmentation: each image's logits as the classes of each pixel, at the logits'
-    resolution (the label agreement is per pixel there)."""
+def _segmentation(outputs: Outputs, batch: Batch, pooling: int) -> list[Sample]:
+    """Semantic heads: each image's logits as the classes of each pixel, at the logits' resolution
+    (the label agreement is per pixel there). DETR's panoptic head: each image's logits per query
+    (the label agreement), its query masks as the vector compared by direction."""
+    if "pred_masks" in outputs:
+        rows = zip(outputs["logits"], outputs["pred_masks"], strict=True)
+        return [Sample(logits, masks.ravel()) for logits, masks in rows]
     return [Sample(np.moveaxis(logits, 0, -1), logits.ravel()) for logits in outputs["logits"]]
 
 
@@ -153,7 +157,7 @@ OUTPUT_FAMILIES = {
     "image-to-text": OutputFamily(_run_seq2seq, _per_sequence),
     "image-classification": OutputFamily(_run_single, _per_sequence),
     "object-detection": OutputFamily(_run_single, _detections),
-    "image-segmentation": OutputFamily(_run_single, _pixel_classes),
+    "image-segmentation": OutputFamily(_run_single, _segmentation),
     "zero-shot-image-classification": OutputFamily(_run_single, _per_image),
     "image-feature-extraction": OutputFamily(_run_single, _image_tokens, logits=False),
     "clip_towers": OutputFamily(_run_towers, _tower_embeddings, logits=False),

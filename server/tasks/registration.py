@@ -85,7 +85,7 @@ class ExportSpec:
     graph instead of optimum's."""
 
     optimum_task: str
-    auto_class: str
+    auto_class: str | tuple[str, ...]  # several: the first that loads the checkpoint, as optimum tries them
     graphs: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: SINGLE_GRAPH)
     variants: Mapping[str, Derivation] = field(default_factory=lambda: ENCODER_VARIANTS)
     default_precisions: tuple[str, ...] = ("fp32", "fp16", "int8")
