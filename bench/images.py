@@ -4,9 +4,9 @@
                            [--images 64] [--work ~/.cache/onnxserve-bench]
 
 The model is a ViT-Small shape (224 x 224, patches of 16, 12 layers of 384, 6 heads; 10 labels)
-with random, seeded weights: no pretrained vision checkpoint can be had here (no model hub; no
-package on the registry carries one in transformers' format), and speed does not depend on the
-weights' values. Its image processor is ViTImageProcessor's default (resize to 224 x 224, bilinear;
+with random, seeded weights: no pretrained vision checkpoint can be downloaded here (no model hub,
+and a search of the registry's package lists found none in transformers' format), and speed does
+not depend on the weights' values. Its image processor is ViTImageProcessor's default (resize to 224 x 224, bilinear;
 rescale; normalize). The images are JPEG files of varied sizes (photographs' 4:3 and 3:2, a
 portrait, a large one), the same for every engine:
 
