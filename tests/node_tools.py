@@ -37,6 +37,16 @@ def node_client() -> Path:
     return NODE_CLIENT
 
 
+def run_node(script: str, *args: str) -> str:
+    """What a Node.js script prints, run in client/node (so that `require(".")` is the client)
+    with `args` as process.argv.slice(1); fails the test with its stderr if it fails."""
+    result = subprocess.run(
+        ["node", "-e", script, *args], cwd=node_client(), capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 def bin_path(name: str) -> Path:
     """An executable of client/node's dependencies, e.g. buf or tsc."""
     return node_client() / "node_modules" / ".bin" / name

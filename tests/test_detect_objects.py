@@ -31,6 +31,7 @@ from transformers import (
 )
 
 from onnxserve.v1 import inference_pb2, inference_pb2_grpc
+from tests.node_tools import run_node
 from tests.test_classify_image import FILES, RAW, picture, raw
 
 LABELS = ("cat", "dog", "bird", "car", "boat")
@@ -181,6 +182,24 @@ def test_the_command_prints_detections(fp32_server, tmp_path, capsys):
         expected = client.detect_objects(model=KINDS[0], images=[path], threshold=0.0)
     assert [[x["label"] for x in image] for image in printed["results"]] == [[x.label for x in r] for r in expected]
     assert printed["results"][0][0]["box"] == vars(expected[0][0].box)
+
+
+def test_the_node_client_detects_objects(fp32_server, tmp_path):
+    path = tmp_path / "picture.jpeg"
+    path.write_bytes(FILES["jpeg"])
+    script = """
+const { OnnxServeClient } = require(".");
+const [target, model, file] = process.argv.slice(1);
+const client = new OnnxServeClient(target, { timeoutMs: 60000 });
+client.detectObjects({ model, images: [{ data: require("fs").readFileSync(file) }], threshold: 0 })
+  .then((response) => process.stdout.write(JSON.stringify(response.results[0].objects)))
+  .finally(() => client.close());
+"""
+    objects = json.loads(run_node(script, fp32_server.target, KINDS[0], str(path)))
+    with fp32_server.client() as client:
+        (expected,) = client.detect_objects(model=KINDS[0], images=[path], threshold=0.0)
+    assert [(x["label"], x["box"]) for x in objects] == [(x.label, vars(x.box)) for x in expected]
+    assert [x["score"] for x in objects] == pytest.approx([x.score for x in expected])
 
 
 def _call(target: str, request: inference_pb2.DetectObjectsRequest) -> inference_pb2.DetectObjectsResponse:

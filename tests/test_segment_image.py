@@ -9,6 +9,7 @@ on."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 from functools import cache
@@ -36,6 +37,7 @@ from transformers import (
 )
 
 from onnxserve.v1 import inference_pb2, inference_pb2_grpc
+from tests.node_tools import run_node
 from tests.test_classify_image import FILES, RAW
 
 LABELS = ("sky", "tree", "road", "car", "person")
@@ -249,6 +251,32 @@ def test_the_command_writes_the_masks(fp32_server, tmp_path, capsys):
     assert all(segment.label in printed for segment in expected[0])
     main(["segment", "--model", KIND, "--target", fp32_server.target, "--json", str(path)])
     assert [s["label"] for s in json.loads(capsys.readouterr().out)["results"][0]] == [s.label for s in expected[0]]
+
+
+def test_the_node_client_segments_images(fp32_server, tmp_path):
+    """Node gets the segments and both masks: its unpacked bits are the Python client's pixels."""
+    path = tmp_path / "picture.png"
+    path.write_bytes(FILES["png"])
+    script = """
+const { OnnxServeClient } = require(".");
+const [target, model, file] = process.argv.slice(1);
+const client = new OnnxServeClient(target, { timeoutMs: 60000 });
+const bit = (bits, i) => (bits[i >> 3] >> (7 - (i & 7))) & 1;
+client.segmentImage({ model, images: [{ data: require("fs").readFileSync(file) }] })
+  .then((response) => process.stdout.write(JSON.stringify(response.results[0].segments.map((s) => ({
+    label: s.label, png: s.mask.toString("base64"), width: s.packedMask.width, height: s.packedMask.height,
+    pixels: Array.from({ length: s.packedMask.width * s.packedMask.height }, (_, i) => bit(s.packedMask.bits, i)),
+  })))))
+  .finally(() => client.close());
+"""
+    segments = json.loads(run_node(script, fp32_server.target, KIND, str(path)))
+    with fp32_server.client() as client:
+        (expected,) = client.segment_image(model=KIND, images=[path])
+    assert [s["label"] for s in segments] == [s.label for s in expected]
+    for got, want in zip(segments, expected, strict=True):
+        assert base64.b64decode(got["png"]) == want.mask
+        pixels = np.array(got["pixels"], dtype=bool).reshape(got["height"], got["width"])
+        np.testing.assert_array_equal(pixels, want.mask_array)
 
 
 def _call(target: str, request: inference_pb2.SegmentImageRequest) -> inference_pb2.SegmentImageResponse:

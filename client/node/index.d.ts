@@ -10,6 +10,8 @@ import type { ClassifyImageRequest } from "./generated/onnxserve/v1/ClassifyImag
 import type { ClassifyImageResponse__Output } from "./generated/onnxserve/v1/ClassifyImageResponse";
 import type { ClassifyRequest } from "./generated/onnxserve/v1/ClassifyRequest";
 import type { ClassifyResponse__Output } from "./generated/onnxserve/v1/ClassifyResponse";
+import type { DetectObjectsRequest } from "./generated/onnxserve/v1/DetectObjectsRequest";
+import type { DetectObjectsResponse__Output } from "./generated/onnxserve/v1/DetectObjectsResponse";
 import type { DetokenizeRequest } from "./generated/onnxserve/v1/DetokenizeRequest";
 import type { DetokenizeResponse__Output } from "./generated/onnxserve/v1/DetokenizeResponse";
 import type { EncodeImageRequest } from "./generated/onnxserve/v1/EncodeImageRequest";
@@ -27,6 +29,8 @@ import type { ListModelsResponse__Output } from "./generated/onnxserve/v1/ListMo
 import type { ModelInfo__Output } from "./generated/onnxserve/v1/ModelInfo";
 import type { ReconstructImageRequest } from "./generated/onnxserve/v1/ReconstructImageRequest";
 import type { ReconstructImageResponse__Output } from "./generated/onnxserve/v1/ReconstructImageResponse";
+import type { SegmentImageRequest } from "./generated/onnxserve/v1/SegmentImageRequest";
+import type { SegmentImageResponse__Output } from "./generated/onnxserve/v1/SegmentImageResponse";
 import type { TagTokensRequest } from "./generated/onnxserve/v1/TagTokensRequest";
 import type { TagTokensResponse__Output } from "./generated/onnxserve/v1/TagTokensResponse";
 import type { TokenizeRequest } from "./generated/onnxserve/v1/TokenizeRequest";
@@ -72,6 +76,13 @@ export declare class OnnxServeClient {
     request: ReconstructImageRequest,
     options?: CallOptions,
   ): Promise<ReconstructImageResponse__Output>;
+  /** Per image, objects with a label, a score and a box in the image's pixels (`threshold` unset: 0.5). */
+  detectObjects(request: DetectObjectsRequest, options?: CallOptions): Promise<DetectObjectsResponse__Output>;
+  /**
+   * Per image, segments with a label, a score (unset for semantic) and the mask twice: a PNG, and
+   * `packedMask` (width x height bits, row-major, first pixel in the high bit of the first byte).
+   */
+  segmentImage(request: SegmentImageRequest, options?: CallOptions): Promise<SegmentImageResponse__Output>;
   /** An async-iterable stream of pieces; the last carries finishReason, generatedText and metadata. */
   generateStream(
     request: GenerateStreamRequest,
@@ -93,5 +104,6 @@ export type {
   ListModelsResponse__Output, ModelInfo__Output, TagTokensRequest, TagTokensResponse__Output, TokenizeRequest,
   TokenizeResponse__Output, CaptionImageRequest, CaptionImageResponse__Output, ClassifyImageRequest,
   ClassifyImageResponse__Output, EncodeImageRequest, EncodeImageResponse__Output, ReconstructImageRequest,
-  ReconstructImageResponse__Output,
+  ReconstructImageResponse__Output, DetectObjectsRequest, DetectObjectsResponse__Output, SegmentImageRequest,
+  SegmentImageResponse__Output,
 };

@@ -52,6 +52,8 @@ class OnnxServeClient {
   classifyImage(request, options) { return this._unary(this.inference, "ClassifyImage", request, options); }
   encodeImage(request, options) { return this._unary(this.inference, "EncodeImage", request, options); }
   reconstructImage(request, options) { return this._unary(this.inference, "ReconstructImage", request, options); }
+  detectObjects(request, options) { return this._unary(this.inference, "DetectObjects", request, options); }
+  segmentImage(request, options) { return this._unary(this.inference, "SegmentImage", request, options); }
   tokenize(request, options) { return this._unary(this.inference, "Tokenize", request, options); }
   detokenize(request, options) { return this._unary(this.inference, "Detokenize", request, options); }
   listModels(options) { return this._unary(this.models, "ListModels", {}, options); }
