@@ -6,6 +6,7 @@ requests each refuses."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import subprocess
@@ -16,6 +17,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from onnxserve.client import AsyncClient
 from onnxserve.export.exporter import export_model
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, ViTConfig, ViTImageProcessor, ViTModel, pipeline
@@ -168,3 +170,14 @@ client.encodeImage({ model, images: [{ data: require("fs").readFileSync(file) }]
     with fp32_server.client() as client:
         expected = client.encode_image(model=CLIP, images=[image], normalize=True)
     np.testing.assert_allclose(json.loads(result.stdout), list(expected), rtol=1e-6)
+
+
+def test_the_async_client_answers_as_the_blocking_one(fp32_server):
+    async def encode():
+        async with AsyncClient(fp32_server.target, timeout=60) as client:
+            return await client.encode_image(model=VIT, images=[Image.fromarray(RAW["rgb"])], pooling="mean")
+
+    from_async = asyncio.run(encode())
+    with fp32_server.client() as client:
+        expected = client.encode_image(model=VIT, images=[RAW["rgb"]], pooling="mean")
+    assert list(from_async) == list(expected)

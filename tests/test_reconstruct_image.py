@@ -5,6 +5,7 @@ loss its `loss` for each image alone, within 1e-4; and the bad requests it refus
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from functools import cache
@@ -14,6 +15,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from onnxserve.client import AsyncClient
 from PIL import Image
 from transformers import AutoImageProcessor, ViTConfig, ViTForMaskedImageModeling, ViTImageProcessor
 from transformers.image_utils import load_image
@@ -145,3 +147,15 @@ def test_the_command_reconstructs_image_files(fp32_server, tmp_path, capsys):
     with pytest.raises(SystemExit) as failed:
         main([*command, "--patches", "0,x", str(image)])
     assert failed.value.code == 2 and "not a comma-separated list" in capsys.readouterr().err
+
+
+def test_the_async_client_answers_as_the_blocking_one(fp32_server):
+    async def reconstruct():
+        async with AsyncClient(fp32_server.target, timeout=60) as client:
+            return await client.reconstruct_image(model=KIND, images=[RAW["rgba"]], masks=[[1, 2, 9]])
+
+    (from_async,) = asyncio.run(reconstruct())
+    with fp32_server.client() as client:
+        (expected,) = client.reconstruct_image(model=KIND, images=[RAW["rgba"]], masks=[[1, 2, 9]])
+    assert from_async.masked_patches == [1, 2, 9] and from_async.image == expected.image
+    np.testing.assert_array_equal(from_async.reconstruction, expected.reconstruction)
