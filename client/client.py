@@ -28,6 +28,8 @@ from onnxserve.client.results import (
     Response,
     Segment,
     StreamChunk,
+    Transcription,
+    TranscriptionPiece,
 )
 
 from onnxserve.enums import enum_value
@@ -42,6 +44,17 @@ CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1)]
 #: (height x width, or height x width x 1, 3 or 4 channels).
 ImageSource = str | os.PathLike | bytes | np.ndarray | Any
 _RAW_MODES = ("L", "RGB", "RGBA")
+#: What an audio may be: a file path or an encoded file's bytes (WAV, FLAC, OGG/Vorbis, MP3), or
+#: float samples (mono, or frames x channels) with their sample rate, as a (samples, rate) pair or
+#: an array beside the call's sample_rate.
+AudioSource = str | os.PathLike | bytes | np.ndarray | tuple[np.ndarray, int]
+#: The pipeline's return_timestamps values, as the contract's Timestamps.
+_TIMESTAMPS = {
+    False: inference_pb2.TIMESTAMPS_UNSPECIFIED,
+    True: inference_pb2.TIMESTAMPS_SEGMENT,
+    "word": inference_pb2.TIMESTAMPS_WORD,
+    "char": inference_pb2.TIMESTAMPS_CHAR,
+}
 
 
 def _enum(enum: Any, name: str | None) -> int:
@@ -74,6 +87,45 @@ def image_message(image: ImageSource) -> inference_pb2.Image:
     upright = ImageOps.exif_transpose(image)
     pixels = upright if upright.mode in _RAW_MODES else upright.convert("RGB")
     return image_message(np.asarray(pixels))
+
+
+def audio_message(audio: AudioSource, sample_rate: int | None = None) -> inference_pb2.Audio:
+    """An Audio message: files and bytes are sent encoded (the server decodes them); samples as
+    raw float32 with their rate (`sample_rate` for a bare array)."""
+    if isinstance(audio, bytes):
+        return inference_pb2.Audio(data=audio)
+    if isinstance(audio, str | os.PathLike):
+        return inference_pb2.Audio(data=Path(audio).read_bytes())
+    samples, rate = audio if isinstance(audio, tuple) else (audio, sample_rate)
+    if rate is None:
+        raise ValueError("an array of samples needs its sample rate: pass (samples, rate) or sample_rate=")
+    samples = np.asarray(samples)
+    if samples.ndim not in (1, 2):
+        raise ValueError(f"audio samples are 1-D (mono) or frames x channels, not of shape {samples.shape}")
+    channels = 1 if samples.ndim == 1 else samples.shape[1]
+    raw = inference_pb2.RawAudio(samples=samples.astype("<f4").tobytes(), sample_rate=rate, channels=channels)
+    return inference_pb2.Audio(raw=raw)
+
+
+def _audios(audios: Sequence[AudioSource], sample_rate: int | None) -> list[inference_pb2.Audio]:
+    return [audio_message(audio, sample_rate) for audio in audios]
+
+
+def _transcribe_options(
+    return_timestamps: bool | str, language: str | None, task: str | None, chunk_length_s: float,
+    stride_length_s: float, parameters: dict[str, Any],
+) -> dict[str, Any]:
+    """The fields TranscribeRequest and TranscribeStreamRequest share; generation parameters only
+    where some are given (CTC models refuse them)."""
+    if return_timestamps not in _TIMESTAMPS:
+        raise ValueError(f"return_timestamps is False, True, 'word' or 'char', not {return_timestamps!r}")
+    options = {
+        "language": language or "", "task": task or "", "return_timestamps": _TIMESTAMPS[return_timestamps],
+        "chunk_length_s": chunk_length_s, "stride_length_s": stride_length_s,
+    }  # fmt: skip
+    if any(value is not None for value in parameters.values()):
+        options["parameters"] = _generation_parameters(parameters)
+    return options
 
 
 def _patch_mask(mask: Sequence[int] | ImageSource) -> inference_pb2.PatchMask:
@@ -222,6 +274,51 @@ class _Methods:
         return self._unary(
             self.inference.CaptionImage, request,
             lambda r: _response(r, [GeneratedSequence.from_proto(s) for s in r.results]),
+        )
+
+    def transcribe(
+        self, model: str, audios: Sequence[AudioSource], sample_rate: int | None = None,
+        return_timestamps: bool | str = False, language: str | None = None, task: str | None = None,
+        chunk_length_s: float = 0.0, stride_length_s: float = 0.0, version: int = 0, **parameters: Any,
+    ) -> Response[Transcription]:
+        """Speech recognition, one Transcription per audio, as the automatic-speech-recognition
+        pipeline: `return_timestamps` True (segments), "word" or "char" (CTC models); `language`
+        and `task` ("transcribe", "translate") and generation `parameters` for Whisper; long audio
+        cut into chunks of `chunk_length_s` with `stride_length_s` on each side (0: the defaults)."""
+        options = _transcribe_options(return_timestamps, language, task, chunk_length_s, stride_length_s, parameters)
+        request = inference_pb2.TranscribeRequest(
+            model=model, version=version, audios=_audios(audios, sample_rate), **options
+        )
+        return self._unary(
+            self.inference.Transcribe, request,
+            lambda r: _response(r, [Transcription.from_proto(t) for t in r.results]),
+        )
+
+    def transcribe_stream(
+        self, model: str, audio: AudioSource, sample_rate: int | None = None,
+        return_timestamps: bool | str = False, language: str | None = None, task: str | None = None,
+        chunk_length_s: float = 0.0, stride_length_s: float = 0.0, version: int = 0, **parameters: Any,
+    ) -> Any:
+        """An iterator (async iterator for AsyncClient) of TranscriptionPiece, one per segment or
+        chunk as it becomes final; the last carries the whole Transcription. Options as transcribe's."""
+        options = _transcribe_options(return_timestamps, language, task, chunk_length_s, stride_length_s, parameters)
+        request = inference_pb2.TranscribeStreamRequest(
+            model=model, version=version, audio=audio_message(audio, sample_rate), **options
+        )
+        return self._stream(self.inference.TranscribeStream, request, TranscriptionPiece.from_proto)
+
+    def classify_audio(
+        self, model: str, audios: Sequence[AudioSource], sample_rate: int | None = None, top_k: int = 0,
+        version: int = 0,
+    ) -> Response[Classification]:
+        """Audio classification, as the audio-classification pipeline: labels by descending score,
+        at most `top_k` (0: the pipeline's 5)."""
+        request = inference_pb2.ClassifyAudioRequest(
+            model=model, version=version, audios=_audios(audios, sample_rate), top_k=top_k
+        )
+        return self._unary(
+            self.inference.ClassifyAudio, request,
+            lambda r: _response(r, [_image_classification(c) for c in r.results]),
         )
 
     def tag_tokens(

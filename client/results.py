@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import numpy as np
@@ -216,6 +216,53 @@ class StreamChunk:
             list(m.token_ids),
             finish_reason(m.finish_reason) if last else None,
             m.generated_text if last else None,
+            Metadata.from_proto(m.metadata) if m.HasField("metadata") else None,
+        )
+
+
+@dataclass(frozen=True)
+class TranscriptionChunk:
+    """A timestamped piece of a transcription, as the pipeline's `chunks` items: `timestamp` is
+    (start, end) in seconds, end None where the model did not close the segment."""
+
+    text: str
+    timestamp: tuple[float, float | None]
+
+    @classmethod
+    def from_proto(cls, m: inference_pb2.TranscriptionChunk) -> TranscriptionChunk:
+        return cls(m.text, (m.start, m.end if m.HasField("end") else None))
+
+
+@dataclass(frozen=True)
+class Transcription:
+    """The automatic-speech-recognition pipeline's result: `text`, and `chunks` when timestamps
+    were asked for; Whisper's `language` and generated `token_ids`."""
+
+    text: str
+    chunks: list[TranscriptionChunk]
+    language: str = ""
+    token_ids: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_proto(cls, m: inference_pb2.Transcription) -> Transcription:
+        chunks = [TranscriptionChunk.from_proto(c) for c in m.chunks]
+        return cls(m.text, chunks, m.language, list(m.token_ids))
+
+
+@dataclass(frozen=True)
+class TranscriptionPiece:
+    """One streamed piece of a transcription: the segment (Whisper) or chunk (CTC) that became
+    final; the last one also carries the whole transcription and the metadata."""
+
+    chunk: TranscriptionChunk
+    transcription: Transcription | None = None
+    metadata: Metadata | None = None
+
+    @classmethod
+    def from_proto(cls, m: inference_pb2.TranscribeStreamResponse) -> TranscriptionPiece:
+        return cls(
+            TranscriptionChunk.from_proto(m.chunk),
+            Transcription.from_proto(m.transcription) if m.HasField("transcription") else None,
             Metadata.from_proto(m.metadata) if m.HasField("metadata") else None,
         )
 

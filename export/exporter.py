@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from onnxserve.export.audio import SpeechFiles, read_speech
 from onnxserve.export.checkpoint import Checkpoint, load_config, load_tokenizer, open_source
 from onnxserve.export.decoder_graph import build_decoder_graph, supports_fused_decoder
 from onnxserve.export.errors import ExportError
@@ -78,6 +79,7 @@ class _Model:
     generation: GenerationConfig | None
     manifest: manifest_pb2.Manifest  # the fields that describe the model
     hand_built: HandBuilt | None = None  # graphs the exporter builds itself rather than optimum
+    speech: SpeechFiles | None = None  # speech models' feature extractor (and CTC vocabulary)
 
     @property
     def graphs(self) -> Mapping[str, tuple[str, ...]]:
@@ -174,11 +176,12 @@ def _read(checkpoint: Checkpoint, task: str | None) -> _Model:
         check_exportable(config, spec)
     tokenizer, image_processor, processing = None, None, None
     inputs = (hand_built and hand_built.inputs) or spec.registration.inputs
-    if inputs != "text":
+    if "images" in inputs:
         image_processor = load_image_processor(checkpoint.path)
         processing = image_processing(image_processor)
-    if inputs != "images":
+    if "text" in inputs:
         tokenizer = load_tokenizer(checkpoint.path)
+    speech = read_speech(checkpoint.path, spec.name, config) if "audio" in spec.registration.inputs else None
     generation = None
     if spec.generative:
         generation = (
@@ -187,7 +190,7 @@ def _read(checkpoint: Checkpoint, task: str | None) -> _Model:
             else GenerationConfig.from_model_config(config)
         )
     manifest = describe_model(checkpoint, spec, config, tokenizer, generation, processing)
-    return _Model(checkpoint, spec, config, tokenizer, image_processor, generation, manifest, hand_built)
+    return _Model(checkpoint, spec, config, tokenizer, image_processor, generation, manifest, hand_built, speech)
 
 
 def _make_variants(model: _Model, stage: Path, wanted: list[str], steps: Steps) -> list[_Variant]:
@@ -369,6 +372,8 @@ def _check(validator: Validator | GenerativeValidator, variant: _Variant) -> str
 def _write(model: _Model, stage: Path, variants: list[_Variant], probes: Probes) -> Path:
     if model.tokenizer is not None:
         model.tokenizer.backend_tokenizer.save(str(stage / TOKENIZER_FILE))
+    if model.speech is not None:
+        model.speech.write(stage)
     write_probes(stage / PROBES_FILE, probes)
     if model.generation is not None:
         original = model.checkpoint.path / GENERATION_CONFIG_FILE

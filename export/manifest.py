@@ -26,7 +26,7 @@ _POSITION_OFFSET = {
 }  # fmt: skip
 _CLASS_LABELS = (
     common_pb2.TASK_TEXT_CLASSIFICATION, common_pb2.TASK_TOKEN_CLASSIFICATION, common_pb2.TASK_IMAGE_CLASSIFICATION,
-    common_pb2.TASK_OBJECT_DETECTION, common_pb2.TASK_IMAGE_SEGMENTATION,
+    common_pb2.TASK_OBJECT_DETECTION, common_pb2.TASK_IMAGE_SEGMENTATION, common_pb2.TASK_AUDIO_CLASSIFICATION,
 )  # fmt: skip
 _SPECIAL_TOKENS = ("cls_token", "sep_token", "pad_token", "mask_token", "unk_token", "bos_token", "eos_token")
 _LIBRARIES = ("torch", "transformers", "optimum", "optimum-onnx", "onnx")

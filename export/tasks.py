@@ -99,6 +99,9 @@ def detect_task(checkpoint: Path, config: PretrainedConfig) -> str:
             f"pass the task ({', '.join(TASKS)})"
         )
     architecture = architectures[0]
+    speech = _speech_task(config.model_type, architecture)
+    if speech is not None:
+        return speech
     for ending, task in _HEADS:
         if architecture.endswith(ending):
             return task
@@ -115,6 +118,21 @@ def detect_task(checkpoint: Path, config: PretrainedConfig) -> str:
         f"unsupported architecture {architecture}: no servable task for it; "
         f"pass a task ({', '.join(TASKS)}) if the checkpoint fits one"
     )
+
+
+def _speech_task(model_type: str, architecture: str) -> str | None:
+    """CTC and audio classification heads, by transformers' own Auto mappings: a speech model's
+    sequence classification head (Wav2Vec2ForSequenceClassification) is audio classification."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES,
+        MODEL_FOR_CTC_MAPPING_NAMES,
+    )
+
+    if MODEL_FOR_CTC_MAPPING_NAMES.get(model_type) == architecture:
+        return "ctc-speech-recognition"
+    if MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES.get(model_type) == architecture:
+        return "audio-classification"
+    return None
 
 
 def check_exportable(config: PretrainedConfig, spec: TaskSpec) -> None:

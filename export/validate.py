@@ -21,6 +21,7 @@ import onnxruntime as ort
 import torch
 import transformers
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+from onnxserve.export.audio import sample_input_values
 from onnxserve.export.images import sample_images
 from onnxserve.export.tasks import TaskSpec
 from onnxserve.server.errors import ModelLoadError
@@ -254,6 +255,11 @@ def _with_decoder_start(batch: Batch, config: PretrainedConfig) -> Batch:
     return batch | {"decoder_input_ids": np.full([rows, 1], start, dtype=np.int64)}
 
 
+def _waveforms(inputs: _Inputs) -> list[Batch]:
+    """The sample waveforms, one batch each (the graphs take no attention mask, so nothing is padded)."""
+    return [{"input_values": values[np.newaxis]} for values in sample_input_values()]
+
+
 def _images(inputs: _Inputs) -> list[Batch]:
     """The sample images as the checkpoint's own image processor makes them."""
     pixels = inputs.image_processor(images=sample_images(), return_tensors="np")["pixel_values"]
@@ -287,6 +293,8 @@ _INPUTS = {
     "text2text-generation": _sources,
     "image-to-text": _captioned_images,
     "image-classification": _images,
+    "ctc-speech-recognition": _waveforms,
+    "audio-classification": _waveforms,
     "object-detection": _images,
     "image-segmentation": _images,
     "zero-shot-image-classification": _hypotheses_and_images,

@@ -44,9 +44,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def GenerateStream(
         self, request: inference_pb2.GenerateStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Message]:
-        model = self.registry.resolve(request.model, request.version)
-        async for message in model.stream("GenerateStream", request, context.time_remaining()):
+        async for message in self._stream("GenerateStream", request, context):
             yield message
+
+    def _stream(self, rpc: str, request: Message, context: grpc.aio.ServicerContext) -> AsyncIterator[Message]:
+        model = self.registry.resolve(request.model, request.version)
+        return model.stream(rpc, request, context.time_remaining())
 
     async def Tokenize(self, request: inference_pb2.TokenizeRequest, context: grpc.aio.ServicerContext) -> Message:
         return await self._run("Tokenize", request, context)
@@ -85,6 +88,20 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self, request: inference_pb2.CaptionImageRequest, context: grpc.aio.ServicerContext
     ) -> Message:
         return await self._run("CaptionImage", request, context)
+
+    async def Transcribe(self, request: inference_pb2.TranscribeRequest, context: grpc.aio.ServicerContext) -> Message:
+        return await self._run("Transcribe", request, context)
+
+    async def TranscribeStream(
+        self, request: inference_pb2.TranscribeStreamRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Message]:
+        async for message in self._stream("TranscribeStream", request, context):
+            yield message
+
+    async def ClassifyAudio(
+        self, request: inference_pb2.ClassifyAudioRequest, context: grpc.aio.ServicerContext
+    ) -> Message:
+        return await self._run("ClassifyAudio", request, context)
 
 
 def model_info(model: LoadedModel, versions: list[int]) -> models_pb2.ModelInfo:

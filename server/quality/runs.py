@@ -156,6 +156,8 @@ OUTPUT_FAMILIES = {
     "text2text-generation": OutputFamily(_run_seq2seq, _per_sequence),
     "image-to-text": OutputFamily(_run_seq2seq, _per_sequence),
     "image-classification": OutputFamily(_run_single, _per_sequence),
+    "ctc-speech-recognition": OutputFamily(_run_single, _per_sequence),  # logits per frame
+    "audio-classification": OutputFamily(_run_single, _per_sequence),
     "object-detection": OutputFamily(_run_single, _detections),
     "image-segmentation": OutputFamily(_run_single, _segmentation),
     "zero-shot-image-classification": OutputFamily(_run_single, _per_image),

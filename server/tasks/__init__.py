@@ -4,6 +4,8 @@ means adding its module and registering it here."""
 from __future__ import annotations
 
 from onnxserve.server.tasks import (
+    audio_classification,
+    ctc_speech_recognition,
     feature_extraction,
     fill_mask,
     image_classification,
@@ -37,5 +39,7 @@ for _registration in (
     image_feature_extraction.REGISTRATION,
     masked_image_modeling.REGISTRATION,
     image_to_text.REGISTRATION,
+    ctc_speech_recognition.REGISTRATION,
+    audio_classification.REGISTRATION,
 ):
     register(_registration)

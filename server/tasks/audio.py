@@ -2,19 +2,22 @@
 raw float32 samples), downmixing to mono and resampling to the model's rate as the transformers
 pipelines prepare audio, and the feature extractors in numpy: Whisper's log-mel spectrogram and
 wav2vec2's zero-mean unit-variance normalization, with the numbers transformers' feature
-extractors compute. The feature extractor's configuration is the checkpoint's
-preprocessor_config.json, shipped in the model version. No torch, no transformers.
+extractors compute; and `AudioPipeline`, the batched pipeline of the heads that run one graph on
+waveforms (wav2vec2, HuBERT: CTC and classification). The feature extractor's configuration is
+the checkpoint's preprocessor_config.json, shipped in the model version. No torch, no transformers.
 
 Public API: `decode` (an Audio message to mono float32 samples at the model's rate), `resample`,
 `downmix`, `FeatureExtractorConfig` and `read_feature_extractor`, `whisper_log_mel`,
-`mel_filter_bank`, `normalize`."""
+`mel_filter_bank`, `normalize`, `AudioPipeline`."""
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -23,8 +26,12 @@ import numpy as np
 import soundfile
 import soxr
 from onnxserve.server.errors import InvalidArgument, ModelLoadError
+from onnxserve.server.runtime.batching import DRIFT_LIMIT, DRIFT_LIMITS, batchmate_drift
+from onnxserve.server.tasks.base import BatchedPipeline, ModelResources, Request, RowOutputs
 
 from onnxserve.v1 import inference_pb2
+
+log = logging.getLogger(__name__)
 
 #: The file the feature extractor's configuration ships in, as transformers names it.
 FEATURE_EXTRACTOR_FILE = "preprocessor_config.json"
@@ -278,3 +285,87 @@ def _power_spectrogram(waveform: np.ndarray, n_fft: int, hop_length: int) -> np.
     window = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(n_fft) / n_fft)
     spectrum = np.fft.rfft(frames * window, axis=-1)
     return spectrum.real**2 + spectrum.imag**2
+
+
+#: Waveform samples the batcher counts as one token: wav2vec2's feature encoder makes one frame
+#: of 20 ms (320 samples at 16 kHz), so max_batch_tokens bounds a run's encoder frames (and its
+#: attention) as it bounds text tokens.
+SAMPLES_PER_TOKEN = 320
+
+
+@dataclass(frozen=True)
+class InputValues:
+    """One waveform as the model takes it (input_values), as the batcher carries it: one row of
+    len() tokens (SAMPLES_PER_TOKEN samples each). Only waveforms of one length share a run
+    (nothing is padded)."""
+
+    values: np.ndarray
+
+    def __len__(self) -> int:
+        return -(-len(self.values) // SAMPLES_PER_TOKEN)
+
+
+def probe_waveforms(sampling_rate: int, count: int = 3, seconds: float = 1.0) -> list[np.ndarray]:
+    """Synthetic waveforms of one length (a tone, noise, a chirp), for warm-up and the
+    batchmate-drift check."""
+    t = np.arange(int(seconds * sampling_rate), dtype=np.float64) / sampling_rate
+    rng = np.random.default_rng(16)
+    waves = [
+        0.5 * np.sin(2 * np.pi * 220 * t),
+        0.1 * rng.standard_normal(t.size),
+        0.3 * np.sin(2 * np.pi * (100 + 900 * t) * t),
+    ]
+    return [wave.astype(np.float32) for wave in waves[:count]]
+
+
+class AudioPipeline(BatchedPipeline[Request]):
+    """A pipeline over one graph that takes waveforms (input_values): audios are decoded,
+    resampled and normalized as the checkpoint's Wav2Vec2FeatureExtractor does, on the tokenizing
+    executor, and batched like token sequences."""
+
+    def __init__(self, resources: ModelResources) -> None:
+        super().__init__(resources)
+        if resources.directory is None:
+            raise ModelLoadError(f"model {resources.name!r}: its {FEATURE_EXTRACTOR_FILE} is read from its folder")
+        self.features = read_feature_extractor(resources.directory)
+        self.max_seconds = resources.settings.max_audio_seconds
+
+    @property
+    def sampling_rate(self) -> int:
+        return self.features.sampling_rate
+
+    def waveforms(self, audios: Sequence[inference_pb2.Audio]) -> list[np.ndarray]:
+        """Each audio decoded, mono, at the model's rate."""
+        return [decode(audio, index, self.sampling_rate, self.max_seconds) for index, audio in enumerate(audios)]
+
+    def input_values(self, waveform: np.ndarray) -> InputValues:
+        """The feature extractor's input_values of one waveform (normalized where it normalizes)."""
+        return InputValues(normalize(waveform) if self.features.do_normalize else waveform)
+
+    def forward(self, inputs: Sequence[InputValues]) -> list[RowOutputs]:
+        """One graph run per length among the inputs (the graph takes no attention mask, so
+        waveforms are never padded), outputs split back per input."""
+        rows: list[RowOutputs] = [{} for _ in inputs]
+        lengths = sorted({len(item.values) for item in inputs})
+        for length in lengths:
+            members = [i for i, item in enumerate(inputs) if len(item.values) == length]
+            outputs = self.session.run({"input_values": np.stack([inputs[i].values for i in members])})
+            for position, index in enumerate(members):
+                rows[index] = {name: value[position] for name, value in outputs.items()}
+        return rows
+
+    def warm_up_inputs(self) -> list[InputValues]:
+        return [self.input_values(probe_waveforms(self.sampling_rate, count=1)[0])]
+
+    def merges_safely(self) -> bool:
+        """As text encoders (runtime/batching.py merges_safely), measured on probe_waveforms."""
+        probes = [self.input_values(wave) for wave in probe_waveforms(self.sampling_rate)]
+        drift = batchmate_drift(self.forward, probes)
+        limit = DRIFT_LIMITS.get(self.precision, DRIFT_LIMIT)
+        if drift > limit:
+            log.warning(
+                "model %s: outputs move by %.3g (relative) when batched with other audios, over the limit of %.0e; "
+                "its requests will not be batched together (each runs with its own audios only)",
+                self.name, drift, limit,
+            )  # fmt: skip
+        return drift <= limit

@@ -131,7 +131,9 @@ class TaskRegistration:
     `kserve_image` its KServe v2 text and image mappings, `export` its export spec (None: not
     exported by `onnxserve export`) and `inputs` what its models take: text (they ship a
     tokenizer, and serve Tokenize and Detokenize), images (pixel_values from the manifest's
-    image_processing, no tokenizer), or both (CLIP)."""
+    image_processing, no tokenizer), both (CLIP), audio (features from the version's
+    preprocessor_config.json, no tokenizer: CTC models ship their vocabulary, ctc_vocabulary.json)
+    or text and audio (Whisper)."""
 
     name: str
     task: int
@@ -140,7 +142,7 @@ class TaskRegistration:
     kserve_text: KServeText | None = None
     kserve_image: KServeImage | None = None
     export: ExportSpec | None = None
-    inputs: Literal["text", "images", "text and images"] = "text"
+    inputs: Literal["text", "images", "text and images", "audio", "text and audio"] = "text"
 
     def __post_init__(self) -> None:
         unknown = sorted(self.rpcs - set(INFERENCE.methods_by_name))
