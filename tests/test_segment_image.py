@@ -106,15 +106,14 @@ def ties(checkpoint: Path, image: Image.Image, subtask: str = "semantic", thresh
     """The pixels of an image whose two best classes (semantic) or queries (panoptic) are within
     TIE in PyTorch's upsampled maps, as post-processing computes them."""
     upright = ImageOps.exif_transpose(image).convert("RGB")
-    processor = AutoImageProcessor.from_pretrained(checkpoint, use_fast=False)
+    model, processor = reference(checkpoint).model, reference(checkpoint).image_processor
     pixels = processor(images=upright, return_tensors="pt")["pixel_values"]
     size = upright.size[::-1]
     with torch.no_grad():
         if not hasattr(processor, "post_process_panoptic_segmentation"):
-            logits = SegformerForSemanticSegmentation.from_pretrained(checkpoint)(pixel_values=pixels).logits
-            maps = torch.nn.functional.interpolate(logits, size=size, mode="bilinear")[0]
+            maps = torch.nn.functional.interpolate(model(pixel_values=pixels).logits, size=size, mode="bilinear")[0]
         else:
-            outputs = DetrForSegmentation.from_pretrained(checkpoint)(pixel_values=pixels)
+            outputs = model(pixel_values=pixels)
             probabilities, masks = outputs.logits[0].softmax(-1), outputs.pred_masks[0].sigmoid()
             if subtask == "semantic":
                 maps = torch.einsum("qc,qhw->chw", probabilities[:, :-1], masks)
