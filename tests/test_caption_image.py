@@ -1,6 +1,7 @@
-"""CaptionImage at parity with transformers on a tiny random VisionEncoderDecoder (ViT encoder,
-GPT-2 decoder with the BPE tokenizer of tests/checkpoints.py), exported by `onnxserve export`
-(task detected from the checkpoint): token ids equal to generate()'s, greedy and beam search, on
+"""CaptionImage at parity with transformers on tiny random VisionEncoderDecoders (a ViT encoder,
+and a GPT-2 decoder, which recomputes its cross-attention at every step, or a TrOCR decoder, whose
+cross-attention keys are cached; the BPE tokenizers of tests/checkpoints.py), exported by
+`onnxserve export` (task detected from the checkpoint): token ids equal to generate()'s, greedy and beam search, on
 images of every format and mode the contract names; text equal to the image-to-text pipeline's;
 sampling reproducible; bad images and parameters refused with INVALID_ARGUMENT, after which the
 server goes on."""
@@ -27,6 +28,9 @@ from transformers import (
     AutoTokenizer,
     GenerationConfig,
     GPT2Config,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+    TrOCRConfig,
     VisionEncoderDecoderConfig,
     VisionEncoderDecoderModel,
     ViTConfig,
@@ -42,28 +46,51 @@ from tests.node_tools import node_client
 from tests.test_classify_image import FILES, RAW
 from tests.test_kserve import output
 
-KIND = "vit-gpt2-image-to-text"
+KIND, TROCR = "vit-gpt2-image-to-text", "vit-trocr-image-to-text"
+KINDS = [KIND, TROCR]
 NEW_TOKENS = 12
-POSITIONS = 64  # the decoder's: CaptionImage may generate 63 tokens after the start token
+POSITIONS = 64  # the decoders': CaptionImage may generate 63 tokens after the start token
 # Images of every format and mode, and sizes from 5 x 7 to 640 x 480 (all resized to 32 x 32).
 CAPTIONED = ["png", "jpeg", "png-rgba", "png-grayscale", "png-palette", "png-5x7", "gif-first-frame", "large-jpeg"]
 
 
-def build(directory: Path, tokenizer_source: Path) -> Path:
-    """ViT (32 x 32 images, 16 patches) into GPT-2 with cross-attention. GPT-2's large initializer
-    range makes greedy outputs vary (tests/checkpoints.py); generation starts from <|endoftext|>,
-    as nlpconnect/vit-gpt2-image-captioning's does."""
+def _gpt2(tokenizer: PreTrainedTokenizerBase) -> tuple[PretrainedConfig, dict[str, int]]:
+    """GPT-2 with cross-attention; its large initializer range makes greedy outputs vary
+    (tests/checkpoints.py). Generation starts from <|endoftext|>, as
+    nlpconnect/vit-gpt2-image-captioning's does."""
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=POSITIONS, n_embd=32, n_layer=2, n_head=2, n_inner=64,
+        initializer_range=0.4, add_cross_attention=True, is_decoder=True,
+    )  # fmt: skip
+    return config, {"decoder_start_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.eos_token_id}
+
+
+def _trocr(tokenizer: PreTrainedTokenizerBase) -> tuple[PretrainedConfig, dict[str, int]]:
+    """TrOCR's decoder (RoBERTa's vocabulary, learned positions); generation starts from </s>, as
+    microsoft/trocr-base-printed's does."""
+    config = TrOCRConfig(
+        vocab_size=len(tokenizer), d_model=32, decoder_layers=2, decoder_attention_heads=2, decoder_ffn_dim=64,
+        max_position_embeddings=POSITIONS, init_std=0.2, use_learned_position_embeddings=True,
+        layernorm_embedding=True, cross_attention_hidden_size=32,
+    )  # fmt: skip
+    return config, {"decoder_start_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+
+
+DECODERS = {KIND: _gpt2, TROCR: _trocr}
+TOKENIZERS = {KIND: "gpt2-causal-lm", TROCR: "bart-seq2seq"}  # the tests/checkpoints.py kinds that have them
+
+
+def build(kind: str, directory: Path, tokenizer_source: Path) -> Path:
+    """ViT (32 x 32 images, 16 patches) into the kind's decoder, with the processor's config."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
     encoder = ViTConfig(
         image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
     )
+    decoder, start = DECODERS[kind](tokenizer)
     special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
-    decoder = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=POSITIONS, n_embd=32, n_layer=2, n_head=2, n_inner=64,
-        initializer_range=0.4, add_cross_attention=True, is_decoder=True, **special,
-    )  # fmt: skip
+    for name, value in special.items():
+        setattr(decoder, name, value)
     config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
-    start = {"decoder_start_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.eos_token_id}
     for name, value in (special | start).items():
         setattr(config, name, value)
     torch.manual_seed(0)
@@ -77,13 +104,8 @@ def build(directory: Path, tokenizer_source: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, export, checkpoint):
-    source = build(tmp_path_factory.mktemp(KIND), checkpoint("gpt2-causal-lm"))
-    return {KIND: export(KIND, source=source)}
-
-
-@pytest.fixture(scope="module")
-def checkpoint_dir(exported) -> Path:
-    return exported[KIND].checkpoint
+    sources = {kind: build(kind, tmp_path_factory.mktemp(kind), checkpoint(TOKENIZERS[kind])) for kind in KINDS}
+    return {kind: export(kind, source=source) for kind, source in sources.items()}
 
 
 @cache
@@ -109,9 +131,10 @@ def opened(names: list[str]) -> list[Image.Image]:
     return [Image.open(io.BytesIO(FILES[name])) for name in names]
 
 
-def test_the_export_detects_the_task_and_ships_tokenizer_and_image_processing(exported):
-    version = max(int(p.name) for p in exported[KIND].model_dir.iterdir() if p.name.isdigit())
-    manifest = json.loads((exported[KIND].model_dir / str(version) / "manifest.json").read_text())
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_export_detects_the_task_and_ships_tokenizer_and_image_processing(exported, kind):
+    version = max(int(p.name) for p in exported[kind].model_dir.iterdir() if p.name.isdigit())
+    manifest = json.loads((exported[kind].model_dir / str(version) / "manifest.json").read_text())
     assert manifest["task"] == "TASK_IMAGE_TO_TEXT"
     assert manifest["image_processing"]["height"] == 32
     assert manifest["generation"]["max_length"] == POSITIONS  # the decoder's positions, not the tokenizer's 256
@@ -119,8 +142,11 @@ def test_the_export_detects_the_task_and_ships_tokenizer_and_image_processing(ex
     assert all(v["validation"]["passed"] for v in manifest["variants"])
 
 
-def test_greedy_matches_generate_and_the_pipeline(client, checkpoint_dir):
-    response = client.caption_image(model=KIND, images=[FILES[name] for name in CAPTIONED], max_new_tokens=NEW_TOKENS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_matches_generate_and_the_pipeline(client, exported, kind):
+    checkpoint_dir = exported[kind].checkpoint
+    images = [FILES[name] for name in CAPTIONED]
+    response = client.caption_image(model=kind, images=images, max_new_tokens=NEW_TOKENS)
     assert [r.token_ids for r in response] == generate_ids(checkpoint_dir, opened(CAPTIONED))
     captioner = pipeline(
         "image-to-text",
@@ -135,25 +161,26 @@ def test_greedy_matches_generate_and_the_pipeline(client, checkpoint_dir):
     for result in response:
         assert result.generated_tokens == len(result.token_ids)
         assert result.finish_reason == ("eos" if len(result.token_ids) < NEW_TOKENS else "length")
-    assert response.metadata.model == KIND
+    assert response.metadata.model == kind
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(
     "settings",
     [{"num_beams": 3}, {"num_beams": 4, "length_penalty": 2.0, "early_stopping": True, "no_repeat_ngram_size": 2}],
     ids=["beams3", "beams4-long-early-ngram"],
 )
-def test_beam_search_matches_generate(client, checkpoint_dir, settings):
+def test_beam_search_matches_generate(client, exported, kind, settings):
     names = CAPTIONED[:4]
     response = client.caption_image(
-        model=KIND, images=[FILES[name] for name in names], max_new_tokens=NEW_TOKENS, **settings
+        model=kind, images=[FILES[name] for name in names], max_new_tokens=NEW_TOKENS, **settings
     )
-    assert [r.token_ids for r in response] == generate_ids(checkpoint_dir, opened(names), **settings)
+    assert [r.token_ids for r in response] == generate_ids(exported[kind].checkpoint, opened(names), **settings)
 
 
-def test_raw_pixels_and_pillow_images_match_generate(client, checkpoint_dir):
+def test_raw_pixels_and_pillow_images_match_generate(client, exported):
     images = [Image.fromarray(pixels) for pixels in RAW.values()]
-    expected = generate_ids(checkpoint_dir, images)
+    expected = generate_ids(exported[KIND].checkpoint, images)
     from_arrays = client.caption_image(model=KIND, images=list(RAW.values()), max_new_tokens=NEW_TOKENS)
     from_pillow = client.caption_image(model=KIND, images=images, max_new_tokens=NEW_TOKENS)
     assert [r.token_ids for r in from_arrays] == [r.token_ids for r in from_pillow] == expected
@@ -178,12 +205,13 @@ def test_sampling_is_reproducible_and_top_k_1_is_greedy(client):
     assert sample(seed=5, top_k=1) == [r.token_ids for r in greedy]
 
 
-def test_the_device_cache_path_gives_the_same_tokens(client, monkeypatch):
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_device_cache_path_gives_the_same_tokens(client, monkeypatch, kind):
     """The I/O-binding cache that CUDA uses, run on the CPU: same tokens as the numpy cache."""
     images = [FILES[name] for name in CAPTIONED[:3]]
-    host = client.caption_image(model=KIND, images=images, max_new_tokens=NEW_TOKENS, num_beams=2)
+    host = client.caption_image(model=kind, images=images, max_new_tokens=NEW_TOKENS, num_beams=2)
     monkeypatch.setattr(seq2seq, "new_cache", lambda session, rows: DeviceCache(empty_past(session, rows), "cpu"))
-    bound = client.caption_image(model=KIND, images=images, max_new_tokens=NEW_TOKENS, num_beams=2)
+    bound = client.caption_image(model=kind, images=images, max_new_tokens=NEW_TOKENS, num_beams=2)
     assert [r.token_ids for r in bound] == [r.token_ids for r in host]
 
 

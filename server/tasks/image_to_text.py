@@ -61,9 +61,11 @@ REGISTRATION = TaskRegistration(
     rpcs=frozenset({"CaptionImage"}),
     kserve_image=KServeImage("CaptionImage"),
     # As text2text generation: fp16 and int8 (dynamic) variants of the encoder and the merged
-    # decoder, each judged on the first decoder step's logits against PyTorch's.
+    # decoder, each judged on the first decoder step's logits against PyTorch's. The reference
+    # loads through AutoModelForImageTextToText, which transformers 4.57 names instead of the
+    # deprecated AutoModelForVision2Seq.
     export=ExportSpec(
-        "image-to-text-with-past", "AutoModelForVision2Seq", graphs=SEQ2SEQ_GRAPHS, generation_config=True
+        "image-to-text-with-past", "AutoModelForImageTextToText", graphs=SEQ2SEQ_GRAPHS, generation_config=True
     ),
     inputs="text and images",
 )
