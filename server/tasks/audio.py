@@ -185,7 +185,6 @@ class FeatureExtractorConfig:
     n_fft: int = 400
     hop_length: int = 160
     chunk_length: int = 30  # seconds of Whisper's window
-    dither: float = 0.0
 
     @property
     def n_samples(self) -> int:
@@ -205,8 +204,6 @@ def read_feature_extractor(directory: Path) -> FeatureExtractorConfig:
         config = FeatureExtractorConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError) as error:
         raise ModelLoadError(f"cannot read the feature extractor configuration {path}: {error}") from error
-    if config.dither:
-        raise ModelLoadError(f"{path}: dither {config.dither} adds random noise, which the server does not reproduce")
     return config
 
 
