@@ -71,6 +71,15 @@ _HEADS = (
 )
 # Image-text models whose checkpoints serve zero-shot image classification.
 _ZERO_SHOT_MODEL_TYPES = ("clip", "siglip")
+# The model types whose graphs a task's post-processing is built for, where optimum exports others
+# for the same task: DETR-style detection heads (softmax with "no object"; RT-DETR and D-FINE score
+# with sigmoids), and segmentation heads with per-class logits or DETR's panoptic head (MaskFormer's
+# queries are not built).
+_SERVED_MODEL_TYPES = {
+    "zero-shot-image-classification": _ZERO_SHOT_MODEL_TYPES,
+    "object-detection": ("detr", "yolos", "table-transformer"),
+    "image-segmentation": ("segformer", "dpt", "mobilevit", "detr"),
+}
 # Heads whose task depends on whether the model is an encoder-decoder: T5ForConditionalGeneration,
 # MarianMTModel, GPT2LMHeadModel, and old T5 configs' T5WithLMHeadModel.
 _GENERATION_HEADS = ("ForConditionalGeneration", "MTModel", "LMHeadModel")
@@ -150,11 +159,9 @@ def check_exportable(config: PretrainedConfig, spec: TaskSpec) -> None:
             f"unsupported architecture {architecture}: optimum's ONNX exporter does not know "
             f"model type {config.model_type!r}"
         ) from None
-    if spec.name == "zero-shot-image-classification" and config.model_type not in _ZERO_SHOT_MODEL_TYPES:
-        raise ExportError(
-            f"zero-shot image classification is served for {', '.join(_ZERO_SHOT_MODEL_TYPES)} models, "
-            f"not {config.model_type!r} yet"
-        )
+    served = _SERVED_MODEL_TYPES.get(spec.name)
+    if served is not None and config.model_type not in served:
+        raise ExportError(f"{spec.name} is served for {', '.join(served)} models, not {config.model_type!r} yet")
     if spec.optimum_task not in supported:
         servable = sorted({task.removesuffix("-with-past") for task in supported} & TASKS.keys())
         raise ExportError(

@@ -15,15 +15,19 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from onnxserve.export.errors import ExportError
 from onnxserve.export.images import check_image_processing, image_processing
+from onnxserve.export.tasks import check_exportable, task_spec
 from PIL import Image
 from transformers import (
     AutoImageProcessor,
     DetrConfig,
     DetrForObjectDetection,
     DetrImageProcessor,
+    MaskFormerConfig,
     PreTrainedModel,
     ResNetConfig,
+    RTDetrConfig,
     YolosConfig,
     YolosForObjectDetection,
     YolosImageProcessor,
@@ -157,6 +161,16 @@ def test_the_server_reproduces_the_processors_resize_on_many_sizes(exported, kin
     processor.size = {"shortest_edge": 37, "longest_edge": 150}  # odd sizes; 33 x 257 meets the bound
     processing.shortest_edge, processing.longest_edge = 37, 150
     check_image_processing(processor, processing)
+
+
+@pytest.mark.parametrize(
+    ("config", "task"), [(RTDetrConfig(), "object-detection"), (MaskFormerConfig(), "image-segmentation")]
+)
+def test_the_export_refuses_heads_whose_post_processing_is_not_built(config, task):
+    """optimum exports RT-DETR (sigmoid scores) for object detection and MaskFormer for image
+    segmentation, but the server post-processes neither: the export says so before any work."""
+    with pytest.raises(ExportError, match=f"{task} is served for .* models, not '{config.model_type}' yet"):
+        check_exportable(config, task_spec(task))
 
 
 def test_int8_finds_the_same_labels_and_passed_its_load_check(int8_server, exported):
