@@ -339,6 +339,14 @@ def print_tables(results: list[Measurement], found: list[Ratios], args: argparse
     console.print(versus)
 
 
+def write_report(kind: str, report: dict) -> Path:
+    """The report as bench/results/<kind>-<time>.json."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=1.0, help="per cell and engine (default 1)")
@@ -396,9 +404,7 @@ def main(argv: list[str] | None = None) -> None:
         "ratios": [{**asdict(r), "cell": asdict(r.cell)} for r in found],
         "aims": aims(found, args.precisions),
     }
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"throughput-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    path = write_report("throughput", report)
     print_tables(results, found, args)
     for precision, outcomes in report["aims"].items():
         for aim, outcome in outcomes.items():

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import json
 import os
 import shlex
 import sys
@@ -44,7 +43,7 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from bench.__main__ import RESULTS, Cell, Measurement, best_of, machine, measurement
+from bench.__main__ import Cell, Measurement, best_of, machine, measurement, write_report
 from bench.engines import Batch, Load, Sample, rounds, schedule, served
 from bench.minilm import Model, _exported, _exporter_fingerprint, held_precisions
 from onnxserve.repository import read_manifest
@@ -231,9 +230,7 @@ def main(argv: list[str] | None = None) -> None:
         "measurements": [asdict(m) for m in results],
         "ratios": found,
     }
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"images-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    path = write_report("images", report)
     print_table(results, found)
     print(f"load average before/after: {load_before} / {report['machine']['load_after']}")
     print(f"written to {path}")
