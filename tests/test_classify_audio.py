@@ -7,6 +7,7 @@ INVALID_ARGUMENT, after which the server goes on."""
 from __future__ import annotations
 
 import io
+import json
 from functools import cache
 from pathlib import Path
 
@@ -150,3 +151,15 @@ def test_an_extractor_the_server_cannot_reproduce_is_refused(tmp_path):
     ASTFeatureExtractor().save_pretrained(checkpoint)
     with pytest.raises(ExportError, match="ASTFeatureExtractor is not supported: the server reproduces"):
         export_model(checkpoint, tmp_path / "repository", show_progress=False)
+
+
+def test_the_command_classifies_audio_files(fp32_server, tmp_path, capsys):
+    from onnxserve.cli import main
+
+    path = tmp_path / "clip.flac"
+    soundfile.write(path, CLIPS[1], RATE)
+    main(["classify-audio", "--model", KINDS[1], "--target", fp32_server.target, "--json", "--top-k", "2", str(path)])
+    printed = json.loads(capsys.readouterr().out)
+    with fp32_server.client() as client:
+        (expected,) = client.classify_audio(KINDS[1], [path], top_k=2)
+    assert [x["label"] for x in printed["results"][0]["labels"]] == [x.label for x in expected.labels]

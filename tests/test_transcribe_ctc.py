@@ -249,3 +249,22 @@ def test_a_ctc_model_refuses_other_rpcs_naming_its_own(client, exported):
         client.classify_audio(KINDS[0], [CLIPS[0]], sample_rate=RATE)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "serves Transcribe, TranscribeStream" in refused.value.details()
+
+
+def test_the_command_transcribes_audio_files(fp32_server, tmp_path, capsys):
+    from onnxserve.cli import main
+
+    files = [tmp_path / "one.wav", tmp_path / "two.wav"]
+    for path, clip in zip(files, CLIPS[:2], strict=True):
+        path.write_bytes(wav(clip))
+    command = ["transcribe", "--model", KINDS[0], "--target", fp32_server.target, "--json"]
+    main([*command, *map(str, files)])
+    printed = json.loads(capsys.readouterr().out)
+    with fp32_server.client() as client:
+        expected = client.transcribe(KINDS[0], [path.read_bytes() for path in files], return_timestamps="word")
+    assert [r["text"] for r in printed["results"]] == [t.text for t in expected]
+    main([*command, "--timestamps", "word", str(files[0])])
+    (words,) = json.loads(capsys.readouterr().out)["results"]
+    assert [(c["text"], tuple(c["timestamp"])) for c in words["chunks"]] == [
+        (c.text, c.timestamp) for c in expected[0].chunks
+    ]

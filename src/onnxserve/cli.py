@@ -264,6 +264,33 @@ def _caption(client: Any, args: argparse.Namespace) -> None:
     _print(args, response, ("image", "generated_text", "finish_reason"), rows)
 
 
+def _transcribe(client: Any, args: argparse.Namespace) -> None:
+    """One line per audio file, or with --timestamps one per segment, word or character."""
+    timestamps = {None: False, "segment": True}.get(args.timestamps, args.timestamps)
+    parameters = {k: v for k, v in _generation_parameters(args).items() if v not in (None, False)}
+    response = client.transcribe(
+        model=args.model, audios=[_read(path, "audio") for path in args.audios], return_timestamps=timestamps,
+        language=args.language, task=args.task, chunk_length_s=args.chunk_length_s,
+        stride_length_s=args.stride_length_s, **parameters,
+    )  # fmt: skip
+    if not timestamps:
+        _print(args, response, ("audio", "text"), [(p, t.text) for p, t in zip(args.audios, response, strict=True)])
+        return
+    rows = [
+        (path, c.timestamp[0], "" if c.timestamp[1] is None else c.timestamp[1], c.text)
+        for path, t in zip(args.audios, response, strict=True)
+        for c in t.chunks
+    ]
+    _print(args, response, ("audio", "start", "end", "text"), rows)
+
+
+def _classify_audio(client: Any, args: argparse.Namespace) -> None:
+    audios = [_read(path, "audio") for path in args.audios]
+    response = client.classify_audio(model=args.model, audios=audios, top_k=args.top_k)
+    rows = [(path, x.label, x.score) for path, r in zip(args.audios, response, strict=True) for x in r.labels]
+    _print(args, response, ("audio", "label", "score"), rows)
+
+
 def _generate(client: Any, args: argparse.Namespace) -> None:
     chunks = []
     for chunk in client.generate_stream(model=args.model, prompt=args.prompt, **_generation_parameters(args)):
@@ -450,6 +477,18 @@ def _parser() -> argparse.ArgumentParser:
     sub = rpc("caption", _caption, "caption image files (image-to-text), one text per image")
     sub.add_argument("images", nargs="+", metavar="IMAGE", help="an image file")
     _add_generation_options(sub)
+    sub = rpc("transcribe", _transcribe, "transcribe audio files (WAV, FLAC, OGG/Vorbis, MP3): speech recognition")
+    sub.add_argument("audios", nargs="+", metavar="AUDIO", help="an audio file")
+    sub.add_argument("--timestamps", nargs="?", const="segment", choices=("segment", "word", "char"),
+                     help="per segment (the default; Whisper), word, or character (CTC models)")
+    sub.add_argument("--language", help="Whisper: the spoken language (default: detected)")
+    sub.add_argument("--task", choices=("transcribe", "translate"), help="Whisper: translate to English")
+    sub.add_argument("--chunk-length-s", type=float, default=0.0, help="cut long audio into chunks of this length")
+    sub.add_argument("--stride-length-s", type=float, default=0.0, help="chunk overlap on each side (chunk / 6)")
+    _add_generation_options(sub)
+    sub = rpc("classify-audio", _classify_audio, "classify audio files (WAV, FLAC, OGG/Vorbis, MP3)")
+    sub.add_argument("audios", nargs="+", metavar="AUDIO", help="an audio file")
+    sub.add_argument("--top-k", type=int, default=0, help="labels per audio (default: 5, as the pipeline)")
     rpc("models", _models, "list the served models")
     sub = rpc("model", _model, "describe one model")
     sub.add_argument("--version", type=int, default=0)
