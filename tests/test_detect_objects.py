@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-from functools import cache
 from pathlib import Path
 
 import grpc
@@ -31,12 +30,12 @@ from transformers import (
     YolosConfig,
     YolosForObjectDetection,
     YolosImageProcessor,
-    pipeline,
 )
 
 from onnxserve.v1 import inference_pb2, inference_pb2_grpc
 from tests.node_tools import run_node
 from tests.test_classify_image import FILES, RAW, picture, raw
+from tests.vision_heads import reference_pipeline, save_checkpoint
 
 LABELS = ("cat", "dog", "bird", "car", "boat")
 KINDS = ["detr-object-detection", "yolos-object-detection"]
@@ -75,14 +74,8 @@ BUILDERS = {"detr-object-detection": _detr, "yolos-object-detection": _yolos}
 
 def build(kind: str, directory: Path) -> Path:
     torch.manual_seed(0)
-    model, processor = BUILDERS[kind]()
-    with torch.no_grad():  # spread the class logits: clear labels, and scores on both sides of 0.5
-        for name, parameter in model.named_parameters():
-            if name.startswith("class_labels_classifier"):
-                parameter.uniform_(-2, 2)
-    model.eval().save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return directory
+    # The class logits spread: clear labels, and scores on both sides of 0.5.
+    return save_checkpoint(*BUILDERS[kind](), directory, {"class_labels_classifier": 2.0})
 
 
 @pytest.fixture(scope="module")
@@ -90,10 +83,8 @@ def exported(tmp_path_factory, export):
     return {kind: export(kind, source=build(kind, tmp_path_factory.mktemp(kind))) for kind in KINDS}
 
 
-@cache
 def reference(checkpoint: Path):
-    processor = AutoImageProcessor.from_pretrained(checkpoint, use_fast=False)
-    return pipeline("object-detection", model=str(checkpoint), image_processor=processor, device="cpu")
+    return reference_pipeline("object-detection", checkpoint)
 
 
 def assert_same_detections(served: list, expected: list[dict]) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-from functools import cache
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,7 +23,6 @@ from onnxserve.client.results import Segment
 from onnxserve.server.tasks.image_segmentation import pixel_classes, query_segments
 from PIL import Image, ImageOps
 from transformers import (
-    AutoImageProcessor,
     DetrConfig,
     DetrForSegmentation,
     DetrImageProcessor,
@@ -33,12 +31,12 @@ from transformers import (
     SegformerConfig,
     SegformerForSemanticSegmentation,
     SegformerImageProcessor,
-    pipeline,
 )
 
 from onnxserve.v1 import inference_pb2, inference_pb2_grpc
 from tests.node_tools import run_node
 from tests.test_classify_image import FILES, RAW
+from tests.vision_heads import reference_pipeline, save_checkpoint
 
 LABELS = ("sky", "tree", "road", "car", "person")
 KINDS = ["segformer-semantic-segmentation", "detr-panoptic-segmentation"]
@@ -81,14 +79,7 @@ SPREADS = {"decode_head.classifier.weight": 2.0, "detr.class_labels_classifier.w
 
 def build(kind: str, directory: Path) -> Path:
     torch.manual_seed(0)
-    model, processor = BUILDERS[kind]()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name in SPREADS:
-                parameter.uniform_(-SPREADS[name], SPREADS[name])
-    model.eval().save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return directory
+    return save_checkpoint(*BUILDERS[kind](), directory, SPREADS)
 
 
 @pytest.fixture(scope="module")
@@ -96,10 +87,8 @@ def exported(tmp_path_factory, export):
     return {kind: export(kind, source=build(kind, tmp_path_factory.mktemp(kind))) for kind in KINDS}
 
 
-@cache
 def reference(checkpoint: Path):
-    processor = AutoImageProcessor.from_pretrained(checkpoint, use_fast=False)
-    return pipeline("image-segmentation", model=str(checkpoint), image_processor=processor, device="cpu")
+    return reference_pipeline("image-segmentation", checkpoint)
 
 
 def ties(checkpoint: Path, image: Image.Image, subtask: str = "semantic", threshold: float = 0.0) -> np.ndarray:
