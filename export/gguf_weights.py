@@ -224,6 +224,7 @@ class _Importer:
         self.embedding: str | None = None
         self.remainder_nodes: list[str] = []  # MatMuls and Gathers of remainders: these stay fp32
         self.block_sums: dict[tuple[str, int], str] = {}
+        self.converted: dict[str, BlockWeight] = {}  # GGUF tensor -> its blocks on MatMulNBits' layout
         self.codes: dict[str, str] = {}  # key (see _block_weight) -> its codes' initializer
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
@@ -256,7 +257,9 @@ class _Importer:
         tensor = self.tensors.get(name)
         if tensor is None or tensor.tensor_type.name not in BLOCK_TYPES:
             return None
-        weight = block_weight(tensor)
+        if name not in self.converted:  # the embedding's blocks serve a tied head too
+            self.converted[name] = block_weight(tensor)
+        weight = self.converted[name]
         expected = numpy_helper.to_array(self.weights[graph_name])
         rows = _matching_rows(weight.dequantize(), expected.T if transposed else expected)
         if rows is None:
