@@ -159,3 +159,15 @@ def test_the_async_client_answers_as_the_blocking_one(fp32_server):
         (expected,) = client.reconstruct_image(model=KIND, images=[RAW["rgba"]], masks=[[1, 2, 9]])
     assert from_async.masked_patches == [1, 2, 9] and from_async.image == expected.image
     np.testing.assert_array_equal(from_async.reconstruction, expected.reconstruction)
+
+
+def test_a_request_whose_answer_cannot_fit_is_refused_upfront(exported, start_server):
+    """Each answer holds at least the reconstruction's 3 x 32 x 32 float32s (12288 bytes)."""
+    server = start_server(exported, settings={"max_send_message_bytes": 30_000})
+    with server.client() as client:
+        with pytest.raises(grpc.RpcError) as refused:
+            client.reconstruct_image(model=KIND, images=[FILES["png"]] * 3)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "at least 36864 bytes (12288 per input)" in refused.value.details()
+        assert "send at most 2 per call" in refused.value.details()
+        assert len(client.reconstruct_image(model=KIND, images=[FILES["png"]] * 2)) == 2

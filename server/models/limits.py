@@ -19,7 +19,8 @@ from onnxserve.server.errors import InvalidArgument
 #: token sequences, image requests' images, speech requests' audios).
 INPUT_FIELDS = ("texts", "questions", "prompts", "images", "audios", "sequences")
 #: Float32s each input adds to an answer, at least: Encode answers one vector of the model's
-#: hidden size per text. Other answers are small beside that (labels, spans, tokens).
+#: hidden size per text, ReconstructImage one image of the model's input size (channels x height x
+#: width). Other answers are small beside that (labels, spans, tokens).
 FLOAT_BYTES = 4
 
 
@@ -30,6 +31,7 @@ class RequestLimits:
     max_inputs: int  # the model's max_inputs_per_request
     max_response_bytes: int  # the server's max_send_message_bytes
     hidden_size: int  # the model's, which sizes Encode's answers
+    image_values: int = 0  # channels x height x width of its processed images, which size ReconstructImage's
 
 
 @functools.cache
@@ -43,9 +45,10 @@ def input_field(request: Message) -> str | None:
     return _input_field_of(request.DESCRIPTOR)
 
 
-def least_answer_bytes(rpc: str, inputs: int, hidden_size: int) -> int:
+def least_answer_bytes(rpc: str, inputs: int, limits: RequestLimits) -> int:
     """A lower bound on the answer's size: what it could not be smaller than."""
-    return inputs * hidden_size * FLOAT_BYTES if rpc == "Encode" else 0
+    floats = {"Encode": limits.hidden_size, "ReconstructImage": limits.image_values}.get(rpc, 0)
+    return inputs * floats * FLOAT_BYTES
 
 
 def check_request(rpc: str, request: Message, limits: RequestLimits, model: str) -> None:
@@ -60,7 +63,7 @@ def check_request(rpc: str, request: Message, limits: RequestLimits, model: str)
             f"the request holds {inputs} {name}, over model {model!r}'s limit of {limits.max_inputs} per request "
             "(max_inputs_per_request); send them in several calls"
         )
-    answer = least_answer_bytes(rpc, inputs, limits.hidden_size)
+    answer = least_answer_bytes(rpc, inputs, limits)
     if answer > limits.max_response_bytes:
         per_input = answer // inputs
         raise InvalidArgument(

@@ -64,7 +64,16 @@ class LoadedModel:
     @property
     def limits(self) -> RequestLimits:
         hidden_size = self.manifest.hidden_size if self.manifest else 0
-        return RequestLimits(self.settings.max_inputs_per_request, self.max_response_bytes, hidden_size)
+        return RequestLimits(
+            self.settings.max_inputs_per_request, self.max_response_bytes, hidden_size, self._image_values()
+        )
+
+    def _image_values(self) -> int:
+        """channels x height x width of the processed images (RGB, at the processor's output size)."""
+        processing = self.manifest.image_processing if self.manifest else None
+        if processing is None:
+            return 0
+        return 3 * (processing.crop_height or processing.height) * (processing.crop_width or processing.width)
 
     def served_rpcs(self) -> list[str]:
         registration = registration_for(self.task)
