@@ -20,7 +20,18 @@ import torch
 from onnxserve.client import AsyncClient
 from onnxserve.export.exporter import export_model
 from PIL import Image
-from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, ViTConfig, ViTImageProcessor, ViTModel, pipeline
+from transformers import (
+    AutoImageProcessor,
+    AutoTokenizer,
+    BitImageProcessor,
+    CLIPModel,
+    Dinov2Config,
+    Dinov2Model,
+    ViTConfig,
+    ViTImageProcessor,
+    ViTModel,
+    pipeline,
+)
 from transformers.image_utils import load_image  # as the pipelines load images: EXIF orientation, RGB
 
 from onnxserve.repository import read_manifest
@@ -29,8 +40,8 @@ from tests.node_tools import node_client
 from tests.test_classify_image import FILES, RAW
 from tests.test_classify_image_zero_shot import build as build_clip
 
-VIT, CLIP = "vit-image-features", "clip-towers"
-KINDS = [VIT, CLIP]
+VIT, DINOV2, CLIP = "vit-image-features", "dinov2-image-features", "clip-towers"
+KINDS = [VIT, DINOV2, CLIP]
 TEXTS = ["a photo of a cat", "two dogs playing on the beach", "a red car", "soup"]
 
 
@@ -45,14 +56,27 @@ def build_vit(directory: Path) -> Path:
     return directory
 
 
+def build_dinov2(directory: Path) -> Path:
+    """DINOv2 with its processor's steps (BitImageProcessor: shortest edge, bicubic, center crop)."""
+    torch.manual_seed(0)
+    config = Dinov2Config(
+        image_size=28, patch_size=7, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+        architectures=["Dinov2Model"],
+    )  # fmt: skip
+    Dinov2Model(config).eval().save_pretrained(directory)
+    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28}).save_pretrained(directory)
+    return directory
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> dict[str, Exported]:
     repository = tmp_path_factory.mktemp("encode-image-repository")
-    sources = {VIT: build_vit(tmp_path_factory.mktemp(VIT)), CLIP: build_clip(tmp_path_factory.mktemp(CLIP))}
-    tasks = {VIT: None, CLIP: "image-feature-extraction"}  # ViTModel is detected; CLIP defaults to zero-shot
+    builders = {VIT: build_vit, DINOV2: build_dinov2, CLIP: build_clip}
+    sources = {kind: builders[kind](tmp_path_factory.mktemp(kind)) for kind in KINDS}
+    tasks = {CLIP: "image-feature-extraction"}  # ViTModel and Dinov2Model are detected; CLIP defaults to zero-shot
     done = {}
     for kind, source in sources.items():
-        options = {"name": kind, "task": tasks[kind], "precisions": ["fp32"], "show_progress": False}
+        options = {"name": kind, "task": tasks.get(kind), "precisions": ["fp32"], "show_progress": False}
         version = export_model(source, repository, **options)
         done[kind] = Exported(kind, source, version.parent)
     return done
@@ -92,6 +116,14 @@ def test_vit_embeddings_match_the_pipeline(fp32_server, exported, pooling, pool)
     expected = np.stack([pool(h) if pool is not np.mean else h.mean(axis=0) for h in hidden])
     assert len(response) == len(hidden) and response.metadata.model == VIT
     np.testing.assert_allclose(np.array(list(response)), expected, atol=1e-4)
+
+
+def test_dinov2_embeddings_are_the_pipelines_pooled_output(fp32_server, exported):
+    """pipeline(pool=True) returns DINOv2's pooler_output: its [CLS] state, the default here."""
+    with fp32_server.client() as client:
+        response = client.encode_image(model=DINOV2, images=sent())
+    expected = [pooled[0] for pooled in vit_pipeline(exported[DINOV2].checkpoint)(pillows(), pool=True)]
+    np.testing.assert_allclose(np.array(list(response)), np.array(expected), atol=1e-4)
 
 
 def test_normalize_scales_to_unit_length(fp32_server):
