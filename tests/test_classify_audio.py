@@ -27,9 +27,11 @@ from transformers import (
     pipeline,
 )
 
+from onnxserve.kserve_v2 import grpc_predict_v2_pb2_grpc as v2_grpc
 from onnxserve.v1 import inference_pb2
 from tests.parity import assert_same_ranking
-from tests.test_transcribe_ctc import speech_like
+from tests.test_kserve import output
+from tests.test_transcribe_ctc import audio_request, speech_like
 
 RATE = 16000
 KINDS = ["wav2vec2-audio-classification", "hubert-audio-classification"]
@@ -163,3 +165,16 @@ def test_the_command_classifies_audio_files(fp32_server, tmp_path, capsys):
     with fp32_server.client() as client:
         (expected,) = client.classify_audio(KINDS[1], [path], top_k=2)
     assert [x["label"] for x in printed["results"][0]["labels"]] == [x.label for x in expected.labels]
+
+
+def test_kserve_audio_classifies_like_classify_audio(fp32_server, client):
+    files = []
+    for clip in CLIPS[:2]:
+        buffer = io.BytesIO()
+        soundfile.write(buffer, clip, RATE, format="FLAC")
+        files.append(buffer.getvalue())
+    typed = client.classify_audio(KINDS[0], files, top_k=3)
+    with grpc.insecure_channel(fp32_server.target) as channel:
+        response = v2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(audio_request(KINDS[0], files, top_k=3))
+    assert output(response, "label").tolist() == [[x.label for x in r.labels] for r in typed]
+    assert output(response, "score").tolist() == [[x.score for x in r.labels] for r in typed]

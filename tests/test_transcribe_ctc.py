@@ -28,7 +28,11 @@ from transformers import (
     pipeline,
 )
 
+from onnxserve.kserve_v2 import grpc_predict_v2_pb2 as v2
+from onnxserve.kserve_v2 import grpc_predict_v2_pb2_grpc as v2_grpc
 from onnxserve.v1 import inference_pb2
+from tests.node_tools import run_node
+from tests.test_kserve import output
 
 RATE = 16000
 KINDS = ["wav2vec2-ctc", "hubert-ctc"]
@@ -268,3 +272,57 @@ def test_the_command_transcribes_audio_files(fp32_server, tmp_path, capsys):
     assert [(c["text"], tuple(c["timestamp"])) for c in words["chunks"]] == [
         (c.text, c.timestamp) for c in expected[0].chunks
     ]
+
+
+def audio_request(model: str, files: list[bytes], **parameters) -> v2.ModelInferRequest:
+    """A KServe v2 ModelInfer with a BYTES input `audio` (encoded files) and parameters."""
+    request = v2.ModelInferRequest(model_name=model)
+    request.inputs.add(name="audio", datatype="BYTES", shape=[len(files)]).contents.bytes_contents.extend(files)
+    for name, value in parameters.items():
+        kind = {int: "int64_param", str: "string_param"}[type(value)]
+        setattr(request.parameters[name], kind, value)
+    return request
+
+
+def test_kserve_audio_transcribes_like_transcribe(fp32_server, client):
+    files = [wav(clip) for clip in CLIPS[:3]]
+    typed = client.transcribe(KINDS[0], files, return_timestamps="word", chunk_length_s=2.0)
+    with grpc.insecure_channel(fp32_server.target) as channel:
+        stub = v2_grpc.GRPCInferenceServiceStub(channel)
+        response = stub.ModelInfer(audio_request(KINDS[0], files, return_timestamps="word", chunk_length_s="2"))
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelInfer(audio_request(KINDS[0], [b"not audio"]))
+    assert output(response, "text").tolist() == [t.text for t in typed]
+    words = output(response, "chunk_text")
+    assert [[w for w in row if w] for row in words.tolist()] == [[c.text for c in t.chunks] for t in typed]
+    starts = [row[: len(t.chunks)] for row, t in zip(output(response, "start"), typed, strict=True)]
+    assert [list(row) for row in starts] == [[c.timestamp[0] for c in t.chunks] for t in typed]
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cannot be decoded" in refused.value.details()
+
+
+def test_the_node_client_transcribes(fp32_server, tmp_path):
+    """transcribe with word timestamps and transcribeStream from Node, against the Python client."""
+    path = tmp_path / "clip.wav"
+    path.write_bytes(wav(CLIPS[2]))
+    script = """
+const { OnnxServeClient } = require(".");
+const [target, model, file] = process.argv.slice(1);
+const client = new OnnxServeClient(target, { timeoutMs: 60000 });
+const audio = { data: require("fs").readFileSync(file) };
+(async () => {
+  const whole = await client.transcribe({ model, audios: [audio], returnTimestamps: "TIMESTAMPS_WORD" });
+  const pieces = [];
+  for await (const piece of client.transcribeStream({ model, audio, chunkLengthS: 1 })) pieces.push(piece);
+  process.stdout.write(JSON.stringify({ whole: whole.results[0], last: pieces[pieces.length - 1].transcription,
+                                        count: pieces.length }));
+})().finally(() => client.close());
+"""
+    got = json.loads(run_node(script, fp32_server.target, KINDS[0], str(path)))
+    with fp32_server.client() as client:
+        (words,) = client.transcribe(KINDS[0], [path], return_timestamps="word")
+        streamed = list(client.transcribe_stream(KINDS[0], path, chunk_length_s=1.0))
+    assert got["whole"]["text"] == words.text
+    assert [(c["text"], c["start"], c["end"]) for c in got["whole"]["chunks"]] == [
+        (c.text, *c.timestamp) for c in words.chunks
+    ]
+    assert got["count"] == len(streamed) > 2 and got["last"]["text"] == streamed[-1].transcription.text

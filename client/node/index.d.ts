@@ -6,6 +6,8 @@ import type { AnswerRequest } from "./generated/onnxserve/v1/AnswerRequest";
 import type { AnswerResponse__Output } from "./generated/onnxserve/v1/AnswerResponse";
 import type { CaptionImageRequest } from "./generated/onnxserve/v1/CaptionImageRequest";
 import type { CaptionImageResponse__Output } from "./generated/onnxserve/v1/CaptionImageResponse";
+import type { ClassifyAudioRequest } from "./generated/onnxserve/v1/ClassifyAudioRequest";
+import type { ClassifyAudioResponse__Output } from "./generated/onnxserve/v1/ClassifyAudioResponse";
 import type { ClassifyImageRequest } from "./generated/onnxserve/v1/ClassifyImageRequest";
 import type { ClassifyImageResponse__Output } from "./generated/onnxserve/v1/ClassifyImageResponse";
 import type { ClassifyRequest } from "./generated/onnxserve/v1/ClassifyRequest";
@@ -35,6 +37,10 @@ import type { TagTokensRequest } from "./generated/onnxserve/v1/TagTokensRequest
 import type { TagTokensResponse__Output } from "./generated/onnxserve/v1/TagTokensResponse";
 import type { TokenizeRequest } from "./generated/onnxserve/v1/TokenizeRequest";
 import type { TokenizeResponse__Output } from "./generated/onnxserve/v1/TokenizeResponse";
+import type { TranscribeRequest } from "./generated/onnxserve/v1/TranscribeRequest";
+import type { TranscribeResponse__Output } from "./generated/onnxserve/v1/TranscribeResponse";
+import type { TranscribeStreamRequest } from "./generated/onnxserve/v1/TranscribeStreamRequest";
+import type { TranscribeStreamResponse__Output } from "./generated/onnxserve/v1/TranscribeStreamResponse";
 
 export interface ClientOptions {
   /** Default: insecure (plaintext h2c). */
@@ -83,6 +89,19 @@ export declare class OnnxServeClient {
    * `packedMask` (width x height bits, row-major, first pixel in the high bit of the first byte).
    */
   segmentImage(request: SegmentImageRequest, options?: CallOptions): Promise<SegmentImageResponse__Output>;
+  /**
+   * Speech recognition, one transcription per audio (`audios[i].data`: an encoded file as a Buffer,
+   * or `raw`: float32 little-endian samples with sampleRate and channels); `returnTimestamps`
+   * "TIMESTAMPS_WORD" or "TIMESTAMPS_CHAR" (CTC models), "TIMESTAMPS_SEGMENT" (Whisper) fills `chunks`.
+   */
+  transcribe(request: TranscribeRequest, options?: CallOptions): Promise<TranscribeResponse__Output>;
+  /** Labels per audio (`audios` as for transcribe), best first, at most topK (0: 5). */
+  classifyAudio(request: ClassifyAudioRequest, options?: CallOptions): Promise<ClassifyAudioResponse__Output>;
+  /** An async-iterable stream, one piece per segment or chunk; the last carries the transcription and metadata. */
+  transcribeStream(
+    request: TranscribeStreamRequest,
+    options?: CallOptions,
+  ): grpc.ClientReadableStream<TranscribeStreamResponse__Output>;
   /** An async-iterable stream of pieces; the last carries finishReason, generatedText and metadata. */
   generateStream(
     request: GenerateStreamRequest,
@@ -105,5 +124,6 @@ export type {
   TokenizeResponse__Output, CaptionImageRequest, CaptionImageResponse__Output, ClassifyImageRequest,
   ClassifyImageResponse__Output, EncodeImageRequest, EncodeImageResponse__Output, ReconstructImageRequest,
   ReconstructImageResponse__Output, DetectObjectsRequest, DetectObjectsResponse__Output, SegmentImageRequest,
-  SegmentImageResponse__Output,
+  SegmentImageResponse__Output, TranscribeRequest, TranscribeResponse__Output, TranscribeStreamRequest,
+  TranscribeStreamResponse__Output, ClassifyAudioRequest, ClassifyAudioResponse__Output,
 };

@@ -54,6 +54,8 @@ class OnnxServeClient {
   reconstructImage(request, options) { return this._unary(this.inference, "ReconstructImage", request, options); }
   detectObjects(request, options) { return this._unary(this.inference, "DetectObjects", request, options); }
   segmentImage(request, options) { return this._unary(this.inference, "SegmentImage", request, options); }
+  transcribe(request, options) { return this._unary(this.inference, "Transcribe", request, options); }
+  classifyAudio(request, options) { return this._unary(this.inference, "ClassifyAudio", request, options); }
   tokenize(request, options) { return this._unary(this.inference, "Tokenize", request, options); }
   detokenize(request, options) { return this._unary(this.inference, "Detokenize", request, options); }
   listModels(options) { return this._unary(this.models, "ListModels", {}, options); }
@@ -63,6 +65,12 @@ class OnnxServeClient {
   // failed call throws its grpc.ServiceError from the loop.
   generateStream(request, options) {
     return this.inference.GenerateStream(request, this._metadata(options), this._callOptions(options));
+  }
+
+  // A readable stream of TranscribeStreamResponse messages, one per segment or chunk; the last
+  // carries the whole transcription and the metadata.
+  transcribeStream(request, options) {
+    return this.inference.TranscribeStream(request, this._metadata(options), this._callOptions(options));
   }
 
   close() {

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from onnxserve.server.tasks.audio import AudioPipeline
 from onnxserve.server.tasks.base import Prepared, RowOutputs, require_batch, softmax
-from onnxserve.server.tasks.registration import ExportSpec, TaskRegistration
+from onnxserve.server.tasks.registration import ExportSpec, KServeAudio, TaskRegistration
 from onnxserve.server.tasks.text_classification import ranked_labels
 
 from onnxserve.v1 import common_pb2, inference_pb2
@@ -35,6 +35,7 @@ REGISTRATION = TaskRegistration(
     task=common_pb2.TASK_AUDIO_CLASSIFICATION,
     pipeline=AudioClassificationPipeline,
     rpcs=frozenset({"ClassifyAudio"}),
+    kserve_audio=KServeAudio("ClassifyAudio"),
     export=ExportSpec("audio-classification", "AutoModelForAudioClassification"),
     inputs="audio",
 )

@@ -26,7 +26,7 @@ from onnxserve.server.errors import InvalidArgument, ModelLoadError
 from onnxserve.server.runtime.stats import Timings
 from onnxserve.server.tasks.audio import AudioPipeline, InputValues
 from onnxserve.server.tasks.base import Prepared, RowOutputs, require_batch
-from onnxserve.server.tasks.registration import ExportSpec, TaskRegistration
+from onnxserve.server.tasks.registration import ExportSpec, KServeAudio, TaskRegistration
 
 from onnxserve.v1 import common_pb2, inference_pb2
 
@@ -265,6 +265,7 @@ REGISTRATION = TaskRegistration(
     task=common_pb2.TASK_CTC_SPEECH_RECOGNITION,
     pipeline=CTCSpeechRecognitionPipeline,
     rpcs=frozenset({"Transcribe", "TranscribeStream"}),
+    kserve_audio=KServeAudio("Transcribe"),
     export=ExportSpec("automatic-speech-recognition", "AutoModelForCTC"),
     inputs="audio",
 )

@@ -124,11 +124,21 @@ class KServeImage:
 
 
 @dataclass(frozen=True)
+class KServeAudio:
+    """What a KServe v2 ModelInfer with a BYTES input named `audio` runs: the typed `rpc`, each
+    element of `audio` (an encoded file) filling one entry of the request's repeated Audio field
+    `field`."""
+
+    rpc: str
+    field: str = "audios"
+
+
+@dataclass(frozen=True)
 class TaskRegistration:
     """One task: `name` as the exporter and the command spell it, `task` its Task number in the
     manifest, `pipeline` the class built per loaded model version, `rpcs` the Inference RPCs it
-    serves (besides Tokenize and Detokenize, which every model serves), `kserve_text` and
-    `kserve_image` its KServe v2 text and image mappings, `export` its export spec (None: not
+    serves (besides Tokenize and Detokenize, which every model serves), `kserve_text`,
+    `kserve_image` and `kserve_audio` its KServe v2 text, image and audio mappings, `export` its export spec (None: not
     exported by `onnxserve export`) and `inputs` what its models take: text (they ship a
     tokenizer, and serve Tokenize and Detokenize), images (pixel_values from the manifest's
     image_processing, no tokenizer), both (CLIP), audio (features from the version's
@@ -141,6 +151,7 @@ class TaskRegistration:
     rpcs: frozenset[str]
     kserve_text: KServeText | None = None
     kserve_image: KServeImage | None = None
+    kserve_audio: KServeAudio | None = None
     export: ExportSpec | None = None
     inputs: Literal["text", "images", "text and images", "audio", "text and audio"] = "text"
 
@@ -154,6 +165,9 @@ class TaskRegistration:
         if image is not None:
             is_image = lambda f: f.message_type is inference_pb2.Image.DESCRIPTOR  # noqa: E731
             self._check_mapping("image", image.rpc, image.field, is_image, "Image")
+        if self.kserve_audio is not None:
+            is_audio = lambda f: f.message_type is inference_pb2.Audio.DESCRIPTOR  # noqa: E731
+            self._check_mapping("audio", self.kserve_audio.rpc, self.kserve_audio.field, is_audio, "Audio")
 
     def _check_mapping(self, kind: str, rpc: str, name: str, fits: Callable[[Any], bool], wanted: str) -> None:
         if rpc not in self.rpcs:

@@ -2,7 +2,8 @@
 that tools built for Triton, KServe and MLServer can call onnxserve.
 
 ModelInfer has two modes. Tensors in, tensors out: the inputs feed the model's ONNX graph as they
-are. Text or images in, results out: a BYTES input named `text` (or `image`, encoded files) runs
+are. Text, images or audio in, results out: a BYTES input named `text` (or `image` or `audio`,
+encoded files) runs
 the model's whole pipeline (tokenize or decode and process -> forward -> postprocess) and the
 results come back as tensors (docs/kserve.md)."""
 
@@ -21,12 +22,18 @@ from onnxserve.server.api.kserve.tensors import (
     encode_outputs,
     select_outputs,
 )
-from onnxserve.server.api.kserve.text import IMAGE_INPUT, TEXT_INPUT, build_request, response_tensors
+from onnxserve.server.api.kserve.text import (
+    AUDIO_INPUT,
+    IMAGE_INPUT,
+    TEXT_INPUT,
+    build_request,
+    response_tensors,
+)
 from onnxserve.server.errors import InvalidArgument, Unimplemented
 from onnxserve.server.models.loaded import LoadedModel
 from onnxserve.server.models.registry import ModelRegistry
 from onnxserve.server.runtime.sessions import Session
-from onnxserve.server.tasks.registration import KServeImage, KServeText, registration_for, task_name
+from onnxserve.server.tasks.registration import KServeAudio, KServeImage, KServeText, registration_for, task_name
 
 import onnxserve
 from onnxserve.kserve_v2 import grpc_predict_v2_pb2 as v2
@@ -109,13 +116,14 @@ def _texts(arrays: dict[str, np.ndarray], name: str) -> list[str]:
         raise InvalidArgument(f"input {name!r} holds bytes that are not UTF-8: {error}") from error
 
 
-def pipeline_mapping(model: LoadedModel, main_input: str) -> KServeText | KServeImage:
-    """The typed RPC a text (or image) request runs on this model, and the field `text` (or
-    `image`) fills: its task's registration's."""
+def pipeline_mapping(model: LoadedModel, main_input: str) -> KServeText | KServeImage | KServeAudio:
+    """The typed RPC a text (or image, or audio) request runs on this model, and the field `text`
+    (or `image`, or `audio`) fills: its task's registration's."""
     registration = registration_for(model.task)
     mapping = None
     if registration is not None and model.pipeline is not None:
-        mapping = registration.kserve_image if main_input == IMAGE_INPUT else registration.kserve_text
+        files = {IMAGE_INPUT: registration.kserve_image, AUDIO_INPUT: registration.kserve_audio}
+        mapping = files.get(main_input, registration.kserve_text)
     if mapping is None:
         raise Unimplemented(
             f"model {model.name!r} ({task_name(model.task)}) has no pipeline here for a {main_input!r} input"
@@ -123,10 +131,15 @@ def pipeline_mapping(model: LoadedModel, main_input: str) -> KServeText | KServe
     return mapping
 
 
-def _images(arrays: dict[str, np.ndarray]) -> list[bytes]:
-    if arrays[IMAGE_INPUT].dtype != object:
-        raise InvalidArgument(f"input {IMAGE_INPUT!r} must be BYTES (encoded image files)")
-    return [bytes(value) for value in arrays[IMAGE_INPUT].flat]
+def _files(arrays: dict[str, np.ndarray], name: str) -> list[bytes]:
+    if arrays[name].dtype != object:
+        raise InvalidArgument(f"input {name!r} must be BYTES (encoded {name} files)")
+    return [bytes(value) for value in arrays[name].flat]
+
+
+def _main_input(arrays: dict[str, np.ndarray]) -> str | None:
+    """The input that makes a request a pipeline request: `image`, `audio` or `text`; None for tensors."""
+    return next((name for name in (IMAGE_INPUT, AUDIO_INPUT, TEXT_INPUT) if name in arrays), None)
 
 
 class KServeServicer(v2_grpc.GRPCInferenceServiceServicer):
@@ -165,11 +178,12 @@ class KServeServicer(v2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: v2.ModelInferRequest, context: grpc.aio.ServicerContext) -> Message:
         model = self.registry.resolve(request.model_name, parse_version(request.model_version))
         arrays = decode_inputs(request)
-        if IMAGE_INPUT in arrays or TEXT_INPUT in arrays:
+        if _main_input(arrays) is not None:
             outputs = await self._run_pipeline(model, arrays, request, context)
         elif request.parameters:
             raise InvalidArgument(
-                f"parameters apply to pipeline requests (a {TEXT_INPUT!r} or {IMAGE_INPUT!r} input); tensors take none"
+                f"parameters apply to pipeline requests (a {TEXT_INPUT!r}, {IMAGE_INPUT!r} or {AUDIO_INPUT!r} "
+                "input); tensors take none"
             )
         else:
             outputs = await self._run_tensors(model, arrays)
@@ -206,10 +220,11 @@ class KServeServicer(v2_grpc.GRPCInferenceServiceServicer):
         request: v2.ModelInferRequest,
         context: grpc.aio.ServicerContext,
     ) -> dict[str, np.ndarray]:
-        """A `text` or `image` request: the typed call of the task's mapping, on its execution path."""
-        mapping = pipeline_mapping(model, IMAGE_INPUT if IMAGE_INPUT in arrays else TEXT_INPUT)
-        images = _images(arrays) if IMAGE_INPUT in arrays else []
-        texts = {name: _texts(arrays, name) for name in arrays if name != IMAGE_INPUT}
-        typed = build_request(mapping, model.name, texts, request.parameters, images)
+        """A `text`, `image` or `audio` request: the typed call of the task's mapping, on its execution path."""
+        main_input = _main_input(arrays)
+        mapping = pipeline_mapping(model, main_input)
+        files = [] if main_input == TEXT_INPUT else _files(arrays, main_input)
+        texts = {name: _texts(arrays, name) for name in arrays if name != main_input or main_input == TEXT_INPUT}
+        typed = build_request(mapping, model.name, texts, request.parameters, files)
         response = await model.run(mapping.rpc, typed, context.time_remaining())
         return response_tensors(response)

@@ -3,9 +3,10 @@ model's RPC, and the typed response back to tensors. Both directions follow the 
 names, so every task maps the same way (docs/kserve.md):
 
 - the BYTES input `text` fills the field that the task's registration names (texts, questions or
-  prompts: `KServeText`, tasks/registration.py), or the BYTES input `image` (encoded files) the
-  repeated Image field it names (`KServeImage`); any other BYTES input fills the repeated string
-  field of its name (text_pairs, contexts, candidate_labels, targets, stop);
+  prompts: `KServeText`, tasks/registration.py), or the BYTES input `image` (`audio`), encoded
+  files, the repeated Image (Audio) field it names (`KServeImage`, `KServeAudio`); any other
+  BYTES input fills the repeated string field of its name (text_pairs, contexts,
+  candidate_labels, targets, stop);
 - each request parameter sets the scalar option of its name (top_k, pooling, max_new_tokens...);
 - each scalar field under the response's results becomes an output tensor of that name, with one
   dimension per repeated level, ragged levels padded ("" for text, -1 for integers, NaN for
@@ -21,19 +22,24 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from onnxserve.server.errors import InvalidArgument
-from onnxserve.server.tasks.registration import INFERENCE, KServeImage, KServeText
+from onnxserve.server.tasks.registration import INFERENCE, KServeAudio, KServeImage, KServeText
 
 from onnxserve.enums import short_name, short_names
 from onnxserve.kserve_v2 import grpc_predict_v2_pb2 as v2
-from onnxserve.v1 import inference_pb2
 
 TEXT_INPUT = "text"
 IMAGE_INPUT = "image"
+AUDIO_INPUT = "audio"
+#: The BYTES inputs of encoded files, by the mapping that takes them.
+FILE_INPUTS = {KServeImage: IMAGE_INPUT, KServeAudio: AUDIO_INPUT}
 #: The sub-message that holds an RPC's options when it has one (Generate's GenerationParameters).
 OPTIONS_FIELD = "parameters"
 
 #: Leaves whose field name says little on its own.
-OUTPUT_NAMES = {"onnxserve.v1.Embedding.values": "embedding"}
+OUTPUT_NAMES = {
+    "onnxserve.v1.Embedding.values": "embedding",
+    "onnxserve.v1.TranscriptionChunk.text": "chunk_text",  # beside the Transcription's own text
+}
 
 _FLOATS = (FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_DOUBLE)
 _STRING = FieldDescriptor.TYPE_STRING
@@ -45,21 +51,22 @@ _BOOL = FieldDescriptor.TYPE_BOOL
 
 
 def build_request(
-    mapping: KServeText | KServeImage,
+    mapping: KServeText | KServeImage | KServeAudio,
     model: str,
     texts: dict[str, list[str]],
     parameters: Any,
-    images: Sequence[bytes] = (),
+    files: Sequence[bytes] = (),
 ) -> Message:
-    """The typed request of the mapping's RPC from the text inputs by name, the `image` input's
-    encoded files (image mappings) and the request's parameters; its type is the RPC's input in
-    the contract."""
+    """The typed request of the mapping's RPC from the text inputs by name, the `image` or
+    `audio` input's encoded files (image and audio mappings) and the request's parameters; its
+    type is the RPC's input in the contract."""
     rpc, main_field = mapping.rpc, mapping.field
-    main_input = IMAGE_INPUT if isinstance(mapping, KServeImage) else TEXT_INPUT
+    main_input = FILE_INPUTS.get(type(mapping), TEXT_INPUT)
     request = message_factory.GetMessageClass(INFERENCE.methods_by_name[rpc].input_type)(model=model)
     fields = request.DESCRIPTOR.fields_by_name
     options = getattr(request, OPTIONS_FIELD) if OPTIONS_FIELD in fields else request
-    getattr(request, main_field).extend(inference_pb2.Image(data=data) for data in images)
+    for data in files:  # an Image or an Audio, by the mapping
+        getattr(request, main_field).add(data=data)
     for name, values in texts.items():
         field = main_field if name == main_input else name
         target = request if field in request.DESCRIPTOR.fields_by_name else options
@@ -68,7 +75,12 @@ def build_request(
             raise InvalidArgument(f"{rpc} takes the BYTES inputs {allowed}, not {name!r}")
         getattr(target, field).extend(values)
     for name, parameter in parameters.items():
-        set_option(options, name, parameter)
+        # The request's own options (Transcribe's chunk_length_s) before its parameters message's.
+        target = request if name in _options(request) else options
+        if name not in _options(target):
+            known = sorted({*_options(request), *_options(options)})
+            raise InvalidArgument(f"parameter {name!r} is not an option here; the options are {known}")
+        set_option(target, name, parameter)
     return request
 
 
