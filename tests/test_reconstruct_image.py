@@ -1,7 +1,8 @@
-"""ReconstructImage at parity with the forward of a tiny random ViTForMaskedImageModeling (SimMIM)
-built here and exported with its mask as an input: for masks given as patch indices, as a mask
-image and drawn at random from a seed, the reconstruction equals PyTorch's `reconstruction` and the
-loss its `loss` for each image alone, within 1e-4; and the bad requests it refuses."""
+"""ReconstructImage at parity with the forward of tiny random SimMIM heads built here
+(ViTForMaskedImageModeling; SwinForMaskedImageModeling, with a grid of 8 x 8 patches) and exported
+with their mask as an input: for masks given as patch indices, as a mask image and drawn at random
+from a seed, the reconstruction equals PyTorch's `reconstruction` and the loss its `loss` for each
+image alone, within 1e-4; and the bad requests it refuses."""
 
 from __future__ import annotations
 
@@ -17,65 +18,95 @@ import pytest
 import torch
 from onnxserve.client import AsyncClient
 from PIL import Image
-from transformers import AutoImageProcessor, ViTConfig, ViTForMaskedImageModeling, ViTImageProcessor
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForMaskedImageModeling,
+    SwinConfig,
+    SwinForMaskedImageModeling,
+    ViTConfig,
+    ViTForMaskedImageModeling,
+    ViTImageProcessor,
+)
 from transformers.image_utils import load_image
 
 from tests.test_classify_image import FILES, RAW
 
-KINDS = ["vit-masked-image-modeling"]
-KIND = KINDS[0]
-GRID = 4  # 32 x 32 images in patches of 8
+KINDS = ["vit-masked-image-modeling", "swin-masked-image-modeling"]
+KIND, SWIN = KINDS
+GRID = 4  # ViT: 32 x 32 images in patches of 8
 PATCHES = GRID * GRID
+GRIDS = {KIND: GRID, SWIN: 8}  # Swin: patches of 4
 
 
-def build(directory: Path) -> Path:
+def build(directory: Path, kind: str = KIND) -> Path:
     torch.manual_seed(0)
-    config = ViTConfig(
-        image_size=32, patch_size=8, encoder_stride=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64,
-    )  # fmt: skip
-    ViTForMaskedImageModeling(config).eval().save_pretrained(directory)
+    if kind == SWIN:
+        config = SwinConfig(
+            image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=4, encoder_stride=8
+        )
+        model = SwinForMaskedImageModeling(config)
+    else:
+        config = ViTConfig(
+            image_size=32, patch_size=8, encoder_stride=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64,
+        )  # fmt: skip
+        model = ViTForMaskedImageModeling(config)
+    model.eval().save_pretrained(directory)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(directory)
     return directory
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, export):
-    return {KIND: export(KIND, precisions=("fp32",), source=build(tmp_path_factory.mktemp(KIND)))}
+    sources = {kind: build(tmp_path_factory.mktemp(kind), kind) for kind in KINDS}
+    return {kind: export(kind, precisions=("fp32",), source=source) for kind, source in sources.items()}
 
 
 @cache
 def reference(checkpoint: Path):
-    model = ViTForMaskedImageModeling.from_pretrained(checkpoint).eval()
+    model = AutoModelForMaskedImageModeling.from_pretrained(checkpoint).eval()
     return model, AutoImageProcessor.from_pretrained(checkpoint, use_fast=False)
 
 
-def forward(checkpoint: Path, data: bytes, masked: list[int]) -> tuple[np.ndarray, float]:
+def forward(checkpoint: Path, data: bytes, masked: list[int], patches: int) -> tuple[np.ndarray, float]:
     """PyTorch's reconstruction and loss for one image alone, with these patches masked."""
     model, processor = reference(checkpoint)
     pixels = processor(load_image(Image.open(io.BytesIO(data))), return_tensors="pt")["pixel_values"]
-    mask = torch.zeros(1, PATCHES, dtype=torch.bool)
+    mask = torch.zeros(1, patches, dtype=torch.bool)
     mask[0, masked] = True
     with torch.no_grad():
         output = model(pixel_values=pixels, bool_masked_pos=mask)
     return output.reconstruction[0].numpy(), float(output.loss)
 
 
-def assert_matches_pytorch(exported, images: list[bytes], response) -> None:
+def assert_matches_pytorch(exported, images: list[bytes], response, kind: str = KIND) -> None:
     for data, result in zip(images, response, strict=True):
-        reconstruction, loss = forward(exported[KIND].checkpoint, data, result.masked_patches)
+        reconstruction, loss = forward(exported[kind].checkpoint, data, result.masked_patches, GRIDS[kind] ** 2)
         assert result.reconstruction.shape == reconstruction.shape == (3, 32, 32)
         np.testing.assert_allclose(result.reconstruction, reconstruction, atol=1e-4)
         assert result.loss == pytest.approx(loss, abs=1e-4)
 
 
-def test_patch_indices_match_pytorch(fp32_server, exported):
+@pytest.mark.parametrize("kind", KINDS)
+def test_patch_indices_match_pytorch(fp32_server, exported, kind):
     images = [FILES["png"], FILES["jpeg-exif-rotated"], FILES["png-rgba"]]
-    masks = [[0, 5, 6, 15], [1, 2, 3], list(range(PATCHES))]
+    masks = [[0, 5, 6, 15], [1, 2, 3], list(range(GRIDS[kind] ** 2))]
     with fp32_server.client() as client:
-        response = client.reconstruct_image(model=KIND, images=images, masks=masks)
+        response = client.reconstruct_image(model=kind, images=images, masks=masks)
     assert [r.masked_patches for r in response] == masks
-    assert_matches_pytorch(exported, images, response)
+    assert_matches_pytorch(exported, images, response, kind)
+
+
+def test_swin_takes_a_mask_image_and_random_masks(fp32_server, exported):
+    """A bright top half masks Swin's first four rows of 8 patches; random masks take 0.6 of 64."""
+    mask = np.zeros((40, 40), dtype=np.uint8)
+    mask[:20] = 255
+    with fp32_server.client() as client:
+        drawn = client.reconstruct_image(model=SWIN, images=[FILES["jpeg"]], masks=[mask])
+        random = client.reconstruct_image(model=SWIN, images=[FILES["webp"]], seed=1)
+    assert drawn[0].masked_patches == list(range(32)) and len(random[0].masked_patches) == round(0.6 * 64)
+    assert_matches_pytorch(exported, [FILES["jpeg"]], drawn, SWIN)
+    assert_matches_pytorch(exported, [FILES["webp"]], random, SWIN)
 
 
 def test_a_mask_image_masks_its_bright_patches(fp32_server, exported):
