@@ -6,10 +6,16 @@ GroupQueryAttention writes each new position in place: a step copies nothing and
 nothing, whatever the sequence length. A run covers a contiguous range of rows (bound by address),
 so a prefill can fill some rows while others hold sequences being decoded. The logits go into a
 preallocated buffer too. `length` is what the sequences need (longest prompt + new tokens), not
-the model's context."""
+the model's context.
+
+A run of one row and one token is given a spare row where this machine's kernels would compute a
+row alone otherwise than beside batchmates (probed once per session, `solo_runs_differ`), so that
+a stream's tokens never depend on who else is decoding (docs/batching.md)."""
 
 from __future__ import annotations
 
+import logging
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -18,7 +24,15 @@ from onnxserve.server.errors import ModelLoadError
 from onnxserve.server.runtime.sessions import CUDA, Session
 from onnxserve.server.tasks.generation.cache import PastInput, Timed, past_inputs, present_name
 
+log = logging.getLogger(__name__)
+
 SEQLENS = "seqlens_k"
+# The probe's rows: prompts, then one step's tokens (ids every vocabulary has).
+PROBE_PROMPTS = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+PROBE_STEP = [10, 11, 12]
+
+# Each session's probe result: FusedGraph is built per request, the probe runs once.
+_SOLO_RUNS_DIFFER: weakref.WeakKeyDictionary[Session, bool] = weakref.WeakKeyDictionary()
 
 
 def is_fused(session: Session) -> bool:
@@ -38,6 +52,36 @@ class FusedGraph:
         self.vocab = _vocab(session)
         self.cache_device = cache_device or ("cuda" if session.provider == CUDA else None)
         self.device_id = session.device_id
+        self.pads_solo_runs = False  # the probe runs its rows as they come
+        self.pads_solo_runs = solo_runs_differ(self)
+
+
+def solo_runs_differ(graph: FusedGraph) -> bool:
+    """Whether a row run alone (one token: M=1 in every MatMul) gets other logits, bit for bit, than
+    the same row beside a batchmate, on this machine's kernels. ONNX Runtime 1.31's MatMulNBits
+    runs M=1 on a path of its own on some CPUs and accuracy levels (AVX2 int4 at accuracy_level 4;
+    fp32 compute, level 0, everywhere) and one path for every M >= 2, so padding such runs to two
+    rows makes a row's result independent of its batchmates. Probed on the model's own graph, as
+    which paths differ depends on its weights' configurations and the CPU; checked once per
+    session. That two and three rows agree, which the padding relies on, is checked too."""
+    if graph.session in _SOLO_RUNS_DIFFER:
+        return _SOLO_RUNS_DIFFER[graph.session]
+    batch = FusedBatch(graph, rows=len(PROBE_STEP), length=len(PROBE_PROMPTS[0]) + 1)
+    batch.prefill(0, (np.array(PROBE_PROMPTS) % graph.vocab).tolist())
+    prompted = batch.lengths.copy()
+    first_row = []
+    for rows in (1, 2, 3):
+        batch.lengths[:] = prompted  # each run decodes the same step
+        first_row.append(batch.decode(np.array(PROBE_STEP[:rows]) % graph.vocab)[0])
+    differ = not np.array_equal(first_row[0], first_row[1])
+    if differ:
+        log.info("this machine's kernels compute a decoder row alone otherwise than in a batch: "
+                 "runs of one row get a spare row, so that streams do not depend on their batchmates")  # fmt: skip
+    if not np.array_equal(first_row[1], first_row[2]):
+        log.warning("this machine's kernels compute a decoder row in a batch of 2 otherwise than in a batch "
+                    "of 3: a stream's tokens may depend on how many others decode with it")  # fmt: skip
+    _SOLO_RUNS_DIFFER[graph.session] = differ
+    return differ
 
 
 def _require_fp16_attention_on_cuda(session: Session, past: list[PastInput]) -> None:
@@ -124,6 +168,7 @@ class FusedBatch:
 
     def __init__(self, graph: FusedGraph, rows: int, length: int) -> None:
         self.graph = graph
+        rows += graph.pads_solo_runs  # the spare row, after the last row a caller can use
         self.buffers = KVBuffers(graph, rows, length)
         self.lengths = np.zeros(rows, dtype=np.int32)
         self.logits = np.zeros((rows, 1, graph.vocab), dtype=np.float32)
@@ -149,6 +194,15 @@ class FusedBatch:
         return logits
 
     def _run(self, first: int, input_ids: np.ndarray, seqlens_k: np.ndarray, total: int) -> np.ndarray:
+        if not (self.graph.pads_solo_runs and input_ids.size == 1):
+            return self._run_rows(first, input_ids, seqlens_k, total)
+        # One token of one row: the row after it is free (rows in use are contiguous from 0, and
+        # the buffers hold one more than callers use), so it runs the same token from position 0,
+        # writing only its own cache, and the real row takes the kernels' path for batches.
+        padded = self._run_rows(first, np.repeat(input_ids, 2, axis=0), np.append(seqlens_k, 0).astype(np.int32), total)
+        return padded[:1]
+
+    def _run_rows(self, first: int, input_ids: np.ndarray, seqlens_k: np.ndarray, total: int) -> np.ndarray:
         session = self.graph.session
         binding = session.session.io_binding()
         binding.bind_cpu_input("input_ids", input_ids)
