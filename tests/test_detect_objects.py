@@ -17,6 +17,7 @@ import torch
 from onnxserve.export.errors import ExportError
 from onnxserve.export.images import check_image_processing, image_processing
 from onnxserve.export.tasks import check_exportable, task_spec
+from onnxserve.server.quality.gates import mean_iou
 from PIL import Image
 from transformers import (
     AutoImageProcessor,
@@ -162,6 +163,13 @@ def test_the_export_refuses_heads_whose_post_processing_is_not_built(config, tas
     segmentation, but the server post-processes neither: the export says so before any work."""
     with pytest.raises(ExportError, match=f"{task} is served for .* models, not '{config.model_type}' yet"):
         check_exportable(config, task_spec(task))
+
+
+def test_the_gates_box_iou():
+    reference = np.array([[0, 0, 2, 2], [0, 0, 1, 1], [5, 5, 5, 5]], dtype=np.float32)  # the last one empty
+    variant = np.array([[1, 1, 3, 3], [0, 0, 1, 1], [5, 5, 5, 5]], dtype=np.float32)
+    assert mean_iou(reference, variant) == pytest.approx((1 / 7 + 1 + 1) / 3)
+    assert mean_iou(reference[:2], np.array([[2, 2, 3, 3], [0, 0, 1, 1]], dtype=np.float32)) == pytest.approx(0.5)
 
 
 def test_int8_finds_the_same_labels_and_passed_its_load_check(int8_server, exported):

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from onnxserve.client.results import Segment
+from onnxserve.server.quality.gates import mean_iou
 from onnxserve.server.tasks.image_segmentation import pixel_classes, query_segments
 from PIL import Image, ImageOps
 from transformers import (
@@ -223,6 +224,14 @@ def test_the_upsampling_is_torchs(height, width, target):
     decided = (best[0] - best[1] >= TIE).numpy()
     classes = pixel_classes(logits, target[1], target[0])
     np.testing.assert_array_equal(classes[decided], upsampled.argmax(0).numpy()[decided])
+
+
+def test_the_gates_mask_iou():
+    """Label maps: per label either has; soft masks: the smaller over the larger, per query."""
+    assert mean_iou(np.array([[0, 0], [1, 1]]), np.array([[0, 1], [1, 1]])) == pytest.approx((1 / 2 + 2 / 3) / 2)
+    assert mean_iou(np.array([[0, 0], [0, 0]]), np.array([[0, 0], [0, 2]])) == pytest.approx((3 / 4 + 0) / 2)
+    soft, other = np.array([[[0.5, 1.0]], [[0.2, 0.2]]]), np.array([[[0.25, 1.0]], [[0.2, 0.2]]])
+    assert mean_iou(soft, other) == pytest.approx((1.25 / 1.5 + 1) / 2)
 
 
 def test_the_command_writes_the_masks(fp32_server, tmp_path, capsys):

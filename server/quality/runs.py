@@ -103,19 +103,26 @@ def _reconstructions(outputs: Outputs, batch: Batch, pooling: int) -> list[Sampl
 
 def _detections(outputs: Outputs, batch: Batch, pooling: int) -> list[Sample]:
     """Object detection: each image's logits per query over the labels and "no object" (the
-    label agreement), its boxes' coordinates as the vector compared by direction."""
+    label agreement), its boxes' coordinates as the vector compared by direction, and its boxes
+    as its regions."""
     rows = zip(outputs["logits"], outputs["pred_boxes"], strict=True)
-    return [Sample(logits, boxes.ravel()) for logits, boxes in rows]
+    return [Sample(logits, boxes.ravel(), corners(boxes)) for logits, boxes in rows]
+
+
+def corners(boxes: np.ndarray) -> np.ndarray:
+    """Boxes as (center x, center y, width, height) to (xmin, ymin, xmax, ymax)."""
+    return np.concatenate([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], axis=1)
 
 
 def _segmentation(outputs: Outputs, batch: Batch, pooling: int) -> list[Sample]:
     """Semantic heads: each image's logits as the classes of each pixel, at the logits' resolution
-    (the label agreement is per pixel there). DETR's panoptic head: each image's logits per query
-    (the label agreement), its query masks as the vector compared by direction."""
+    (the label agreement is per pixel there), the best class of each pixel as its regions. DETR's
+    panoptic head: each image's logits per query (the label agreement), its query masks as the
+    vector compared by direction, its mask probabilities as its regions."""
     if "pred_masks" in outputs:
         rows = zip(outputs["logits"], outputs["pred_masks"], strict=True)
-        return [Sample(logits, masks.ravel()) for logits, masks in rows]
-    return [Sample(np.moveaxis(logits, 0, -1), logits.ravel()) for logits in outputs["logits"]]
+        return [Sample(logits, masks.ravel(), 1 / (1 + np.exp(-masks))) for logits, masks in rows]
+    return [Sample(np.moveaxis(logits, 0, -1), logits.ravel(), logits.argmax(0)) for logits in outputs["logits"]]
 
 
 def _spans(outputs: Outputs, batch: Batch, pooling: int) -> list[Sample]:
