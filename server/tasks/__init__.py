@@ -16,6 +16,7 @@ from onnxserve.server.tasks import (
     multiple_choice,
     object_detection,
     question_answering,
+    speech_recognition,
     text_classification,
     token_classification,
     zero_shot_image_classification,
@@ -41,5 +42,6 @@ for _registration in (
     image_to_text.REGISTRATION,
     ctc_speech_recognition.REGISTRATION,
     audio_classification.REGISTRATION,
+    speech_recognition.REGISTRATION,
 ):
     register(_registration)

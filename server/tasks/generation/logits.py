@@ -105,6 +105,63 @@ class SuppressTokens:
 
 
 @dataclass(frozen=True)
+class SuppressTokensAtBegin:
+    """Tokens that may not come first: banned only at the step whose history is `begin_index`
+    long (Whisper's begin_suppress_tokens, a blank and the end of text, right after its prompt)."""
+
+    token_ids: tuple[int, ...]
+    begin_index: int
+
+    def __call__(self, history: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        if history.shape[1] != self.begin_index:
+            return scores
+        return SuppressTokens(self.token_ids)(history, scores)
+
+
+@dataclass(frozen=True)
+class WhisperTimestamps:
+    """transformers' WhisperTimeStampLogitsProcessor: timestamp tokens (ids from
+    `timestamp_begin` on) come in pairs around text, never decrease, the first one is at most
+    `max_initial_index` steps in, and a timestamp is forced where the timestamps together are more
+    likely than any text token. <|notimestamps|> is never generated."""
+
+    timestamp_begin: int
+    no_timestamps_token_id: int
+    eos_token_id: int
+    begin_index: int
+    max_initial_index: int | None
+
+    def __call__(self, history: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        scores = scores.copy()
+        scores[:, self.no_timestamps_token_id] = NEG_INF
+        for row, tokens in enumerate(history[:, self.begin_index :].tolist()):
+            self._pairs(tokens, scores[row])
+        if history.shape[1] == self.begin_index:
+            scores[:, : self.timestamp_begin] = NEG_INF
+            if self.max_initial_index is not None:
+                scores[:, self.timestamp_begin + self.max_initial_index + 1 :] = NEG_INF
+        logprobs = log_softmax(scores.astype(np.float32))
+        timestamp_logprob = _logsumexp(logprobs[:, self.timestamp_begin :])
+        text_logprob = logprobs[:, : self.timestamp_begin].max(axis=-1)
+        scores[timestamp_logprob > text_logprob, : self.timestamp_begin] = NEG_INF
+        return scores
+
+    def _pairs(self, tokens: list[int], row: np.ndarray) -> None:
+        last_was_timestamp = len(tokens) >= 1 and tokens[-1] >= self.timestamp_begin
+        penultimate_was_timestamp = len(tokens) < 2 or tokens[-2] >= self.timestamp_begin
+        if last_was_timestamp:
+            if penultimate_was_timestamp:  # a closed pair: text must follow
+                row[self.timestamp_begin :] = NEG_INF
+            else:  # an opened segment's end: no text
+                row[: self.eos_token_id] = NEG_INF
+        timestamps = [token for token in tokens if token >= self.timestamp_begin]
+        if timestamps:
+            # The segment's end may repeat its start; anything else moves forward.
+            last = timestamps[-1] if last_was_timestamp and not penultimate_was_timestamp else timestamps[-1] + 1
+            row[self.timestamp_begin : last] = NEG_INF
+
+
+@dataclass(frozen=True)
 class Temperature:
     temperature: float
 
@@ -153,6 +210,14 @@ def softmax(scores: np.ndarray) -> np.ndarray:
 def log_softmax(scores: np.ndarray) -> np.ndarray:
     shifted = scores - scores.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def _logsumexp(values: np.ndarray) -> np.ndarray:
+    """log(sum(exp(values))) per row, without underflow; -inf for a row of -inf."""
+    peak = values.max(axis=-1, keepdims=True)
+    safe = np.where(np.isfinite(peak), peak, 0)
+    with np.errstate(divide="ignore"):
+        return (safe + np.log(np.exp(values - safe).sum(axis=-1, keepdims=True)))[:, 0]
 
 
 def processors(

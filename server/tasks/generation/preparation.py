@@ -64,12 +64,17 @@ class RequestSetup:
         return self._request(prompts, token_ids, encoder_inputs, parameters, timings)
 
     def from_encoder_inputs(
-        self, encoder_inputs: Mapping[str, np.ndarray], parameters: inference_pb2.GenerationParameters, timings: Timings
+        self,
+        encoder_inputs: Mapping[str, np.ndarray],
+        parameters: inference_pb2.GenerationParameters,
+        timings: Timings,
+        start_length: int = 1,
     ) -> GenerationRequest:
         """An encoder-decoder's request whose encoder inputs the task made (an image's
-        pixel_values): one sequence per row, from the decoder start token alone (no prompt)."""
+        pixel_values, speech features): one sequence per row, from the decoder start token alone,
+        or from `start_length` tokens the task puts first (Whisper's language and task tokens)."""
         rows = len(next(iter(encoder_inputs.values())))
-        return self._request([""] * rows, [[] for _ in range(rows)], encoder_inputs, parameters, timings)
+        return self._request([""] * rows, [[] for _ in range(rows)], encoder_inputs, parameters, timings, start_length)
 
     def _request(
         self,
@@ -78,8 +83,9 @@ class RequestSetup:
         encoder_inputs: Mapping[str, np.ndarray],
         parameters: inference_pb2.GenerationParameters,
         timings: Timings,
+        start_length: int = 1,
     ) -> GenerationRequest:
-        settings = resolve_settings(parameters, self.defaults, self._room(token_ids))
+        settings = resolve_settings(parameters, self.defaults, self._room(token_ids, start_length))
         timings.batch_size = len(prompts) * settings.num_beams
         if timings.batch_size > MAX_SEQUENCES:
             raise InvalidArgument(
@@ -87,7 +93,7 @@ class RequestSetup:
                 f"over the server's limit of {MAX_SEQUENCES} per request"
             )
         outputs = [self._output(settings) for _ in prompts]
-        history_length = 1 if self.seq2seq else max(len(ids) for ids in token_ids)
+        history_length = start_length if self.seq2seq else max(len(ids) for ids in token_ids)
         decoding = self._decoding(settings, history_length)
         return GenerationRequest(prompts, token_ids, encoder_inputs, settings, outputs, decoding)
 
@@ -106,9 +112,9 @@ class RequestSetup:
                 ids.append(self.defaults.bos_token_id)
         return token_ids
 
-    def _room(self, token_ids: list[list[int]]) -> int:
+    def _room(self, token_ids: list[list[int]], start_length: int) -> int:
         if self.seq2seq:
-            return self.context - 1  # the decoder start token takes one position
+            return self.context - start_length  # the decoder's start tokens take positions too
         return self.context - max(len(ids) for ids in token_ids)
 
     def _output(self, settings: GenerationSettings) -> OutputSequence:

@@ -37,13 +37,17 @@ class Seq2SeqModel:
         encoder_inputs: Mapping[str, np.ndarray],
         decoder_start_token_id: int,
         timed: Timed,
+        decoder_prompt: np.ndarray | None = None,
     ) -> None:
+        """`decoder_prompt`: each row's first decoder tokens [rows, length] where a task puts more
+        than the start token there (Whisper: start, language, task and timestamps tokens)."""
         self.encoder = sessions["encoder"]
         self.first_decoder = sessions["decoder"]
         self.decoder = sessions.get("decoder_with_past", self.first_decoder)
         self.encoder_inputs = encoder_inputs
         rows = len(next(iter(encoder_inputs.values())))
-        self.history = np.full((rows, 1), decoder_start_token_id, dtype=np.int64)
+        start = np.full((rows, 1), decoder_start_token_id, dtype=np.int64)
+        self.history = start if decoder_prompt is None else decoder_prompt.astype(np.int64)
         self.timed = timed
         self.cache: Cache = new_cache(self.first_decoder, rows)
 
