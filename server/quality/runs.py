@@ -162,6 +162,7 @@ OUTPUT_FAMILIES = {
     "multiple-choice": OutputFamily(_run_single, _per_sequence),
     "text2text-generation": OutputFamily(_run_seq2seq, _per_sequence),
     "image-to-text": OutputFamily(_run_seq2seq, _per_sequence),
+    "automatic-speech-recognition": OutputFamily(_run_seq2seq, _per_sequence),
     "image-classification": OutputFamily(_run_single, _per_sequence),
     "ctc-speech-recognition": OutputFamily(_run_single, _per_sequence),  # logits per frame
     "audio-classification": OutputFamily(_run_single, _per_sequence),
