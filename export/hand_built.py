@@ -2,10 +2,11 @@
 server needs (ExportSpec.hand_built, server/tasks/registration.py):
 
 - CLIP's two towers as two graphs of one version: `text_model.onnx` (input_ids, attention_mask ->
-  text_embeds = get_text_features) and `vision_model.onnx` (pixel_values -> image_embeds =
-  get_image_features), so that Encode runs the text tower alone and EncodeImage the vision tower
-  alone, in one embedding space. optimum exports CLIP as one graph that needs both a text and an
-  image for every run, and returns the embeddings normalized.
+  text_embeds = get_text_features, and CLIP's logit scale, exp(logit_scale), once per row) and
+  `vision_model.onnx` (pixel_values -> image_embeds = get_image_features), so that Encode runs
+  the text tower alone and EncodeImage the vision tower alone, in one embedding space, and
+  zero-shot classification scores their cosines as CLIPModel does. optimum exports CLIP as one
+  graph that needs both a text and an image for every run, and returns the embeddings normalized.
 - A SimMIM head (AutoModelForMaskedImageModeling) with its mask as an input: `model.onnx`
   (pixel_values, bool_masked_pos -> reconstruction). optimum's masked-im export takes
   pixel_values alone, so every patch would be seen and nothing reconstructed.
@@ -30,8 +31,9 @@ class _TextTower(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return _features(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = _features(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
+        return features, self.model.logit_scale.exp().expand(input_ids.shape[0])
 
 
 class _VisionTower(torch.nn.Module):
@@ -61,7 +63,9 @@ def _load(checkpoint: Path, auto_class: str) -> torch.nn.Module:
     return getattr(transformers, auto_class).from_pretrained(checkpoint, dtype=torch.float32).eval()
 
 
-def _export(module: torch.nn.Module, inputs: dict[str, torch.Tensor], output: str, target: Path, axes: dict) -> None:
+def _export(
+    module: torch.nn.Module, inputs: dict[str, torch.Tensor], outputs: list[str], target: Path, axes: dict
+) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         with torch.no_grad():
@@ -70,7 +74,7 @@ def _export(module: torch.nn.Module, inputs: dict[str, torch.Tensor], output: st
                 tuple(inputs.values()),
                 str(target),
                 input_names=list(inputs),
-                output_names=[output],
+                output_names=outputs,
                 dynamic_axes=axes,
                 opset_version=OPSET,
                 dynamo=False,  # the TorchScript exporter, as optimum uses: no onnxscript needed
@@ -84,11 +88,12 @@ def build_clip_towers(checkpoint: Path, work: Path) -> None:
     model = _load(checkpoint, "AutoModel")
     vision = model.config.vision_config
     text = {"input_ids": torch.ones(2, 7, dtype=torch.int64), "attention_mask": torch.ones(2, 7, dtype=torch.int64)}
-    text_axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
-    _export(_TextTower(model), text, "text_embeds", work / "text_model.onnx", text_axes | {"text_embeds": {0: "batch"}})
+    text_axes = {name: {0: "batch", 1: "sequence"} for name in text} | {"text_embeds": {0: "batch"}}
+    text_axes["logit_scale"] = {0: "batch"}
+    _export(_TextTower(model), text, ["text_embeds", "logit_scale"], work / "text_model.onnx", text_axes)
     pixels = {"pixel_values": torch.rand(2, vision.num_channels, vision.image_size, vision.image_size)}
     image_axes = {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}}
-    _export(_VisionTower(model), pixels, "image_embeds", work / "vision_model.onnx", image_axes)
+    _export(_VisionTower(model), pixels, ["image_embeds"], work / "vision_model.onnx", image_axes)
 
 
 def build_masked_image_modeling(checkpoint: Path, work: Path) -> None:
@@ -101,7 +106,7 @@ def build_masked_image_modeling(checkpoint: Path, work: Path) -> None:
         "bool_masked_pos": torch.zeros(2, patches, dtype=torch.bool),
     }
     axes = {"pixel_values": {0: "batch"}, "bool_masked_pos": {0: "batch"}, "reconstruction": {0: "batch"}}
-    _export(_MaskedImageModel(model), inputs, "reconstruction", work / "model.onnx", axes)
+    _export(_MaskedImageModel(model), inputs, ["reconstruction"], work / "model.onnx", axes)
 
 
 BUILDERS: dict[str, Callable[[Path, Path], None]] = {

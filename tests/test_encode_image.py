@@ -37,6 +37,7 @@ from transformers.image_utils import load_image  # as the pipelines load images:
 from onnxserve.repository import read_manifest
 from tests.conftest import Exported
 from tests.node_tools import node_client
+from tests.parity import assert_same_ranking
 from tests.test_classify_image import FILES, RAW
 from tests.test_classify_image_zero_shot import build as build_clip
 
@@ -213,3 +214,22 @@ def test_the_async_client_answers_as_the_blocking_one(fp32_server):
     with fp32_server.client() as client:
         expected = client.encode_image(model=VIT, images=[RAW["rgb"]], pooling="mean")
     assert list(from_async) == list(expected)
+
+
+@pytest.mark.parametrize("template", ["", "a blurry picture of {}"])
+def test_clip_towers_classify_zero_shot_as_the_pipeline(fp32_server, exported, template):
+    """One version of two towers serves ClassifyImage with candidate_labels too."""
+    labels = ["a cat", "two dogs", "a red car", "a bowl of soup", "the city at night"]
+    checkpoint = exported[CLIP].checkpoint
+    reference = pipeline(
+        "zero-shot-image-classification", model=str(checkpoint), device="cpu",
+        image_processor=AutoImageProcessor.from_pretrained(checkpoint, use_fast=False),
+    )  # fmt: skip
+    options = {"hypothesis_template": template} if template else {}
+    with fp32_server.client() as client:
+        response = client.classify_image(model=CLIP, images=sent(), candidate_labels=labels, **options)
+        with pytest.raises(grpc.RpcError) as refused:
+            client.classify_image(model=VIT, images=sent(), candidate_labels=labels)
+    for served, want in zip(response, reference(pillows(), candidate_labels=labels, **options), strict=True):
+        assert_same_ranking(served, want, 1e-4)
+    assert "encodes images only: ClassifyImage needs a model with a text tower" in refused.value.details()
