@@ -33,9 +33,12 @@ from transformers import (
     YolosImageProcessor,
 )
 
+from onnxserve.kserve_v2 import grpc_predict_v2_pb2_grpc as v2_grpc
 from onnxserve.v1 import inference_pb2, inference_pb2_grpc
 from tests.node_tools import run_node
 from tests.test_classify_image import FILES, RAW, picture, raw
+from tests.test_kserve import output
+from tests.test_kserve_images import image_request
 from tests.vision_heads import reference_pipeline, save_checkpoint
 
 LABELS = ("cat", "dog", "bird", "car", "boat")
@@ -213,6 +216,25 @@ client.detectObjects({ model, images: [{ data: require("fs").readFileSync(file) 
         (expected,) = client.detect_objects(model=KINDS[0], images=[path], threshold=0.0)
     assert [(x["label"], x["box"]) for x in objects] == [(x.label, vars(x.box)) for x in expected]
     assert [x["score"] for x in objects] == pytest.approx([x.score for x in expected])
+
+
+def test_kserve_image_input_detects_like_detect_objects(fp32_server):
+    """A BYTES input `image` runs DetectObjects: one tensor per leaf (`label`, `score`, `xmin`, ...),
+    [images, most objects], padded ("", NaN, -1)."""
+    images = [FILES["png"], FILES["jpeg-exif-rotated"]]
+    with grpc.insecure_channel(fp32_server.target) as channel:
+        response = v2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            image_request(KINDS[0], images, threshold="0.25"), timeout=30
+        )
+    with fp32_server.client() as client:
+        typed = client.detect_objects(model=KINDS[0], images=images, threshold=0.25)
+    most = max(map(len, typed))
+    assert output(response, "label").shape == (len(images), most) and most > 0
+    for row, objects in enumerate(typed):
+        found = slice(0, len(objects))
+        assert output(response, "label")[row, found].tolist() == [x.label for x in objects]
+        np.testing.assert_array_equal(output(response, "score")[row, found], [x.score for x in objects])
+        assert output(response, "xmax")[row, found].tolist() == [x.box.xmax for x in objects]
 
 
 def _call(target: str, request: inference_pb2.DetectObjectsRequest) -> inference_pb2.DetectObjectsResponse:

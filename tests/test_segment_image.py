@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from onnxserve.client.results import Segment
+from onnxserve.server.api.kserve.tensors import split_bytes
 from onnxserve.server.quality.gates import mean_iou
 from onnxserve.server.tasks.image_segmentation import pixel_classes, query_segments
 from PIL import Image, ImageOps
@@ -34,9 +35,12 @@ from transformers import (
     SegformerImageProcessor,
 )
 
+from onnxserve.kserve_v2 import grpc_predict_v2_pb2_grpc as v2_grpc
 from onnxserve.v1 import inference_pb2, inference_pb2_grpc
 from tests.node_tools import run_node
 from tests.test_classify_image import FILES, RAW
+from tests.test_kserve import output
+from tests.test_kserve_images import image_request
 from tests.vision_heads import reference_pipeline, save_checkpoint
 
 LABELS = ("sky", "tree", "road", "car", "person")
@@ -274,6 +278,26 @@ client.segmentImage({ model, images: [{ data: require("fs").readFileSync(file) }
         assert base64.b64decode(got["png"]) == want.mask
         pixels = np.array(got["pixels"], dtype=bool).reshape(got["height"], got["width"])
         np.testing.assert_array_equal(pixels, want.mask_array)
+
+
+def test_kserve_image_input_segments_like_segment_image(fp32_server):
+    """A BYTES input `image` runs SegmentImage (the subtask a string parameter): `label`, `score`,
+    `mask` (the PNGs), `width`, `height`, `bits`, each [images, most segments]."""
+    images = [FILES["png"], FILES["large-jpeg"]]
+    with grpc.insecure_channel(fp32_server.target) as channel:
+        response = v2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            image_request(PANOPTIC, images, subtask="semantic"), timeout=30
+        )
+    with fp32_server.client() as client:
+        typed = client.segment_image(model=PANOPTIC, images=images, subtask="semantic")
+    index = [o.name for o in response.outputs].index("mask")
+    masks = np.array(split_bytes("mask", response.raw_output_contents[index]), dtype=object)
+    masks = masks.reshape(response.outputs[index].shape)
+    for row, segments in enumerate(typed):
+        found = slice(0, len(segments))
+        assert output(response, "label")[row, found].tolist() == [s.label for s in segments]
+        assert masks[row, found].tolist() == [s.mask for s in segments]
+        assert output(response, "width")[row, found].tolist() == [s.mask_array.shape[1] for s in segments]
 
 
 def _call(target: str, request: inference_pb2.SegmentImageRequest) -> inference_pb2.SegmentImageResponse:

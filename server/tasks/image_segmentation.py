@@ -23,7 +23,7 @@ from onnxserve.server.errors import InvalidArgument
 from onnxserve.server.tasks.base import ModelResources, Prepared, RowOutputs, require_batch, sigmoid, softmax
 from onnxserve.server.tasks.images import ImagePipeline
 from onnxserve.server.tasks.object_detection import probability_threshold
-from onnxserve.server.tasks.registration import ExportSpec, TaskRegistration
+from onnxserve.server.tasks.registration import ExportSpec, KServeImage, TaskRegistration
 from PIL import Image
 
 from onnxserve.enums import short_name
@@ -164,6 +164,7 @@ REGISTRATION = TaskRegistration(
     task=common_pb2.TASK_IMAGE_SEGMENTATION,
     pipeline=ImageSegmentationPipeline,
     rpcs=frozenset({"SegmentImage"}),
+    kserve_image=KServeImage("SegmentImage"),
     # optimum's image-segmentation task loads either kind, and so does the reference (in this order).
     export=ExportSpec("image-segmentation", ("AutoModelForSemanticSegmentation", "AutoModelForImageSegmentation")),
     inputs="images",

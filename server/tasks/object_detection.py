@@ -13,7 +13,7 @@ import numpy as np
 from onnxserve.server.errors import InvalidArgument
 from onnxserve.server.tasks.base import Prepared, RowOutputs, require_batch, softmax
 from onnxserve.server.tasks.images import ImagePipeline
-from onnxserve.server.tasks.registration import ExportSpec, TaskRegistration
+from onnxserve.server.tasks.registration import ExportSpec, KServeImage, TaskRegistration
 
 from onnxserve.v1 import common_pb2, inference_pb2
 
@@ -73,6 +73,7 @@ REGISTRATION = TaskRegistration(
     task=common_pb2.TASK_OBJECT_DETECTION,
     pipeline=ObjectDetectionPipeline,
     rpcs=frozenset({"DetectObjects"}),
+    kserve_image=KServeImage("DetectObjects"),
     export=ExportSpec("object-detection", "AutoModelForObjectDetection"),
     inputs="images",
 )
