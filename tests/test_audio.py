@@ -18,27 +18,10 @@ from transformers import Wav2Vec2FeatureExtractor, WhisperFeatureExtractor
 from transformers.audio_utils import mel_filter_bank
 
 from onnxserve.v1 import inference_pb2
+from tests.speech import RATE, encoded, speech_like
 
-RATE = 16000
 MAX_SECONDS = 60.0
 FEATURE_TOLERANCE = 1e-4
-
-
-def speech_like(seconds: float, rate: int = RATE, seed: int = 0) -> np.ndarray:
-    """Tones with a wandering pitch, amplitude bursts and noise: a signal with speech's range of
-    levels, so the log-mel clamp and the normalization see varied values."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * rate)) / rate
-    pitch = 150 + 60 * np.sin(2 * np.pi * 0.7 * t)
-    voiced = np.sin(2 * np.pi * np.cumsum(pitch) / rate) + 0.3 * np.sin(2 * np.pi * 3 * np.cumsum(pitch) / rate)
-    envelope = np.clip(np.sin(2 * np.pi * 2.3 * t), 0, None) ** 2
-    return (0.4 * voiced * envelope + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
-
-
-def encoded(samples: np.ndarray, rate: int, format: str, subtype: str | None = None) -> bytes:
-    buffer = io.BytesIO()
-    soundfile.write(buffer, samples, rate, format=format, subtype=subtype)
-    return buffer.getvalue()
 
 
 def file_audio(data: bytes) -> inference_pb2.Audio:

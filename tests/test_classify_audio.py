@@ -30,21 +30,16 @@ from transformers import (
 from onnxserve.kserve_v2 import grpc_predict_v2_pb2_grpc as v2_grpc
 from onnxserve.v1 import inference_pb2
 from tests.parity import assert_same_ranking
+from tests.speech import RATE, TINY_ENCODER, audio_request, encoded, speech_like
 from tests.test_kserve import output
-from tests.test_transcribe_ctc import audio_request, speech_like
 
-RATE = 16000
 KINDS = ["wav2vec2-audio-classification", "hubert-audio-classification"]
 LABELS = ("speech", "music", "noise", "silence", "dog", "siren", "rain")  # more than the pipeline's top_k of 5
 
 
 def _sizes() -> dict:
-    return {
-        "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 37,
-        "conv_dim": (16,) * 7, "conv_kernel": (10, 3, 3, 3, 3, 2, 2), "conv_stride": (5, 2, 2, 2, 2, 2, 2),
-        "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 2, "classifier_proj_size": 16,
-        "id2label": dict(enumerate(LABELS)), "label2id": {label: i for i, label in enumerate(LABELS)},
-    }  # fmt: skip
+    labels = {"id2label": dict(enumerate(LABELS)), "label2id": {label: i for i, label in enumerate(LABELS)}}
+    return {**TINY_ENCODER, "classifier_proj_size": 16, **labels}
 
 
 BUILDERS = {
@@ -94,12 +89,8 @@ def test_raw_samples_match_the_pipeline(client, exported, kind):
 def test_top_k_and_files_match_the_pipeline(client, exported, kind):
     """All labels of WAV (16-bit and float), FLAC and OGG/Vorbis files; the pipeline gets the
     samples libsndfile decodes."""
-    files = []
     formats = [("WAV", "PCM_16"), ("WAV", "FLOAT"), ("FLAC", None), ("OGG", None)]
-    for clip, (format, subtype) in zip(CLIPS, formats, strict=True):
-        buffer = io.BytesIO()
-        soundfile.write(buffer, clip, RATE, format=format, subtype=subtype)
-        files.append(buffer.getvalue())
+    files = [encoded(clip, RATE, *format) for clip, format in zip(CLIPS, formats, strict=True)]
     response = client.classify_audio(kind, files, top_k=len(LABELS))
     for served, data in zip(response, files, strict=True):
         samples, _ = soundfile.read(io.BytesIO(data), dtype="float32")
@@ -168,11 +159,7 @@ def test_the_command_classifies_audio_files(fp32_server, tmp_path, capsys):
 
 
 def test_kserve_audio_classifies_like_classify_audio(fp32_server, client):
-    files = []
-    for clip in CLIPS[:2]:
-        buffer = io.BytesIO()
-        soundfile.write(buffer, clip, RATE, format="FLAC")
-        files.append(buffer.getvalue())
+    files = [encoded(clip, format="FLAC") for clip in CLIPS[:2]]
     typed = client.classify_audio(KINDS[0], files, top_k=3)
     with grpc.insecure_channel(fp32_server.target) as channel:
         response = v2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(audio_request(KINDS[0], files, top_k=3))

@@ -28,13 +28,12 @@ from transformers import (
     pipeline,
 )
 
-from onnxserve.kserve_v2 import grpc_predict_v2_pb2 as v2
 from onnxserve.kserve_v2 import grpc_predict_v2_pb2_grpc as v2_grpc
 from onnxserve.v1 import inference_pb2
 from tests.node_tools import run_node
+from tests.speech import RATE, TINY_ENCODER, audio_request, encoded, speech_like
 from tests.test_kserve import output
 
-RATE = 16000
 KINDS = ["wav2vec2-ctc", "hubert-ctc"]
 # Blank, specials, the word delimiter, letters and an apostrophe, as wav2vec2's English vocabularies.
 VOCABULARY = ["<pad>", "<s>", "</s>", "<unk>", "|", *"ETAONISHRDLUCMWFGYPBVKXJQZ'"]
@@ -43,14 +42,7 @@ TIME_TOLERANCE = {"rel": 1e-7, "abs": 1e-7}
 
 
 def _encoder_sizes() -> dict:
-    """A two-layer encoder over wav2vec2's feature encoder layout, narrow: 320 samples (20 ms) per
-    logit frame."""
-    return {
-        "vocab_size": len(VOCABULARY), "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-        "intermediate_size": 37, "conv_dim": (16,) * 7, "conv_kernel": (10, 3, 3, 3, 3, 2, 2),
-        "conv_stride": (5, 2, 2, 2, 2, 2, 2),
-        "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 2, "pad_token_id": 0,
-    }  # fmt: skip
+    return {**TINY_ENCODER, "vocab_size": len(VOCABULARY), "pad_token_id": VOCABULARY.index("<pad>")}
 
 
 BUILDERS = {
@@ -82,22 +74,6 @@ def exported(tmp_path_factory, export):
 @cache
 def reference(checkpoint: Path):
     return pipeline("automatic-speech-recognition", model=str(checkpoint), device="cpu")
-
-
-def speech_like(seconds: float, seed: int = 0, rate: int = RATE) -> np.ndarray:
-    """Tones with a wandering pitch, syllable-like bursts and noise."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * rate)) / rate
-    pitch = 120 + 80 * np.sin(2 * np.pi * (0.5 + seed / 10) * t)
-    voiced = np.sin(2 * np.pi * np.cumsum(pitch) / rate) + 0.5 * np.sin(2 * np.pi * 5 * np.cumsum(pitch) / rate)
-    envelope = np.clip(np.sin(2 * np.pi * (3 + seed / 7) * t), 0, None)
-    return (0.5 * voiced * envelope + 0.02 * rng.standard_normal(t.size)).astype(np.float32)
-
-
-def wav(samples: np.ndarray, rate: int = RATE, subtype: str = "FLOAT") -> bytes:
-    buffer = io.BytesIO()
-    soundfile.write(buffer, samples, rate, format="WAV", subtype=subtype)
-    return buffer.getvalue()
 
 
 CLIPS = [speech_like(seconds, seed) for seed, seconds in enumerate((0.7, 1.9, 3.1, 4.4))]
@@ -152,9 +128,7 @@ def test_encoded_files_match_the_pipeline_on_their_samples(client, exported, kin
     """WAV and FLAC files, mono and stereo: the pipeline gets the samples libsndfile decodes
     (averaged over channels), the server the files."""
     stereo = np.stack([CLIPS[2], CLIPS[1][: len(CLIPS[1])].repeat(3)[: len(CLIPS[2])]], axis=1)
-    flac = io.BytesIO()
-    soundfile.write(flac, CLIPS[3], RATE, format="FLAC")
-    files = [wav(CLIPS[1], subtype="PCM_16"), wav(stereo), flac.getvalue()]
+    files = [encoded(CLIPS[1], subtype="PCM_16"), encoded(stereo, subtype="FLOAT"), encoded(CLIPS[3], format="FLAC")]
     response = client.transcribe(kind, files)
     for served, data in zip(response, files, strict=True):
         samples, _ = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
@@ -212,7 +186,7 @@ BAD_REQUESTS = {
     "no audios": ({"audios": []}, "holds no audios"),
     "not audio": ({"audios": [inference_pb2.Audio(data=b"GIF89a" + bytes(64))]}, "audio 0 (70 bytes) cannot be"),
     "truncated wav": (
-        {"audios": [inference_pb2.Audio(data=wav(CLIPS[1], subtype="PCM_16")[:9000])]}, "audio 0 is truncated",
+        {"audios": [inference_pb2.Audio(data=encoded(CLIPS[1], subtype="PCM_16")[:9000])]}, "audio 0 is truncated",
     ),
     "nan": ({"audios": [_raw(np.array([0, np.nan], "<f4").tobytes())]}, "NaN or infinite sample"),
     "rate": ({"audios": [_raw(CLIPS[0].tobytes(), rate=400_000)]}, "400000 Hz is outside 1 to 384000 Hz"),
@@ -260,7 +234,7 @@ def test_the_command_transcribes_audio_files(fp32_server, tmp_path, capsys):
 
     files = [tmp_path / "one.wav", tmp_path / "two.wav"]
     for path, clip in zip(files, CLIPS[:2], strict=True):
-        path.write_bytes(wav(clip))
+        path.write_bytes(encoded(clip, subtype="FLOAT"))
     command = ["transcribe", "--model", KINDS[0], "--target", fp32_server.target, "--json"]
     main([*command, *map(str, files)])
     printed = json.loads(capsys.readouterr().out)
@@ -274,18 +248,8 @@ def test_the_command_transcribes_audio_files(fp32_server, tmp_path, capsys):
     ]
 
 
-def audio_request(model: str, files: list[bytes], **parameters) -> v2.ModelInferRequest:
-    """A KServe v2 ModelInfer with a BYTES input `audio` (encoded files) and parameters."""
-    request = v2.ModelInferRequest(model_name=model)
-    request.inputs.add(name="audio", datatype="BYTES", shape=[len(files)]).contents.bytes_contents.extend(files)
-    for name, value in parameters.items():
-        kind = {int: "int64_param", str: "string_param"}[type(value)]
-        setattr(request.parameters[name], kind, value)
-    return request
-
-
 def test_kserve_audio_transcribes_like_transcribe(fp32_server, client):
-    files = [wav(clip) for clip in CLIPS[:3]]
+    files = [encoded(clip, subtype="FLOAT") for clip in CLIPS[:3]]
     typed = client.transcribe(KINDS[0], files, return_timestamps="word", chunk_length_s=2.0)
     with grpc.insecure_channel(fp32_server.target) as channel:
         stub = v2_grpc.GRPCInferenceServiceStub(channel)
@@ -303,7 +267,7 @@ def test_kserve_audio_transcribes_like_transcribe(fp32_server, client):
 def test_the_node_client_transcribes(fp32_server, tmp_path):
     """transcribe with word timestamps and transcribeStream from Node, against the Python client."""
     path = tmp_path / "clip.wav"
-    path.write_bytes(wav(CLIPS[2]))
+    path.write_bytes(encoded(CLIPS[2], subtype="FLOAT"))
     script = """
 const { OnnxServeClient } = require(".");
 const [target, model, file] = process.argv.slice(1);

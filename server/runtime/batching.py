@@ -102,14 +102,19 @@ def merges_safely(name: str, forward: Forward, tokenizer: TextTokenizer, precisi
     """Whether the model's answers stay within the gate whatever they are batched with. Measured at
     load rather than read from the recipe, so any variant that depends on its batchmates is caught;
     the limit is the served precision's (`precision`, a manifest Precision)."""
-    drift = batchmate_drift(forward, tokenizer.encode(PROBE_TEXTS))
+    return drift_within_limit(name, batchmate_drift(forward, tokenizer.encode(PROBE_TEXTS)), precision, "texts")
+
+
+def drift_within_limit(name: str, drift: float, precision: int, inputs: str) -> bool:
+    """Whether a batchmate drift measured on `inputs` (texts, images, audios) is within the
+    served precision's limit; where it is not, a warning says the model's requests run alone."""
     limit = DRIFT_LIMITS.get(precision, DRIFT_LIMIT)
     if drift <= limit:
         return True
     log.warning(
-        "model %s: outputs move by %.3g (relative) when batched with other texts, over the limit of "
-        "%.0e; its requests will not be batched together (each runs with its own texts only)",
-        name, drift, limit,
+        "model %s: outputs move by %.3g (relative) when batched with other %s, over the limit of "
+        "%.0e; its requests will not be batched together (each runs with its own %s only)",
+        name, drift, inputs, limit, inputs,
     )  # fmt: skip
     return False
 

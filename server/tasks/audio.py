@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import math
 import re
 from collections.abc import Sequence
@@ -26,12 +25,10 @@ import numpy as np
 import soundfile
 import soxr
 from onnxserve.server.errors import InvalidArgument, ModelLoadError
-from onnxserve.server.runtime.batching import DRIFT_LIMIT, DRIFT_LIMITS, batchmate_drift
+from onnxserve.server.runtime.batching import batchmate_drift, drift_within_limit
 from onnxserve.server.tasks.base import BatchedPipeline, ModelResources, Request, RowOutputs
 
 from onnxserve.v1 import inference_pb2
-
-log = logging.getLogger(__name__)
 
 #: The file the feature extractor's configuration ships in, as transformers names it.
 FEATURE_EXTRACTOR_FILE = "preprocessor_config.json"
@@ -357,12 +354,4 @@ class AudioPipeline(BatchedPipeline[Request]):
     def merges_safely(self) -> bool:
         """As text encoders (runtime/batching.py merges_safely), measured on probe_waveforms."""
         probes = [self.input_values(wave) for wave in probe_waveforms(self.sampling_rate)]
-        drift = batchmate_drift(self.forward, probes)
-        limit = DRIFT_LIMITS.get(self.precision, DRIFT_LIMIT)
-        if drift > limit:
-            log.warning(
-                "model %s: outputs move by %.3g (relative) when batched with other audios, over the limit of %.0e; "
-                "its requests will not be batched together (each runs with its own audios only)",
-                self.name, drift, limit,
-            )  # fmt: skip
-        return drift <= limit
+        return drift_within_limit(self.name, batchmate_drift(self.forward, probes), self.precision, "audios")

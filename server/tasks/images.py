@@ -6,19 +6,16 @@ pixel_values through the model's batcher. No torch, no transformers."""
 from __future__ import annotations
 
 import io
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from onnxserve.server.errors import InvalidArgument, ModelLoadError
-from onnxserve.server.runtime.batching import DRIFT_LIMIT, DRIFT_LIMITS, batchmate_drift
+from onnxserve.server.runtime.batching import batchmate_drift, drift_within_limit
 from onnxserve.server.tasks.base import BatchedPipeline, ModelResources, Request, RowOutputs
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from onnxserve.v1 import inference_pb2, manifest_pb2
-
-log = logging.getLogger(__name__)
 
 #: The encoded formats the contract names; Pillow is asked to try no other decoder.
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
@@ -206,11 +203,4 @@ class ImagePipeline(BatchedPipeline[Request]):
     def merges_safely(self) -> bool:
         """As text encoders (runtime/batching.py merges_safely), measured on probe_images."""
         drift = batchmate_drift(self.forward, [PixelValues(self.processor(image)) for image in probe_images()])
-        limit = DRIFT_LIMITS.get(self.precision, DRIFT_LIMIT)
-        if drift > limit:
-            log.warning(
-                "model %s: outputs move by %.3g (relative) when batched with other images, over the limit of %.0e; "
-                "its requests will not be batched together (each runs with its own images only)",
-                self.name, drift, limit,
-            )  # fmt: skip
-        return drift <= limit
+        return drift_within_limit(self.name, drift, self.precision, "images")

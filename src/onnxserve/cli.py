@@ -113,8 +113,13 @@ def _classify(client: Any, args: argparse.Namespace) -> None:
 def _classify_image(client: Any, args: argparse.Namespace) -> None:
     images = [_read(path, "image") for path in args.images]
     response = client.classify_image(model=args.model, images=images, top_k=args.top_k)
-    rows = [(path, x.label, x.score) for path, r in zip(args.images, response, strict=True) for x in r.labels]
-    _print(args, response, ("image", "label", "score"), rows)
+    _print_labels(args, response, "image", args.images)
+
+
+def _print_labels(args: argparse.Namespace, response: Any, column: str, paths: Sequence[str]) -> None:
+    """Each file's labels and scores, a row each."""
+    rows = [(path, x.label, x.score) for path, r in zip(paths, response, strict=True) for x in r.labels]
+    _print(args, response, (column, "label", "score"), rows)
 
 
 def _encode_image(client: Any, args: argparse.Namespace) -> None:
@@ -287,8 +292,7 @@ def _transcribe(client: Any, args: argparse.Namespace) -> None:
 def _classify_audio(client: Any, args: argparse.Namespace) -> None:
     audios = [_read(path, "audio") for path in args.audios]
     response = client.classify_audio(model=args.model, audios=audios, top_k=args.top_k)
-    rows = [(path, x.label, x.score) for path, r in zip(args.audios, response, strict=True) for x in r.labels]
-    _print(args, response, ("audio", "label", "score"), rows)
+    _print_labels(args, response, "audio", args.audios)
 
 
 def _generate(client: Any, args: argparse.Namespace) -> None:
