@@ -34,12 +34,15 @@ from transformers import (
 )
 from transformers.image_utils import load_image  # as the pipelines load images: EXIF orientation, RGB
 
+from onnxserve.kserve_v2 import grpc_predict_v2_pb2 as v2
+from onnxserve.kserve_v2 import grpc_predict_v2_pb2_grpc as v2_grpc
 from onnxserve.repository import read_manifest
 from tests.conftest import Exported
 from tests.node_tools import node_client
 from tests.parity import assert_same_ranking
 from tests.test_classify_image import FILES, RAW
 from tests.test_classify_image_zero_shot import build as build_clip
+from tests.test_kserve import output
 
 VIT, DINOV2, CLIP = "vit-image-features", "dinov2-image-features", "clip-towers"
 KINDS = [VIT, DINOV2, CLIP]
@@ -233,3 +236,21 @@ def test_clip_towers_classify_zero_shot_as_the_pipeline(fp32_server, exported, t
     for served, want in zip(response, reference(pillows(), candidate_labels=labels, **options), strict=True):
         assert_same_ranking(served, want, 1e-4)
     assert "encodes images only: ClassifyImage needs a model with a text tower" in refused.value.details()
+
+
+def test_kserve_text_and_image_inputs_run_the_clip_towers(fp32_server):
+    """A BYTES `text` input embeds with the text tower (Encode), an `image` input with the vision tower."""
+    request = v2.ModelInferRequest(model_name=CLIP)
+    request.inputs.add(name="text", datatype="BYTES", shape=[len(TEXTS)]).contents.bytes_contents.extend(
+        text.encode() for text in TEXTS
+    )
+    images = v2.ModelInferRequest(model_name=CLIP)
+    images.inputs.add(name="image", datatype="BYTES", shape=[1]).contents.bytes_contents.append(FILES["png"])
+    with grpc.insecure_channel(fp32_server.target) as channel:
+        stub = v2_grpc.GRPCInferenceServiceStub(channel)
+        texts, image = stub.ModelInfer(request), stub.ModelInfer(images)
+    with fp32_server.client() as client:
+        encoded = np.array(list(client.encode(model=CLIP, texts=TEXTS)))
+        embedded = np.array(list(client.encode_image(model=CLIP, images=[FILES["png"]])))
+    np.testing.assert_array_equal(output(texts, "embedding"), encoded)
+    np.testing.assert_array_equal(output(image, "embedding"), embedded)

@@ -24,7 +24,7 @@ from onnxserve.server.runtime.tokenizer import batch_arrays
 from onnxserve.server.tasks.base import ModelResources, Pipeline, Prepared, RowOutputs, require_batch, softmax
 from onnxserve.server.tasks.feature_extraction import FeatureExtractionPipeline, embeddings_response, unit_rows
 from onnxserve.server.tasks.images import ImagePipeline
-from onnxserve.server.tasks.registration import ExportSpec, HandBuilt, KServeImage, TaskRegistration
+from onnxserve.server.tasks.registration import ExportSpec, HandBuilt, KServeImage, KServeText, TaskRegistration
 from onnxserve.server.tasks.text_classification import hypotheses, ranked_labels
 from onnxserve.server.tasks.zero_shot_image_classification import DEFAULT_HYPOTHESIS_TEMPLATE
 
@@ -167,6 +167,7 @@ REGISTRATION = TaskRegistration(
     task=common_pb2.TASK_IMAGE_FEATURE_EXTRACTION,
     pipeline=ImageFeatureExtractionPipeline,
     rpcs=frozenset({"EncodeImage", "Encode", "ClassifyImage"}),
+    kserve_text=KServeText("Encode", "texts"),  # CLIP's text tower
     kserve_image=KServeImage("EncodeImage"),
     export=ExportSpec("feature-extraction", "AutoModel", hand_built=(CLIP_TOWERS,)),
     inputs="images",
