@@ -6,6 +6,7 @@ many sizes; and the bad inputs refused with INVALID_ARGUMENT, after which the se
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from pathlib import Path
@@ -14,6 +15,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from onnxserve.client import AsyncClient
 from onnxserve.export.errors import ExportError
 from onnxserve.export.images import check_image_processing, image_processing
 from onnxserve.export.tasks import check_exportable, task_spec
@@ -198,6 +200,18 @@ def test_the_command_prints_detections(fp32_server, tmp_path, capsys):
         expected = client.detect_objects(model=KINDS[0], images=[path], threshold=0.0)
     assert [[x["label"] for x in image] for image in printed["results"]] == [[x.label for x in r] for r in expected]
     assert printed["results"][0][0]["box"] == vars(expected[0][0].box)
+
+
+def test_the_async_client_detects_objects(fp32_server):
+    images = [FILES["png"], RAW["rgb"]]
+
+    async def detect() -> list:
+        async with AsyncClient(fp32_server.target, timeout=60) as client:
+            return (await client.detect_objects(model=KINDS[0], images=images, threshold=0.0)).results
+
+    with fp32_server.client() as client:
+        expected = client.detect_objects(model=KINDS[0], images=images, threshold=0.0)
+    assert asyncio.run(detect()) == expected.results and expected[0]
 
 
 def test_the_node_client_detects_objects(fp32_server, tmp_path):

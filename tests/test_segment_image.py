@@ -22,6 +22,7 @@ import torch
 from onnxserve.client.results import Segment
 from onnxserve.server.api.kserve.tensors import split_bytes
 from onnxserve.server.quality.gates import mean_iou
+from onnxserve.server.tasks import image_segmentation
 from onnxserve.server.tasks.image_segmentation import pixel_classes, query_segments
 from PIL import Image, ImageOps
 from transformers import (
@@ -228,6 +229,13 @@ def test_the_upsampling_is_torchs(height, width, target):
     decided = (best[0] - best[1] >= TIE).numpy()
     classes = pixel_classes(logits, target[1], target[0])
     np.testing.assert_array_equal(classes[decided], upsampled.argmax(0).numpy()[decided])
+
+
+def test_the_upsampling_is_the_same_a_row_at_a_time(monkeypatch):
+    logits = np.random.default_rng(1).normal(size=(3, 5, 6)).astype(np.float32)
+    whole = pixel_classes(logits, 23, 17)
+    monkeypatch.setattr(image_segmentation, "UPSAMPLED_VALUES", 3 * 23)  # one row per block
+    np.testing.assert_array_equal(pixel_classes(logits, 23, 17), whole)
 
 
 def test_the_gates_mask_iou():

@@ -30,9 +30,9 @@ from onnxserve.enums import short_name
 from onnxserve.v1 import common_pb2, inference_pb2
 
 Subtask = inference_pb2.SegmentationSubtask
-#: Output rows upsampled at a time: bounds the memory of the upsampled logits or masks (classes or
-#: queries x rows x width float32s) whatever the image's size.
-UPSAMPLED_ROWS = 64
+#: Upsampled values held at a time (64 MiB of float32s): the rows of a block are as many as fit,
+#: classes (or queries) x rows x width, so that memory stays bounded whatever the image's size.
+UPSAMPLED_VALUES = 1 << 24
 #: The pipeline's defaults for threshold, mask_threshold and overlap_mask_area_threshold.
 DEFAULT_THRESHOLDS = {"threshold": 0.9, "mask_threshold": 0.5, "overlap_mask_area_threshold": 0.5}
 # What each kind of head answers; the first is the one the pipeline picks when none is asked.
@@ -91,7 +91,7 @@ def class_logits(row: RowOutputs) -> np.ndarray:
 def pixel_classes(logits: np.ndarray, width: int, height: int) -> np.ndarray:
     """The best class of each pixel of a width x height image, from logits [classes, rows,
     columns] upsampled bilinearly to it."""
-    classes = np.empty((height, width), dtype=np.int64)
+    classes = np.empty((height, width), dtype=np.int32)
     for block, upsampled in upsampled_blocks(logits, width, height):
         classes[block] = upsampled.argmax(axis=0)
     return classes
@@ -114,7 +114,7 @@ def query_segments(
         return []
     classes, scores = classes[kept], scores[kept]
     masks = sigmoid(row["pred_masks"][kept].astype(np.float32))
-    owners = np.empty(size[::-1], dtype=np.int64)
+    owners = np.empty(size[::-1], dtype=np.int32)
     areas = np.zeros(len(scores), dtype=np.int64)
     for block, upsampled in upsampled_blocks(masks, *size):
         weighed = upsampled * scores[:, np.newaxis, np.newaxis]
@@ -130,11 +130,12 @@ def query_segments(
 
 
 def upsampled_blocks(values: np.ndarray, width: int, height: int) -> Iterator[tuple[slice, np.ndarray]]:
-    """`values` [channels, rows, columns] upsampled bilinearly to height x width, a block of
-    UPSAMPLED_ROWS rows at a time: (the block's rows, [channels, block rows, width])."""
+    """`values` [channels, rows, columns] upsampled bilinearly to height x width, a block of rows
+    at a time: (the block's rows, [channels, block rows, width])."""
     rows, columns = _source_pixels(values.shape[1], height), _source_pixels(values.shape[2], width)
-    for start in range(0, height, UPSAMPLED_ROWS):
-        block = slice(start, start + UPSAMPLED_ROWS)
+    block_rows = max(1, UPSAMPLED_VALUES // (values.shape[0] * width))
+    for start in range(0, height, block_rows):
+        block = slice(start, start + block_rows)
         low, high, weight = (part[block] for part in rows)
         upsampled_rows = values[:, low] * (1 - weight)[:, np.newaxis] + values[:, high] * weight[:, np.newaxis]
         low, high, weight = columns
