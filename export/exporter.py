@@ -22,7 +22,7 @@ from onnxserve.export.audio import SpeechFiles, read_speech
 from onnxserve.export.checkpoint import Checkpoint, load_config, load_tokenizer, open_source
 from onnxserve.export.decoder_graph import build_decoder_graph, supports_fused_decoder
 from onnxserve.export.errors import ExportError
-from onnxserve.export.generative_gate import DEFAULT_GATE, GenerativeGate, GenerativeValidator
+from onnxserve.export.generative_gate import DEFAULT_GATE, GGUF_GATE, GenerativeGate, GenerativeValidator
 from onnxserve.export.gguf_weights import import_gguf_weights
 from onnxserve.export.hand_built import BUILDERS
 from onnxserve.export.images import image_processing, load_image_processor
@@ -333,6 +333,8 @@ def _validator(model: _Model, generative_gate: GenerativeGate) -> Validator | Ge
     """Text generation is judged on greedy decoding and perplexity through the serving code, which
     runs whichever graph layout the export made; the other tasks on their outputs for sample inputs."""
     if model.spec.export.validator == "generative":
+        if generative_gate is DEFAULT_GATE and model.checkpoint.gguf_file is not None and _has_fused_decoder(model):
+            generative_gate = GGUF_GATE  # its weight-only variants carry the file's blocks
         return GenerativeValidator(
             model.checkpoint.path,
             model.tokenizer,

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from onnxserve.export.validate import CANNOT_RUN, NotRunnable, validation_device
 from onnxserve.server.errors import ModelLoadError
-from onnxserve.server.quality.gates import BOUNDS, Bounds, judge_generation
+from onnxserve.server.quality.gates import BOUNDS, GGUF_BOUNDS, Bounds, judge_generation
 from onnxserve.server.quality.probes import GenerationProbes, truncated
 from onnxserve.server.quality.runs import common_prefix, greedy, perplexity, step_perplexity
 from onnxserve.server.runtime.sessions import Session, SessionSettings
@@ -53,6 +53,8 @@ class GenerativeGate:
 
 
 DEFAULT_GATE = GenerativeGate()
+#: The default gate of an export from a GGUF, whose weight-only variants are the file's blocks.
+GGUF_GATE = GenerativeGate(bounds=GGUF_BOUNDS)
 
 
 @dataclass(frozen=True)

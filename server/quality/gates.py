@@ -85,6 +85,12 @@ BOUNDS = {
     "int8": Bounds(min_full_agreement=0.5, max_perplexity_change=0.04),
     "int4": Bounds(min_full_agreement=0.0, max_perplexity_change=0.35),
 }
+# A GGUF's weight-only variants carry the file's own blocks (export/gguf_weights.py): the
+# reference's weights, only the activations rounded. Gemma 3 270M Q4_K_M keeps 4 of 6 prompts
+# whole at +1.3% perplexity that way (requantized to int4: 0 of 6, +29%), so its bound is the
+# issue's aim for quantized generation: half the prompts whole, perplexity within 2%.
+EXACT_IMPORT = Bounds(min_full_agreement=0.5, max_perplexity_change=0.02)
+GGUF_BOUNDS = {**BOUNDS, "int8": EXACT_IMPORT, "int4": EXACT_IMPORT}
 
 
 @dataclass
