@@ -233,6 +233,7 @@ def test_clip_towers_classify_zero_shot_as_the_pipeline(fp32_server, exported, t
         response = client.classify_image(model=CLIP, images=sent(), candidate_labels=labels, **options)
         with pytest.raises(grpc.RpcError) as refused:
             client.classify_image(model=VIT, images=sent(), candidate_labels=labels)
+    assert response.metadata.tokens > 0  # the hypotheses'
     for served, want in zip(response, reference(pillows(), candidate_labels=labels, **options), strict=True):
         assert_same_ranking(served, want, 1e-4)
     assert "encodes images only: ClassifyImage needs a model with a text tower" in refused.value.details()

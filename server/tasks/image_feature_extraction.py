@@ -97,8 +97,9 @@ class TextEmbeddings(FeatureExtractionPipeline):
 
 
 class ImageFeatureExtractionPipeline(Pipeline[Message]):
-    """EncodeImage on the image graph, and Encode on CLIP's text tower where the version has one;
-    each tower is a batched pipeline of its own over its own graph."""
+    """EncodeImage on the image graph; where the version has CLIP's text tower too, Encode on it
+    and zero-shot ClassifyImage from both. Each tower is a batched pipeline of its own over its
+    own graph."""
 
     def __init__(self, resources: ModelResources) -> None:
         super().__init__(resources)
@@ -139,8 +140,8 @@ class ImageFeatureExtractionPipeline(Pipeline[Message]):
         template = request.hypothesis_template or DEFAULT_HYPOTHESIS_TEMPLATE
         texts = inference_pb2.EncodeRequest(texts=hypotheses(template, request.candidate_labels), normalize=True)
         images = inference_pb2.EncodeImageRequest(images=request.images, normalize=True)
-        text_vectors = _vectors(await self.texts.run("Encode", texts, timings, time_left))
         image_vectors = _vectors(await self.images.run("EncodeImage", images, timings, time_left))
+        text_vectors = _vectors(await self.texts.run("Encode", texts, timings, time_left))  # its tokens are counted
         labels, response = list(request.candidate_labels), inference_pb2.ClassifyImageResponse()
         for row in image_vectors @ text_vectors.T * np.float32(self.logit_scale):
             response.results.add().labels.extend(ranked_labels(softmax(row), labels, request.top_k))
