@@ -29,7 +29,7 @@ from transformers import (
 )
 
 from onnxserve.kserve_v2 import grpc_predict_v2_pb2_grpc as v2_grpc
-from onnxserve.v1 import inference_pb2
+from onnxserve.v1 import inference_pb2, inference_pb2_grpc
 from tests.node_tools import run_node
 from tests.speech import RATE, TINY_ENCODER, audio_request, encoded, speech_like
 from tests.test_kserve import output
@@ -290,3 +290,17 @@ const audio = { data: require("fs").readFileSync(file) };
         (c.text, *c.timestamp) for c in words.chunks
     ]
     assert got["count"] == len(streamed) > 2 and got["last"]["text"] == streamed[-1].transcription.text
+
+
+def test_a_cancelled_stream_leaves_the_server_serving(fp32_server, client):
+    request = inference_pb2.TranscribeStreamRequest(
+        model=KINDS[0], audio=_raw(LONG_CLIP.tobytes()), chunk_length_s=10.0
+    )
+    with grpc.insecure_channel(fp32_server.target) as channel:
+        call = inference_pb2_grpc.InferenceStub(channel).TranscribeStream(request, timeout=60)
+        first = next(call)
+        call.cancel()
+        with pytest.raises(grpc.RpcError) as cancelled:
+            list(call)
+    assert first.chunk.text and cancelled.value.code() == grpc.StatusCode.CANCELLED
+    assert client.transcribe(KINDS[0], [CLIPS[0]], sample_rate=RATE)[0].text

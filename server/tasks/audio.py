@@ -161,7 +161,7 @@ def downmix(samples: np.ndarray) -> np.ndarray:
 def resample(samples: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
     """Mono float32 samples from `rate` to `target_rate` with soxr's high-quality band-limited
     resampler (the pipeline resamples with torchaudio's windowed sinc instead: the two differ by
-    their filters only, see docs/speech.md)."""
+    their filters only, see docs/audio.md)."""
     if rate == target_rate:
         return samples
     return soxr.resample(samples, rate, target_rate, quality="HQ").astype(np.float32, copy=False)
