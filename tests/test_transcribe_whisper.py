@@ -29,10 +29,12 @@ from transformers import (
     WhisperTokenizerFast,
 )
 
+from onnxserve.kserve_v2 import grpc_predict_v2_pb2_grpc as v2_grpc
 from onnxserve.v1 import inference_pb2, inference_pb2_grpc
 from tests.checkpoints import CORPUS, SEED
+from tests.speech import RATE, audio_request, encoded, speech_like
+from tests.test_kserve import output
 
-RATE = 16000
 LANGUAGES = ("en", "de", "fr")
 SPECIAL = [
     "<|endoftext|>",
@@ -119,15 +121,7 @@ def build_whisper(directory: Path) -> Path:
     return directory
 
 
-def clip(seconds: float, seed: int) -> np.ndarray:
-    """A waveform that changes over time (a gliding tone, bursts, noise): windows differ."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * RATE)) / RATE
-    tone = np.sin(2 * np.pi * (200 + 150 * np.sin(0.7 * t)) * t) * (0.5 + 0.5 * np.sin(1.3 * t) ** 2)
-    return (0.3 * tone + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
-
-
-CLIPS = {"short": clip(4.0, 1), "window": clip(12.5, 2), "long": clip(37.0, 3)}
+CLIPS = {"short": speech_like(4.0, 1), "window": speech_like(12.5, 2), "long": speech_like(37.0, 3)}
 
 
 def raw(samples: np.ndarray) -> inference_pb2.Audio:
@@ -145,8 +139,12 @@ def exported(export, whisper_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def stub(exported, start_server):
-    server = start_server({MODEL: exported}, precision="fp32")
+def server(exported, start_server):
+    return start_server({MODEL: exported}, precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def stub(server):
     with grpc.insecure_channel(server.target) as channel:
         yield inference_pb2_grpc.InferenceStub(channel)
 
@@ -351,6 +349,16 @@ def test_bad_requests_are_refused_naming_the_problem(stub, fields, words):
         stub.Transcribe(request, timeout=60)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert words in error.value.details()
+
+
+def test_kserve_audio_transcribes_like_transcribe(stub, server):
+    files = [encoded(CLIPS[name]) for name in ("short", "window")]
+    audios = [inference_pb2.Audio(data=file) for file in files]
+    request = inference_pb2.TranscribeRequest(model=MODEL, audios=audios, language="de")
+    typed = stub.Transcribe(request, timeout=120).results
+    with grpc.insecure_channel(server.target) as channel:
+        response = v2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(audio_request(MODEL, files, language="de"))
+    assert output(response, "text").tolist() == [result.text for result in typed]
 
 
 def test_bad_audio_is_refused_naming_the_audio(stub):

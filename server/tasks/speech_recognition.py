@@ -40,7 +40,7 @@ from onnxserve.server.tasks.generation.decoding import decode as decode_steps
 from onnxserve.server.tasks.generation.drivers import Generation, SoloGeneration, run, stream
 from onnxserve.server.tasks.generation.preparation import RequestSetup
 from onnxserve.server.tasks.generation.seq2seq import Seq2SeqModel
-from onnxserve.server.tasks.registration import SEQ2SEQ_GRAPHS, ExportSpec, TaskRegistration
+from onnxserve.server.tasks.registration import SEQ2SEQ_GRAPHS, ExportSpec, KServeAudio, TaskRegistration
 
 from onnxserve.v1 import common_pb2, inference_pb2
 
@@ -553,6 +553,7 @@ REGISTRATION = TaskRegistration(
     task=common_pb2.TASK_AUTOMATIC_SPEECH_RECOGNITION,
     pipeline=SpeechRecognitionPipeline,
     rpcs=frozenset({"Transcribe", "TranscribeStream"}),
+    kserve_audio=KServeAudio("Transcribe"),
     export=ExportSpec(
         "automatic-speech-recognition-with-past",
         "AutoModelForSpeechSeq2Seq",
