@@ -13,7 +13,13 @@ from typing import Any
 
 import numpy as np
 from onnxserve.export.errors import ExportError
-from onnxserve.server.tasks.audio import FEATURE_EXTRACTOR_FILE, FeatureExtractorConfig, normalize, whisper_log_mel
+from onnxserve.server.tasks.audio import (
+    FEATURE_EXTRACTOR_FILE,
+    FeatureExtractorConfig,
+    kaldi_fbank,
+    normalize,
+    whisper_log_mel,
+)
 from onnxserve.server.tasks.ctc_speech_recognition import CTC_VOCABULARY_FILE
 from transformers import PretrainedConfig
 
@@ -58,12 +64,19 @@ def _log_mel_features(config: FeatureExtractorConfig, wave: np.ndarray) -> np.nd
     return whisper_log_mel(wave, config)
 
 
+def _fbank_features(config: FeatureExtractorConfig, wave: np.ndarray) -> np.ndarray:
+    return kaldi_fbank(wave, config)
+
+
 #: The feature extractors the server reproduces (server/tasks/audio.py): their output's name and
 #: the server's computation of it.
 REPRODUCED = {
     "Wav2Vec2FeatureExtractor": ("input_values", _waveform_features),
     "WhisperFeatureExtractor": ("input_features", _log_mel_features),
+    "Speech2TextFeatureExtractor": ("input_features", _fbank_features),
 }
+#: Extractors that add random noise when their dither is set (the others ignore the key).
+_DITHERING = ("WhisperFeatureExtractor", "Speech2TextFeatureExtractor")
 
 
 def check_feature_extractor(extractor: Any) -> FeatureExtractorConfig:
@@ -73,7 +86,7 @@ def check_feature_extractor(extractor: Any) -> FeatureExtractorConfig:
     if name not in REPRODUCED:
         raise ExportError(f"{name} is not supported: the server reproduces {', '.join(REPRODUCED)}")
     output, served = REPRODUCED[name]
-    dither = getattr(extractor, "dither", 0.0) if name == "WhisperFeatureExtractor" else 0.0  # others ignore it
+    dither = getattr(extractor, "dither", 0.0) if name in _DITHERING else 0.0
     if dither:
         raise ExportError(f"{name} dithers (adds random noise, dither={dither}): the server does not")
     config = FeatureExtractorConfig.from_dict(json.loads(extractor.to_json_string()))

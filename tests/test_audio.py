@@ -16,7 +16,7 @@ import soundfile
 import torch
 from onnxserve.server.errors import InvalidArgument
 from onnxserve.server.tasks import audio
-from transformers import Wav2Vec2FeatureExtractor, WhisperFeatureExtractor
+from transformers import Speech2TextFeatureExtractor, Wav2Vec2FeatureExtractor, WhisperFeatureExtractor
 from transformers.audio_utils import mel_filter_bank
 
 from onnxserve.v1 import inference_pb2
@@ -78,6 +78,34 @@ def test_whisper_log_mel_of_silence_is_transformers() -> None:
     samples = np.zeros(RATE, dtype=np.float32)
     expected = extractor(samples, sampling_rate=RATE, return_tensors="np")["input_features"][0]
     assert np.abs(audio.whisper_log_mel(samples, config_of(extractor)) - expected).max() <= FEATURE_TOLERANCE
+
+
+@pytest.mark.parametrize("seconds", [0.05, 1.0, 7.3, 31.0])
+@pytest.mark.parametrize("options", [{}, {"num_mel_bins": 40, "feature_size": 40}, {"do_ceptral_normalize": False}])
+def test_kaldi_fbank_is_speech2text(seconds: float, options: dict) -> None:
+    """Speech2Text's filter banks, with and without utterance CMVN (transformers' numpy path: this
+    environment has no torchaudio, which it would use instead)."""
+    extractor = Speech2TextFeatureExtractor(**options)
+    samples = speech_like(seconds, seed=6)
+    expected = extractor(samples, sampling_rate=RATE, return_tensors="np")["input_features"][0]
+    got = audio.kaldi_fbank(samples, config_of(extractor))
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    assert np.abs(got - expected).max() <= FEATURE_TOLERANCE
+
+
+def test_kaldi_fbank_of_silence_and_of_too_little_audio() -> None:
+    """Silence leaves every bin constant: transformers divides by a zero deviation (NaN), the
+    server leaves the bins centered (zeros). Less than one 25 ms frame is refused."""
+    config = config_of(Speech2TextFeatureExtractor())
+    silence = audio.kaldi_fbank(np.zeros(RATE, np.float32), config)
+    assert silence.shape == (98, 80) and np.abs(silence).max() < 1e-5
+    with pytest.raises(InvalidArgument, match="shorter than one 25 ms frame"):
+        audio.kaldi_fbank(np.zeros(399, np.float32), config)
+
+
+def test_kaldi_mel_filter_bank_is_transformers() -> None:
+    expected = mel_filter_bank(257, 80, 20, 8000, RATE, None, "kaldi", triangularize_in_mel_space=True)
+    np.testing.assert_allclose(audio.mel_filter_bank(257, 80, 20, 8000, RATE, "kaldi"), expected, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("seconds", [0.01, 2.0, 11.0])

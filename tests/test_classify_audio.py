@@ -137,8 +137,8 @@ def test_an_audio_model_serves_no_tokenizer(client, exported):
 
 
 def test_an_extractor_the_server_cannot_reproduce_is_refused(tmp_path):
-    """Kaldi filter banks (AST's extractor) are not reproduced yet: the export refuses them before
-    any work."""
+    """AST's extractor (its own Kaldi filter banks, padded to 1024 frames) is not reproduced yet:
+    the export refuses it before any work."""
     checkpoint = build(KINDS[0], tmp_path / "checkpoint")
     (checkpoint / "preprocessor_config.json").unlink()
     ASTFeatureExtractor().save_pretrained(checkpoint)

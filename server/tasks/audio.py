@@ -1,17 +1,18 @@
 """What every speech head shares: decoding an `Audio` message (an encoded file with libsndfile, or
 raw float32 samples), downmixing to mono and resampling to the model's rate as the transformers
-pipelines prepare audio, and the feature extractors in numpy: Whisper's log-mel spectrogram and
-wav2vec2's zero-mean unit-variance normalization, with the numbers transformers' feature
-extractors compute; and `AudioPipeline`, the batched pipeline of the heads that run one graph on
+pipelines prepare audio, and the feature extractors in numpy: Whisper's log-mel spectrogram,
+Speech2Text's Kaldi filter banks and wav2vec2's zero-mean unit-variance normalization, with the
+numbers transformers' feature extractors compute; and `AudioPipeline`, the batched pipeline of the heads that run one graph on
 waveforms (wav2vec2, HuBERT: CTC and classification). The feature extractor's configuration is
 the checkpoint's preprocessor_config.json, shipped in the model version. No torch, no transformers.
 
 Public API: `decode` (an Audio message to mono float32 samples at the model's rate), `resample`,
 `downmix`, `FeatureExtractorConfig` and `read_feature_extractor`, `whisper_log_mel`,
-`mel_filter_bank`, `normalize`, `AudioPipeline`."""
+`kaldi_fbank` (Speech2Text), `mel_filter_bank`, `normalize`, `AudioPipeline`."""
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -46,6 +47,9 @@ _SHORT_DATA = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILIN
 _UNKNOWN_SIZES = frozenset({0, 0xFFFFFFFF})
 #: Added to the variance before its square root, as Wav2Vec2FeatureExtractor does.
 _NORMALIZE_EPSILON = 1e-7
+#: Kaldi's fbank: pre-emphasis, and the floor under the mel energies (float32's epsilon).
+_PREEMPHASIS = 0.97
+_KALDI_MEL_FLOOR = 1.192092955078125e-07
 #: Whisper's floor under the mel power before log10, and the dynamic range it keeps (in log10 units).
 _LOG_MEL_FLOOR = 1e-10
 _LOG_MEL_RANGE = 8.0
@@ -182,6 +186,11 @@ class FeatureExtractorConfig:
     n_fft: int = 400
     hop_length: int = 160
     chunk_length: int = 30  # seconds of Whisper's window
+    # Kaldi filter banks (Speech2Text)
+    num_mel_bins: int = 80
+    do_ceptral_normalize: bool = True  # transformers' spelling
+    normalize_means: bool = True
+    normalize_vars: bool = True
 
     @property
     def n_samples(self) -> int:
@@ -215,8 +224,11 @@ def normalize(samples: np.ndarray, length: int | None = None, padding_value: flo
     return normalized
 
 
-def hertz_to_mel(frequencies: np.ndarray) -> np.ndarray:
-    """The Slaney mel scale (librosa's and transformers' "slaney"): linear below 1 kHz, logarithmic above."""
+def hertz_to_mel(frequencies: np.ndarray, scale: str = "slaney") -> np.ndarray:
+    """The Slaney mel scale (librosa's and transformers' "slaney": linear below 1 kHz, logarithmic
+    above), or Kaldi's (1127 ln(1 + f / 700))."""
+    if scale == "kaldi":
+        return 1127.0 * np.log(1.0 + frequencies / 700.0)
     mels = 3.0 * frequencies / 200.0
     log_region = frequencies >= 1000.0
     mels[log_region] = 15.0 + np.log(frequencies[log_region] / 1000.0) * (27.0 / np.log(6.4))
@@ -224,6 +236,7 @@ def hertz_to_mel(frequencies: np.ndarray) -> np.ndarray:
 
 
 def mel_to_hertz(mels: np.ndarray) -> np.ndarray:
+    """The inverse of the Slaney scale."""
     frequencies = 200.0 * mels / 3.0
     log_region = mels >= 15.0
     frequencies[log_region] = 1000.0 * np.exp((np.log(6.4) / 27.0) * (mels[log_region] - 15.0))
@@ -231,25 +244,38 @@ def mel_to_hertz(mels: np.ndarray) -> np.ndarray:
 
 
 def mel_filter_bank(
-    frequency_bins: int, mel_filters: int, min_frequency: float, max_frequency: float, sampling_rate: int
+    frequency_bins: int,
+    mel_filters: int,
+    min_frequency: float,
+    max_frequency: float,
+    sampling_rate: int,
+    scale: str = "slaney",
 ) -> np.ndarray:
-    """Triangular filters, Slaney scale and area normalization, [frequency_bins, mel_filters]:
-    transformers' mel_filter_bank(norm="slaney", mel_scale="slaney"), which Whisper's feature
-    extractor computes (the configuration does not carry the filters)."""
-    mel_edges = np.linspace(hertz_to_mel(np.array([min_frequency]))[0], hertz_to_mel(np.array([max_frequency]))[0],
-                            mel_filters + 2)  # fmt: skip
-    filter_frequencies = mel_to_hertz(mel_edges)
-    fft_frequencies = np.linspace(0, sampling_rate // 2, frequency_bins)
-    widths = np.diff(filter_frequencies)
-    slopes = filter_frequencies[None, :] - fft_frequencies[:, None]
-    down = -slopes[:, :-2] / widths[:-1]
-    up = slopes[:, 2:] / widths[1:]
-    filters = np.maximum(0.0, np.minimum(down, up))
-    return filters * (2.0 / (filter_frequencies[2:] - filter_frequencies[:-2]))[None, :]
+    """Triangular filters, [frequency_bins, mel_filters], as transformers' mel_filter_bank
+    computes them (the configurations do not carry the filters): "slaney", triangles in hertz on
+    the Slaney scale with area normalization (norm="slaney", Whisper); "kaldi", triangles in mel
+    space on Kaldi's scale, unnormalized (mel_scale="kaldi", triangularize_in_mel_space=True,
+    Speech2Text's Kaldi filter banks)."""
+    bounds = hertz_to_mel(np.array([float(min_frequency), float(max_frequency)]), scale)
+    mel_edges = np.linspace(bounds[0], bounds[1], mel_filters + 2)
+    if scale == "kaldi":
+        bin_width = sampling_rate / ((frequency_bins - 1) * 2)
+        return _triangles(hertz_to_mel(bin_width * np.arange(frequency_bins), scale), mel_edges)
+    edges = mel_to_hertz(mel_edges)
+    filters = _triangles(np.linspace(0, sampling_rate // 2, frequency_bins), edges)
+    return filters * (2.0 / (edges[2:] - edges[:-2]))[None, :]
 
 
-def _whisper_filters(config: FeatureExtractorConfig) -> np.ndarray:
-    return mel_filter_bank(1 + config.n_fft // 2, config.feature_size, 0.0, 8000.0, config.sampling_rate)
+def _triangles(centers: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Each filter rises from edges[i] to edges[i + 1] and falls to edges[i + 2], at the bins' centers."""
+    widths = np.diff(edges)
+    slopes = edges[None, :] - centers[:, None]
+    return np.maximum(0.0, np.minimum(-slopes[:, :-2] / widths[:-1], slopes[:, 2:] / widths[1:]))
+
+
+@functools.cache
+def _filters(frequency_bins: int, mel_filters: int, low: float, high: float, rate: int, scale: str) -> np.ndarray:
+    return mel_filter_bank(frequency_bins, mel_filters, low, high, rate, scale)
 
 
 def whisper_log_mel(samples: np.ndarray, config: FeatureExtractorConfig, length: int | None = None) -> np.ndarray:
@@ -265,7 +291,7 @@ def whisper_log_mel(samples: np.ndarray, config: FeatureExtractorConfig, length:
         kept = normalize(kept)
     waveform[: len(kept)] = kept
     power = _power_spectrogram(waveform, config.n_fft, config.hop_length)[:-1]
-    mel = power @ _whisper_filters(config)
+    mel = power @ _filters(1 + config.n_fft // 2, config.feature_size, 0.0, 8000.0, config.sampling_rate, "slaney")
     log_spec = np.log10(np.maximum(mel, _LOG_MEL_FLOOR))
     log_spec = np.maximum(log_spec, log_spec.max() - _LOG_MEL_RANGE)
     return ((log_spec + 4.0) / 4.0).T.astype(np.float32)
@@ -279,6 +305,36 @@ def _power_spectrogram(waveform: np.ndarray, n_fft: int, hop_length: int) -> np.
     window = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(n_fft) / n_fft)
     spectrum = np.fft.rfft(frames * window, axis=-1)
     return spectrum.real**2 + spectrum.imag**2
+
+
+def kaldi_fbank(samples: np.ndarray, config: FeatureExtractorConfig) -> np.ndarray:
+    """Speech2TextFeatureExtractor's input_features, [frames, num_mel_bins] float32, as its numpy
+    path computes Kaldi's fbank: the samples scaled to 16-bit range, 25 ms frames every 10 ms
+    (no centering), each frame's DC offset removed, pre-emphasis 0.97, a Povey window, a 512-point
+    power spectrum, Kaldi-scale mel filters from 20 Hz to Nyquist, natural log over a floor of
+    float32's epsilon; then, with do_ceptral_normalize, each bin's mean and standard deviation
+    over the utterance normalized away (utterance CMVN). Audio shorter than one frame is refused."""
+    frame_length, hop_length, fft_length = 400, 160, 512
+    waveform = samples.astype(np.float64) * 2**15
+    if len(waveform) < frame_length:
+        raise InvalidArgument(f"audio of {len(samples)} samples is shorter than one 25 ms frame ({frame_length})")
+    frames = np.lib.stride_tricks.sliding_window_view(waveform, frame_length)[::hop_length]
+    frames = frames - frames.mean(axis=1, keepdims=True)
+    frames = np.concatenate([frames[:, :1] * (1 - _PREEMPHASIS), frames[:, 1:] - _PREEMPHASIS * frames[:, :-1]], 1)
+    window = np.hanning(frame_length) ** 0.85
+    spectrum = np.fft.rfft(frames * window, n=fft_length, axis=-1).astype(np.complex64)  # as transformers keeps it
+    power = np.abs(spectrum, dtype=np.float64) ** 2
+    bins = config.num_mel_bins
+    filters = _filters(fft_length // 2 + 1, bins, 20.0, config.sampling_rate // 2, config.sampling_rate, "kaldi")
+    features = np.log(np.maximum(_KALDI_MEL_FLOOR, power @ filters)).astype(np.float32)
+    if not config.do_ceptral_normalize:
+        return features
+    if config.normalize_means:
+        features = features - features.mean(axis=0)
+    if config.normalize_vars:  # a constant bin (silence) is left as it is where transformers gives NaN
+        deviation = features.std(axis=0)
+        features = features / np.where(deviation > 0, deviation, 1.0)
+    return features.astype(np.float32)
 
 
 #: Waveform samples the batcher counts as one token: wav2vec2's feature encoder makes one frame
