@@ -93,7 +93,7 @@ def pixel_classes(logits: np.ndarray, width: int, height: int) -> np.ndarray:
     columns] upsampled bilinearly to it."""
     classes = np.empty((height, width), dtype=np.int32)
     for block, upsampled in upsampled_blocks(logits, width, height):
-        classes[block] = upsampled.argmax(axis=0)
+        classes[block] = upsampled.argmax(axis=-1)
     return classes
 
 
@@ -117,9 +117,9 @@ def query_segments(
     owners = np.empty(size[::-1], dtype=np.int32)
     areas = np.zeros(len(scores), dtype=np.int64)
     for block, upsampled in upsampled_blocks(masks, *size):
-        weighed = upsampled * scores[:, np.newaxis, np.newaxis]
-        owners[block] = weighed.argmax(axis=0)
-        areas += (weighed >= mask_threshold).sum(axis=(1, 2))
+        upsampled *= scores
+        owners[block] = upsampled.argmax(axis=-1)
+        areas += (upsampled >= mask_threshold).sum(axis=(0, 1))
     segments = []
     for query, (label, score, area) in enumerate(zip(classes, scores, areas, strict=True)):
         mask = owners == query
@@ -131,15 +131,27 @@ def query_segments(
 
 def upsampled_blocks(values: np.ndarray, width: int, height: int) -> Iterator[tuple[slice, np.ndarray]]:
     """`values` [channels, rows, columns] upsampled bilinearly to height x width, a block of rows
-    at a time: (the block's rows, [channels, block rows, width])."""
+    at a time: (the block's rows, [block rows, width, channels]). Channels last, so that each
+    gather copies whole runs of values and the best channel of a pixel is a contiguous argmax;
+    columns first, on the few source rows, then rows block by block, as torch sums them."""
     rows, columns = _source_pixels(values.shape[1], height), _source_pixels(values.shape[2], width)
+    widened = _blend(np.ascontiguousarray(values.transpose(1, 2, 0)), *columns, axis=1)  # [rows, width, ch.]
     block_rows = max(1, UPSAMPLED_VALUES // (values.shape[0] * width))
     for start in range(0, height, block_rows):
         block = slice(start, start + block_rows)
-        low, high, weight = (part[block] for part in rows)
-        upsampled_rows = values[:, low] * (1 - weight)[:, np.newaxis] + values[:, high] * weight[:, np.newaxis]
-        low, high, weight = columns
-        yield block, upsampled_rows[:, :, low] * (1 - weight) + upsampled_rows[:, :, high] * weight
+        yield block, _blend(widened, *(part[block] for part in rows), axis=0)
+
+
+def _blend(values: np.ndarray, low: np.ndarray, high: np.ndarray, weight: np.ndarray, axis: int) -> np.ndarray:
+    """values at `low` x (1 - weight) + values at `high` x weight along `axis` (the first or the
+    second of three), in place: temporaries of this size cost more than the arithmetic."""
+    weight = weight.reshape(-1, *[1] * (2 - axis))
+    blended = np.take(values, low, axis=axis)
+    blended *= 1 - weight
+    upper = np.take(values, high, axis=axis)
+    upper *= weight
+    blended += upper
+    return blended
 
 
 def _source_pixels(source: int, target: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
