@@ -11,7 +11,6 @@ ships its id -> token table and decoding options instead (CTC_VOCABULARY_FILE), 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import time
@@ -25,7 +24,7 @@ from google.protobuf.message import Message
 from onnxserve.server.errors import InvalidArgument, ModelLoadError
 from onnxserve.server.runtime.stats import Timings
 from onnxserve.server.tasks.audio import AudioPipeline, InputValues
-from onnxserve.server.tasks.base import Prepared, RowOutputs, require_batch
+from onnxserve.server.tasks.base import ModelResources, Prepared, RowOutputs, require_batch
 from onnxserve.server.tasks.registration import ExportSpec, KServeAudio, TaskRegistration
 
 from onnxserve.v1 import common_pb2, inference_pb2
@@ -121,7 +120,7 @@ class Chunking:
 
 
 class CTCSpeechRecognitionPipeline(AudioPipeline[Request]):
-    def __init__(self, resources) -> None:
+    def __init__(self, resources: ModelResources) -> None:
         super().__init__(resources)
         self.vocabulary = CTCVocabulary.read(resources.directory)
 
@@ -240,7 +239,6 @@ class CTCSpeechRecognitionPipeline(AudioPipeline[Request]):
             kept.append(ids)
             yield self._stream_message(ids, frame, request.return_timestamps), False
             frame += len(ids)
-            await asyncio.sleep(0)  # a cancelled call stops here, between chunks
         transcription = self.transcription(np.concatenate(kept), request.return_timestamps)
         yield inference_pb2.TranscribeStreamResponse(transcription=transcription), True
 
