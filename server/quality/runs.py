@@ -14,6 +14,7 @@ from onnxserve.server.runtime.sessions import Session
 from onnxserve.server.tasks.generation.causal import open_causal_model
 from onnxserve.server.tasks.generation.decoding import StepModel
 from onnxserve.server.tasks.generation.logits import log_softmax
+from onnxserve.server.tasks.object_detection import corners
 
 from onnxserve.v1 import common_pb2
 
@@ -107,11 +108,6 @@ def _detections(outputs: Outputs, batch: Batch, pooling: int) -> list[Sample]:
     as its regions."""
     rows = zip(outputs["logits"], outputs["pred_boxes"], strict=True)
     return [Sample(logits, boxes.ravel(), corners(boxes)) for logits, boxes in rows]
-
-
-def corners(boxes: np.ndarray) -> np.ndarray:
-    """Boxes as (center x, center y, width, height) to (xmin, ymin, xmax, ymax)."""
-    return np.concatenate([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], axis=1)
 
 
 def _segmentation(outputs: Outputs, batch: Batch, pooling: int) -> list[Sample]:

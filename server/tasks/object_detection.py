@@ -52,12 +52,15 @@ def detections(logits: np.ndarray, boxes: np.ndarray, size: tuple[int, int]) -> 
     probabilities = softmax(logits.astype(np.float32))
     labels = probabilities[:, :-1].argmax(-1)
     scores = probabilities[np.arange(len(labels)), labels]
-    center_x, center_y, width, height = boxes.astype(np.float32).T
-    half_width, half_height = np.float32(0.5) * width, np.float32(0.5) * height
-    corners = np.stack([center_x - half_width, center_y - half_height, center_x + half_width, center_y + half_height])
-    scale = np.array([size[0], size[1], size[0], size[1]], dtype=np.float32)[:, np.newaxis]
-    pixels = (corners * scale).T.astype(np.int32)  # truncated toward zero, as torch's .int()
+    scale = np.array([size[0], size[1], size[0], size[1]], dtype=np.float32)
+    pixels = (corners(boxes.astype(np.float32)) * scale).astype(np.int32)  # truncated toward zero, as torch's .int()
     return scores, labels, pixels
+
+
+def corners(boxes: np.ndarray) -> np.ndarray:
+    """Boxes [n, 4] as (center x, center y, width, height) to (xmin, ymin, xmax, ymax), as
+    transformers' center_to_corners_format."""
+    return np.concatenate([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], axis=1)
 
 
 def probability_threshold(value: float, name: str) -> float:
