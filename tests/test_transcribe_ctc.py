@@ -7,6 +7,7 @@ problem, after which the server goes on."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from functools import cache
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+from onnxserve.client import AsyncClient
 from transformers import (
     HubertConfig,
     HubertForCTC,
@@ -304,3 +306,17 @@ def test_a_cancelled_stream_leaves_the_server_serving(fp32_server, client):
             list(call)
     assert first.chunk.text and cancelled.value.code() == grpc.StatusCode.CANCELLED
     assert client.transcribe(KINDS[0], [CLIPS[0]], sample_rate=RATE)[0].text
+
+
+def test_the_async_client_answers_as_the_blocking_one(fp32_server, client):
+    async def calls():
+        async with AsyncClient(fp32_server.target, timeout=60) as async_client:
+            whole = await async_client.transcribe(KINDS[0], [(CLIPS[1], RATE)], return_timestamps="char")
+            pieces = [p async for p in async_client.transcribe_stream(KINDS[0], (LONG_CLIP, RATE), chunk_length_s=10)]
+            return whole, pieces
+
+    whole, pieces = asyncio.run(calls())
+    assert whole.results == client.transcribe(KINDS[0], [(CLIPS[1], RATE)], return_timestamps="char").results
+    streamed = list(client.transcribe_stream(KINDS[0], (LONG_CLIP, RATE), chunk_length_s=10))
+    assert [p.chunk for p in pieces] == [p.chunk for p in streamed]
+    assert pieces[-1].transcription == streamed[-1].transcription
