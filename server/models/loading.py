@@ -10,10 +10,11 @@ from onnxserve.server.errors import ModelLoadError
 from onnxserve.server.models.loaded import LoadedModel
 from onnxserve.server.quality.probes import PROBES_FILE_SUFFIX, ProbeError, Probes, read_probes
 from onnxserve.server.runtime.machine import describe, this_machine
+from onnxserve.server.runtime.memory import release_freed_memory
 from onnxserve.server.runtime.sessions import Session, SessionSettings
 from onnxserve.server.runtime.tokenizer import TextTokenizer
 from onnxserve.server.tasks.base import Executors, ModelResources
-from onnxserve.server.tasks.registration import registration_for, task_name
+from onnxserve.server.tasks.registration import TaskRegistration, registration_for, task_name
 
 from onnxserve.enums import short_name, short_names
 from onnxserve.repository import TOKENIZER_FILE, RepositoryError, read_manifest, verify_files
@@ -88,6 +89,10 @@ def _load_into(model: LoadedModel, device: str) -> None:
         intra_op_threads=model.settings.intra_op_threads,
         inter_op_threads=model.settings.inter_op_threads,
     )
+    registration = registration_for(manifest.task)
+    # The tokenizer first, its parse's garbage released before the sessions load on top of it.
+    tokenizer = _tokenizer(model.directory, manifest, registration)
+    release_freed_memory()
     probes = _read_probes(model.directory, manifest)
     for candidate in _fallbacks(manifest, variant):
         sessions = _open_sessions(model.directory, candidate, session_settings)
@@ -98,14 +103,8 @@ def _load_into(model: LoadedModel, device: str) -> None:
     else:
         refused = "; ".join(_refusal(r) for r in model.refused_variants)
         raise ModelLoadError(f"every variant missed the export's gate on this machine ({machine}): {refused}")
-    registration = registration_for(manifest.task)
-    tokenizer_path = model.directory / TOKENIZER_FILE
-    # Image-only and audio-only tasks have none, but where the checkpoint's export took text too
-    # (CLIP's towers under image-feature-extraction).
-    if registration is None or "text" in registration.inputs or tokenizer_path.is_file():
-        if not tokenizer_path.is_file():
-            raise ModelLoadError(f"{tokenizer_path} is missing")
-        model.tokenizer = TextTokenizer(tokenizer_path, manifest)
+    release_freed_memory()
+    model.tokenizer = tokenizer
     model.precision = variant.precision
     model.execution_provider = next(iter(sessions.values())).provider
     if registration is not None:  # else the model serves its tokenizer only
@@ -122,6 +121,19 @@ def _load_into(model: LoadedModel, device: str) -> None:
         pipeline = registration.pipeline(resources)
         pipeline.open()
         model.pipeline = pipeline
+
+
+def _tokenizer(
+    directory: Path, manifest: manifest_pb2.Manifest, registration: TaskRegistration | None
+) -> TextTokenizer | None:
+    """The model's one tokenizer. Image-only and audio-only tasks have none, but where the
+    checkpoint's export took text too (CLIP's towers under image-feature-extraction)."""
+    tokenizer_path = directory / TOKENIZER_FILE
+    if registration is not None and "text" not in registration.inputs and not tokenizer_path.is_file():
+        return None
+    if not tokenizer_path.is_file():
+        raise ModelLoadError(f"{tokenizer_path} is missing")
+    return TextTokenizer(tokenizer_path, manifest)
 
 
 def _fallbacks(manifest: manifest_pb2.Manifest, chosen: manifest_pb2.Variant) -> list[manifest_pb2.Variant]:

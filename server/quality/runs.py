@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 import onnxruntime as ort
@@ -193,19 +194,25 @@ def greedy(
 
 def step_perplexity(session: Session, text: Sequence[int], pad_token_id: int) -> float:
     """The variant's perplexity on `text`, fed one token at a time (the fused graph returns only the
-    last position's logits)."""
+    last position's logits). Each position's likelihood is taken as its logits come: a 262k-word
+    vocabulary's logits for the whole text, in float64, took 640 MB at load (docs/int8.md)."""
     model = _open(session, text[:1], pad_token_id, len(text))
-    logits = [model.start()[0]]
-    logits += [model.step(np.array([token]))[0] for token in text[1:-1]]
+    likelihoods = [_log_likelihood(model.start()[0], text[1])]
+    for token, following in pairwise(text[1:]):
+        likelihoods.append(_log_likelihood(model.step(np.array([token]))[0], following))
     model.release()
-    return perplexity(np.stack(logits), text)
+    return float(np.exp(-np.mean(likelihoods)))
 
 
 def perplexity(logits: np.ndarray, text: Sequence[int]) -> float:
     """exp of the mean negative log-likelihood of text[1:], given logits[i] predicting text[i + 1]."""
-    log_probabilities = log_softmax(logits[: len(text) - 1].astype(np.float64))
-    targets = np.array(text[1:])
-    return float(np.exp(-log_probabilities[np.arange(len(targets)), targets].mean()))
+    pairs = zip(logits, text[1:], strict=False)  # the logits may go on past the text's last token
+    return float(np.exp(-np.mean([_log_likelihood(row, target) for row, target in pairs])))
+
+
+def _log_likelihood(logits: np.ndarray, target: int) -> float:
+    """log p(target) under one position's logits, in float64."""
+    return float(log_softmax(logits.astype(np.float64))[target])
 
 
 def common_prefix(tokens: Sequence[int], expected: Sequence[int]) -> int:
