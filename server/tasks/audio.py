@@ -2,9 +2,10 @@
 raw float32 samples), downmixing to mono and resampling to the model's rate as the transformers
 pipelines prepare audio, and the feature extractors in numpy: Whisper's log-mel spectrogram,
 Speech2Text's Kaldi filter banks and wav2vec2's zero-mean unit-variance normalization, with the
-numbers transformers' feature extractors compute; and `AudioPipeline`, the batched pipeline of the heads that run one graph on
-waveforms (wav2vec2, HuBERT: CTC and classification). The feature extractor's configuration is
-the checkpoint's preprocessor_config.json, shipped in the model version. No torch, no transformers.
+numbers transformers' feature extractors compute; and `AudioPipeline`, the batched pipeline of
+the heads that run one graph on waveforms (wav2vec2, HuBERT: CTC and classification). The feature
+extractor's configuration is the checkpoint's preprocessor_config.json, shipped in the model
+version. No torch, no transformers.
 
 Public API: `decode` (an Audio message to mono float32 samples at the model's rate), `resample`,
 `downmix`, `FeatureExtractorConfig` and `read_feature_extractor`, `whisper_log_mel`,
