@@ -320,3 +320,16 @@ def test_the_async_client_answers_as_the_blocking_one(fp32_server, client):
     streamed = list(client.transcribe_stream(KINDS[0], (LONG_CLIP, RATE), chunk_length_s=10))
     assert [p.chunk for p in pieces] == [p.chunk for p in streamed]
     assert pieces[-1].transcription == streamed[-1].transcription
+
+
+def test_whisper_and_ctc_models_answer_transcribe_on_one_server(exported, export, start_server, tmp_path_factory):
+    """Two registrations serve Transcribe (CTC and speech seq2seq): each model's own answers."""
+    from tests.test_transcribe_whisper import MODEL, build_whisper
+
+    whisper = export(MODEL, precisions=("fp32",), source=build_whisper(tmp_path_factory.mktemp("whisper")))
+    server = start_server({KINDS[0]: exported[KINDS[0]], MODEL: whisper}, precision="fp32", intra_op_threads=1)
+    with server.client() as client:
+        (ctc,) = client.transcribe(KINDS[0], [CLIPS[1]], sample_rate=RATE)
+        (seq2seq,) = client.transcribe(MODEL, [CLIPS[1]], sample_rate=RATE, max_new_tokens=5)
+    assert ctc.text == reference(exported[KINDS[0]].checkpoint)(CLIPS[1].copy())["text"] and not ctc.token_ids
+    assert seq2seq.token_ids and seq2seq.language  # Whisper's generated ids and detected language
