@@ -48,7 +48,7 @@ from tokenizers import Tokenizer
 
 from bench import generation_prompts
 from bench.generation_engines import MODEL
-from bench.minilm import _exporter_fingerprint, _holds
+from bench.minilm import _exporter_fingerprint, held_precisions
 from onnxserve.repository import version_dirs
 
 RESULTS = Path(__file__).parent / "results"
@@ -130,7 +130,7 @@ def onnxserve_export(work: Path, precisions: list[str], digest: str) -> Path:
     `onnxserve export --force` when there is none."""
     repository = work / f"repository-{digest}"
     versions = version_dirs(repository / MODEL)
-    if not (versions and _holds(versions[max(versions)], precisions)):
+    if not (versions and set(precisions) <= held_precisions(versions[max(versions)])):
         print(f"exporting {MODEL} ({', '.join(precisions)}) into {repository}; later runs reuse it", flush=True)
         flags = [flag for p in precisions for flag in ("--precision", p)]
         command = ["export", str(gguf_file(work)), "--repository", str(repository), "--name", MODEL, *flags, "--force"]
@@ -150,7 +150,7 @@ def onnxserve_jobs(work: Path, wanted: list[str], digest: str) -> tuple[dict[str
         return {}, {**skipped, **{p: f"`onnxserve export` failed (exit status {error.returncode})" for p in precisions}}
     jobs = {}
     for precision in precisions:
-        if _holds(version_dir, [precision]):
+        if precision in held_precisions(version_dir):
             jobs[precision] = {"precision": precision, "repository": str(version_dir.parents[1]),
                                "version_dir": str(version_dir)}  # fmt: skip
         else:
@@ -175,13 +175,15 @@ def plan(args: argparse.Namespace) -> tuple[dict, dict[str, dict], dict[str, str
     checkpoint = dequantized(args.work, digest)
     tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
     prompts = {"short": generation_prompts.SHORT, "long": long_prompt(tokenizer, args.long_tokens)}
-    eos = json.loads((checkpoint / "generation_config.json").read_text())["eos_token_id"]
+    generation = json.loads((checkpoint / "generation_config.json").read_text())
+    eos = generation["eos_token_id"]
     shared = {
         "prompts": prompts,
         "prompt_ids": {name: tokenizer.encode(text).ids for name, text in prompts.items()},
         "streams": generation_prompts.STREAMS,
         "stream_ids": [e.ids for e in tokenizer.encode_batch(generation_prompts.STREAMS)],
         "eos_token_ids": [eos] if isinstance(eos, int) else eos,
+        "pad_token_id": generation.get("pad_token_id") or 0,  # as the generative gate takes it
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
         "concurrency": args.concurrency,
@@ -266,13 +268,18 @@ def stream_summary(figures: dict) -> list[dict]:
 
 def prompt_mismatches(results: dict[str, dict], prompt_ids: dict[str, list[int]]) -> list[str]:
     """Engines that tokenized a prompt into another length than the bench's tokenizer did: their
-    agreement compares different inputs (an export whose tokenizer.json changed, say)."""
+    agreement compares different inputs (an export whose tokenizer.json changed, say). And the
+    prompts llama.cpp's own tokenizer splits otherwise, though it is fed the bench's ids."""
+    ran = {engine: figures for engine, figures in results.items() if "failed" not in figures}
     return [
         f"{engine}: the {name} prompt is {figures['single'][name]['prompt_tokens']} tokens there, not {len(ids)}"
-        for engine, figures in results.items()
-        if "failed" not in figures
+        for engine, figures in ran.items()
         for name, ids in prompt_ids.items()
         if figures["single"][name]["prompt_tokens"] != len(ids)
+    ] + [
+        f"{engine}: its own tokenizer splits the {name} prompt otherwise (it was fed the bench's ids)"
+        for engine, figures in ran.items()
+        for name in figures.get("tokenized_otherwise", [])
     ]
 
 
@@ -281,8 +288,8 @@ def _ratio(value: float | None, base: float | None) -> float | None:
 
 
 def derived(results: dict[str, dict]) -> dict[str, dict]:
-    """Per engine: agreement with the reference, and decode / prefill / stream ratios against
-    PyTorch and llama.cpp (above 1: faster)."""
+    """Per engine: agreement with the reference, its perplexity over the reference's, and decode /
+    prefill / stream ratios against PyTorch and llama.cpp (above 1: faster)."""
     ran = {engine: figures for engine, figures in results.items() if "failed" not in figures}
     decode = {e: f["single"]["short"]["decode_tokens_per_s"] for e, f in ran.items()}
     prefill = {e: f["single"]["long"]["prefill_ms"] for e, f in ran.items()}
@@ -302,6 +309,7 @@ def derived(results: dict[str, dict]) -> dict[str, dict]:
         for base in (REFERENCE, "llama.cpp"):
             out[engine][f"decode_vs_{base}"] = _ratio(decode[engine], decode.get(base))
             out[engine][f"prefill_long_vs_{base}"] = _ratio(prefill.get(base), prefill[engine])
+        out[engine]["perplexity_vs_reference"] = _ratio(figures["perplexity"], ran.get(REFERENCE, {}).get("perplexity"))
     return out
 
 
@@ -331,6 +339,12 @@ def aims(results: dict[str, dict], ratios: dict[str, dict]) -> list[dict]:
     if "onnxserve-int4" in ratios:
         rss = results["onnxserve-int4"]["peak_rss_bytes"] / GIB
         check("int4: peak RSS < 1 GiB", "onnxserve-int4", rss, rss < 1)
+    value = ratios.get("onnxserve-int4", {}).get("perplexity_vs_reference")
+    check("int4: perplexity within 2% of PyTorch's", "onnxserve-int4", value, value is not None and value <= 1.02)
+    if agreed("onnxserve-int4") and agreed("llama.cpp"):
+        mine, theirs = (agreed(engine)["prompts_in_full_agreement"] for engine in ("onnxserve-int4", "llama.cpp"))
+        check("int4: greedy ids equal PyTorch's on as many prompts as llama.cpp's", "onnxserve-int4", mine,
+              mine >= theirs)  # fmt: skip
     for precision in PRECISIONS:
         engine = f"onnxserve-{precision}"
         value = ratios.get(engine, {}).get("prefill_long_vs_pytorch")
@@ -356,10 +370,17 @@ def _rate(value: float | None) -> str:
     return f"{value:.1f}" if value is not None else "-"
 
 
+def _perplexity(engine: str, figures: dict, ratio: float | None) -> str:
+    """The perplexity, and how far above (+) or below the reference's."""
+    against = "reference" if engine == REFERENCE else f"{ratio - 1:+.2%}" if ratio is not None else "-"
+    return f"{figures['perplexity']:.3f} ({against})"
+
+
 def print_tables(results: dict[str, dict], ratios: dict[str, dict], skipped: dict[str, str], console: Console) -> None:
-    single = Table(title="batch 1, greedy (medians): prefill and TTFT in ms, short · long prompt")
+    single = Table(title="batch 1, greedy (medians): prefill and TTFT in ms, short · long prompt; perplexity of the "
+                         "long prompt's ids")  # fmt: skip
     columns = ("engine", "prefill", "TTFT", "decode tok/s", "vs PyTorch", "vs llama.cpp", "long prefill vs PyTorch",
-               "agreement (short · long · full prompts)", "peak RSS")  # fmt: skip
+               "agreement (short · long · full prompts)", "perplexity (vs PyTorch)", "peak RSS")  # fmt: skip
     for column in columns:
         single.add_column(column, justify="left" if column == "engine" else "right")
     streams = Table(title="eight prompts, N calls in flight (onnxserve: GenerateStream; others: one at a time)")
@@ -383,6 +404,7 @@ def print_tables(results: dict[str, dict], ratios: dict[str, dict], skipped: dic
             _x(mine["prefill_long_vs_pytorch"]),
             f"{agreed['short']} · {agreed['long']} · {agreed['prompts_in_full_agreement']}/{agreed['prompts']}"
             if agreed else "-",
+            _perplexity(engine, figures, mine["perplexity_vs_reference"]),
             f"{figures['peak_rss_bytes'] / GIB:.2f} GiB",
         )
         for level in mine["streams"]:

@@ -7,7 +7,13 @@ pytorch: transformers' generate() in fp32; optimum: the same generate() over ORT
 onnxserve-<precision>: `onnxserve serve` as a child of the worker, called over gRPC (its peak RSS is
 the server's); llama.cpp: llama-cpp-python on the GGUF. Only the engine's own libraries are
 imported, since they count in its RSS. Every engine gets the same prompt token ids: llama.cpp
-takes them as ids, the others tokenize the text with the same tokenizer.json."""
+takes them as ids, the others tokenize the text with the same tokenizer.json.
+
+After the timed runs and the peak RSS, each engine scores the long prompt's ids (the same ids for
+all) by its perplexity: PyTorch and optimum in one forward pass, llama.cpp in one `eval` with
+`logits_all`, onnxserve through the served variant's graph one token at a time, as the server's
+load-time probe does (its fused graph returns only the last position's logits). The logits of
+every position take far more memory than generating does, hence after the RSS."""
 
 from __future__ import annotations
 
@@ -23,8 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+
 MODEL = "gemma-3-270m"
 WARM_UP_TOKENS = 4
+PERPLEXITY_PROMPT = "long"  # the prompt whose ids every engine scores
 
 
 @dataclass(frozen=True)
@@ -97,6 +106,14 @@ class Transformers:
 
     stream = generate
 
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """The logits at every position of `ids`, in one forward pass."""
+        import torch
+
+        tensor = torch.tensor([ids])
+        with torch.inference_mode():
+            return self.model(input_ids=tensor, attention_mask=torch.ones_like(tensor)).logits[0].float().numpy()
+
 
 def pytorch(job: dict) -> Transformers:
     import torch
@@ -123,13 +140,15 @@ def optimum(job: dict) -> Transformers:
 class LlamaCpp:
     concurrent = False
 
-    def __init__(self, job: dict) -> None:
+    def __init__(self, job: dict, logits_all: bool = False) -> None:
+        """`logits_all`: keep every position's logits (for perplexity; a context of 262k floats per
+        position), not only the last one's."""
         from llama_cpp import Llama
 
         context = max(len(ids) for ids in job["prompt_ids"].values()) + job["new_tokens"]
         self.llama = Llama(
             model_path=job["gguf"], n_ctx=context, n_threads=job["threads"], n_threads_batch=job["threads"],
-            verbose=False,
+            logits_all=logits_all, verbose=False,
         )  # fmt: skip
         self.eos = set(job["eos_token_ids"])
 
@@ -147,6 +166,18 @@ class LlamaCpp:
         return Generation(tokens, times[-1], len(prompt_ids), times)
 
     stream = generate
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        self.llama.reset()
+        self.llama.eval(ids)
+        return self.llama.scores[: len(ids)]
+
+    def tokenized_otherwise(self, job: dict) -> list[str]:
+        """The prompts that llama.cpp's own tokenizer (the GGUF's vocabulary) splits into other ids
+        than the bench's tokenizer.json did: every engine is fed the bench's ids regardless."""
+        texts = {**job["prompts"], **{f"stream {i}": text for i, text in enumerate(job["streams"])}}
+        ids = {**job["prompt_ids"], **{f"stream {i}": found for i, found in enumerate(job["stream_ids"])}}
+        return [name for name, text in texts.items() if self.llama.tokenize(text.encode()) != ids[name]]
 
 
 class Onnxserve:
@@ -188,6 +219,9 @@ def onnxserve(job: dict) -> Iterator[Onnxserve]:
         yield Onnxserve(client)
 
 
+OPENERS: dict[str, Callable[[dict], Engine]] = {"pytorch": pytorch, "optimum": optimum, "llama.cpp": LlamaCpp}
+
+
 @contextmanager
 def opened(job: dict) -> Iterator[Engine]:
     engine = job["engine"]
@@ -195,7 +229,7 @@ def opened(job: dict) -> Iterator[Engine]:
         with onnxserve(job) as served:
             yield served
         return
-    yield {"pytorch": pytorch, "optimum": optimum, "llama.cpp": LlamaCpp}[engine](job)
+    yield OPENERS[engine](job)
 
 
 def _timed(call: Callable[[], Generation]) -> tuple[Generation, float]:
@@ -257,6 +291,35 @@ def peak_rss_bytes(engine: str) -> int:
     return resource.getrusage(who).ru_maxrss * 1024
 
 
+def served_perplexity(job: dict, ids: list[int]) -> float:
+    """The load-time probe's perplexity (step_perplexity) on the graph of the variant served."""
+    from onnxserve.server.models.loading import choose_variant
+    from onnxserve.server.quality.runs import step_perplexity
+    from onnxserve.server.runtime.sessions import Session, SessionSettings
+
+    from onnxserve.repository import read_manifest
+
+    directory = Path(job["version_dir"])
+    variant = choose_variant(read_manifest(directory), job["precision"], "cpu")
+    [graph] = [directory / file.path for file in variant.files if file.role == "model"]
+    return step_perplexity(Session(graph, SessionSettings(intra_op_threads=job["threads"])), ids, job["pad_token_id"])
+
+
+def scored(job: dict) -> dict:
+    """The engine's perplexity on the PERPLEXITY_PROMPT's ids, the engine opened anew to keep every
+    position's logits; for llama.cpp, also the prompts its own tokenizer splits otherwise."""
+    ids = job["prompt_ids"][PERPLEXITY_PROMPT]
+    if job["engine"].startswith("onnxserve-"):
+        return {"perplexity": served_perplexity(job, ids)}
+    from onnxserve.server.quality.runs import perplexity
+
+    model = LlamaCpp(job, logits_all=True) if job["engine"] == "llama.cpp" else OPENERS[job["engine"]](job)
+    found = {"perplexity": perplexity(model.logits(ids), ids)}
+    if isinstance(model, LlamaCpp):
+        found["tokenized_otherwise"] = model.tokenized_otherwise(job)
+    return found
+
+
 def run(job: dict) -> dict:
     prompts, ids = job["prompts"], job["prompt_ids"]
     with opened(job) as engine:
@@ -270,7 +333,8 @@ def run(job: dict) -> dict:
             for level in levels
             for _ in range(job["stream_repeats"])
         ]
-    return {"single": single, "streams": streams, "peak_rss_bytes": peak_rss_bytes(job["engine"])}
+    peak_rss = peak_rss_bytes(job["engine"])  # before scoring, whose logits of every position take more
+    return {"single": single, "streams": streams, "peak_rss_bytes": peak_rss, **scored(job)}
 
 
 def main() -> None:

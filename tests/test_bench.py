@@ -1,5 +1,6 @@
-"""`make bench`'s bookkeeping (the measurements themselves are too slow for tests): precisions the
-export left out are skipped with the reason, and the report is written even when a run fails."""
+"""`make bench`'s and `make bench-generate`'s bookkeeping (the measurements themselves are too slow
+for tests): precisions the export left out are skipped with the reason, the report is written even
+when a run fails, and the generation bench's perplexity figures (checked on a tiny decoder)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import pytest
 
 import bench.__main__ as throughput
+from bench import generation, generation_engines
 from bench.minilm import Model
 from onnxserve.repository import version_dirs
 
@@ -77,3 +79,52 @@ def throughput_measurement(engine: str, workload: str, concurrency: int, rate: f
         engine=engine, precision="fp32", task="encode", workload=workload, concurrency=concurrency,
         requests=100, seconds=1.0, throughput=rate, p50_ms=p50, p99_ms=2 * p50, mean_batch=1.0,
     )  # fmt: skip
+
+
+def test_the_served_graph_scores_the_text_as_pytorch_does(export):
+    """The bench's perplexity of onnxserve (step_perplexity on the served variant's graph, a token
+    at a time) against PyTorch's (one forward pass) on the same ids, tiny Gemma 3 in fp32."""
+    exported = export("gemma3-causal-lm")
+    version_dir = max(version_dirs(exported.model_dir).items())[1]
+    ids = [2, *range(10, 40)]
+    job = {"prompt_ids": {generation_engines.PERPLEXITY_PROMPT: ids}, "threads": 1}
+    served = generation_engines.scored({
+        **job, "engine": "onnxserve-fp32", "precision": "fp32", "version_dir": str(version_dir), "pad_token_id": 0,
+    })  # fmt: skip
+    reference = generation_engines.scored({**job, "engine": "pytorch", "checkpoint": str(exported.checkpoint)})
+    assert served["perplexity"] == pytest.approx(reference["perplexity"], rel=1e-4)
+    assert reference["perplexity"] > 1
+
+
+def test_perplexity_against_the_reference_and_the_int4_aims():
+    """Figures made up: PyTorch at perplexity 16, int4 at 16.2 (+1.25%) keeping 2 of 3 prompts whole,
+    llama.cpp at 16.8 keeping 3, and splitting the short prompt otherwise by its own tokenizer."""
+    results = {
+        "pytorch": generation_figures(16.0, [[1, 2, 3]] * 3),
+        "onnxserve-int4": generation_figures(16.2, [[1, 2, 3], [1, 2, 3], [1, 2, 4]]),
+        "llama.cpp": {**generation_figures(16.8, [[1, 2, 3]] * 3), "tokenized_otherwise": ["short"]},
+    }
+    ratios = generation.derived(results)
+    assert ratios["onnxserve-int4"]["perplexity_vs_reference"] == pytest.approx(1.0125)
+    assert ratios["pytorch"]["perplexity_vs_reference"] == 1
+    found = {aim["aim"]: aim for aim in generation.aims(results, ratios)}
+    assert found["int4: perplexity within 2% of PyTorch's"]["met"]
+    assert found["int4: greedy ids equal PyTorch's on as many prompts as llama.cpp's"] == {
+        "aim": "int4: greedy ids equal PyTorch's on as many prompts as llama.cpp's", "engine": "onnxserve-int4",
+        "value": 2, "met": False,
+    }  # fmt: skip
+    assert generation.prompt_mismatches(results, {"short": [1, 2], "long": [1, 2, 3]}) == [
+        "llama.cpp: its own tokenizer splits the short prompt otherwise (it was fed the bench's ids)"
+    ]
+    assert generation._perplexity("onnxserve-int4", results["onnxserve-int4"], 1.0125) == "16.200 (+1.25%)"
+
+
+def generation_figures(perplexity: float, outputs: list[list[int]]) -> dict:
+    """One engine's figures: the short and long prompts' outputs are the first two, the streams all."""
+    single = {
+        name: {"prompt_tokens": tokens, "prefill_ms": 10.0, "decode_tokens_per_s": 20.0, "token_ids": ids}
+        for name, tokens, ids in (("short", 2, outputs[0]), ("long", 3, outputs[1]))
+    }
+    streams = [{"concurrency": 1, "calls": 1, "tokens_per_s": 20.0, "time_to_first_token_p50_ms": 50.0,
+                "token_ids": outputs[2:]}]  # fmt: skip
+    return {"single": single, "streams": streams, "peak_rss_bytes": 1 << 29, "perplexity": perplexity}
