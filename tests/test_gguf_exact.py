@@ -20,6 +20,8 @@ from onnxserve.export.exporter import export_model
 from onnxserve.export.generative_gate import BOUNDS, Bounds, GenerativeGate
 from onnxserve.export.gguf_weights import import_gguf_weights
 from onnxserve.export.weight_only import RECIPES
+from onnxserve.server.quality.gates import GGUF_BOUNDS
+from onnxserve.server.quality.probes import PROBES_FILE, read_probes
 
 from onnxserve.repository import read_manifest
 from onnxserve.v1 import common_pb2
@@ -221,3 +223,17 @@ def test_a_quantized_llama_gguf_exports_its_own_blocks(checkpoint, tmp_path):
     change = figures.perplexity / figures.reference_perplexity - 1
     print(f"\nexact int4 from the GGUF: perplexity {figures.perplexity:.4f} vs {figures.reference_perplexity:.4f}")
     assert abs(change) < 0.005, change
+
+
+def test_a_gguf_export_is_gated_by_the_exact_imports_bounds(checkpoint, tmp_path):
+    """With the default gate, a GGUF's weight-only variants are held to GGUF_BOUNDS (and so are
+    they at load: the probes carry them); a tiny random model misses them, so `force` writes it.
+    Its F32 tensors (all but two kinds here) get the int4 recipe, the embedding and head included."""
+    gguf_file = tmp_path / "tiny-llama.Q8_0.gguf"
+    _write_llama_gguf(checkpoint("llama-causal-lm"), gguf_file, {"attn_q": T.Q8_0, "ffn_up": T.Q8_0})
+    version = export_model(
+        str(gguf_file), tmp_path / "repository", precisions=("fp32", "int4"), force=True, show_progress=False
+    )
+    assert read_probes(version / PROBES_FILE).bounds == GGUF_BOUNDS
+    (int4,) = [v for v in read_manifest(version).variants if v.precision == common_pb2.PRECISION_INT4]
+    assert "4 Q8_0 as 8-bit" in int4.recipe and "the rest requantized: 12 by weight-only int4" in int4.recipe
