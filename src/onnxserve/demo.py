@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -80,9 +81,12 @@ def whisper_source(repository: Path) -> str:
 
 
 def synthesize(text: str) -> bytes:
-    """A WAV of `text` spoken by espeak-ng (the system package)."""
-    result = subprocess.run(["espeak-ng", "--stdout", text], capture_output=True, check=True)
-    return result.stdout
+    """A WAV of `text` spoken by espeak-ng (the system package). Written to a file: on --stdout it
+    cannot seek back, and its header declares a placeholder length instead of the data's."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "speech.wav"
+        subprocess.run(["espeak-ng", "-w", str(path), text], capture_output=True, check=True)
+        return path.read_bytes()
 
 
 def ensure_exported(repository: Path, name: str, source: Callable[[Path], str]) -> None:

