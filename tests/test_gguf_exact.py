@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxserve.export.exporter import export_model
-from onnxserve.export.generative_gate import BOUNDS, Bounds, GenerativeGate
+from onnxserve.export.generative_gate import BOUNDS, PROMPTS, Bounds, GenerativeGate
 from onnxserve.export.gguf_weights import import_gguf_weights
 from onnxserve.export.weight_only import RECIPES
 from onnxserve.server.quality.gates import GGUF_BOUNDS
@@ -25,6 +25,7 @@ from onnxserve.server.quality.probes import PROBES_FILE, read_probes
 
 from onnxserve.repository import read_manifest
 from onnxserve.v1 import common_pb2
+from tests.conftest import Exported
 from tests.test_export import _write_llama_gguf
 
 gguf = pytest.importorskip("gguf")
@@ -197,7 +198,7 @@ def test_onnx_runtime_multiplies_with_those_weights(imported):
         np.testing.assert_allclose(outputs[graph_name.removesuffix(".weight")][0], weight.T, rtol=0, atol=1e-6 * scale)
 
 
-def test_a_quantized_llama_gguf_exports_its_own_blocks(checkpoint, tmp_path):
+def test_a_quantized_llama_gguf_exports_its_own_blocks(checkpoint, tmp_path, start_server):
     """A tiny Llama's GGUF with block types mixed as llama.cpp mixes them (its q and k rows
     permuted, as llama.cpp's converter writes them): the int4 variant takes every tensor from the
     file's blocks, and being the reference's weights it keeps PyTorch's perplexity but for
@@ -223,6 +224,12 @@ def test_a_quantized_llama_gguf_exports_its_own_blocks(checkpoint, tmp_path):
     change = figures.perplexity / figures.reference_perplexity - 1
     print(f"\nexact int4 from the GGUF: perplexity {figures.perplexity:.4f} vs {figures.reference_perplexity:.4f}")
     assert abs(change) < 0.005, change
+    # Served, each prompt decodes the same alone as in a batch (the remainders' block sums too).
+    exported = Exported("tiny", gguf_file, version.parent)
+    with start_server({"tiny": exported}, precision="int4", intra_op_threads=1).client() as client:
+        alone = [client.generate(model="tiny", prompts=[p], max_new_tokens=16)[0].token_ids for p in PROMPTS]
+        batched = client.generate(model="tiny", prompts=list(PROMPTS), max_new_tokens=16)
+    assert [result.token_ids for result in batched] == alone
 
 
 def test_a_gguf_export_is_gated_by_the_exact_imports_bounds(checkpoint, tmp_path):
