@@ -7,17 +7,22 @@ along the hidden axis (onnxruntime's quantizer quantizes a Gather to 4 bits only
 variant keeps its embedding fp32). Decoding one token reads every weight once, so its speed
 follows the bytes of the weights.
 
-The recipes (blocks of 32, asymmetric, accuracy_level 4; a 4-bit embedding at int4 only) were
-chosen by measurement on Gemma 3 270M: speed, greedy agreement, perplexity and size per recipe,
-and batch invariance, are in docs/int8.md.
+At int4 the MatMuls most sensitive to rounding keep 8 bits, as llama.cpp's Q4_K_M mix gives them
+6: the head, and attention v and MLP down in the first and last eighth of the layers and every
+third layer between (its `use_more_bits`).
+
+The recipes (blocks of 32, asymmetric, accuracy_level 4; a 4-bit embedding at int4 only; the 8-bit
+MatMuls of int4) were chosen by measurement on Gemma 3 270M: speed, greedy agreement, perplexity
+and size per recipe, and batch invariance, are in docs/int8.md.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,13 +40,18 @@ class WeightOnlyRecipe:
     symmetric: bool
     accuracy_level: int  # MatMulNBits' compute type: 4 quantizes activations to int8 per block
     quantize_embedding: bool  # the embedding Gather as GatherBlockQuantized (4 bits only)
+    sensitive_bits: int | None = None  # the sensitive MatMuls' bits (`sensitive_matmuls`); None: `bits`
 
-    def describe(self, matmuls: int, gathers: int) -> str:
+    def describe(self, matmuls: int, gathers: int, sensitive: int = 0) -> str:
         symmetry = "symmetric" if self.symmetric else "asymmetric"
         text = (
             f"weight-only int{self.bits}: {matmuls} MatMuls as MatMulNBits, blocks of {self.block_size}, "
             f"{symmetry}, accuracy_level {self.accuracy_level}"
         )
+        if sensitive:
+            text += (
+                f"; {sensitive} of them at {self.sensitive_bits} bits (the head; attention v, MLP down in some layers)"
+            )
         if self.quantize_embedding:
             text += f"; {gathers} embedding Gather as GatherBlockQuantized"
         return text
@@ -49,15 +59,38 @@ class WeightOnlyRecipe:
 
 RECIPES = {
     "int8": WeightOnlyRecipe(bits=8, block_size=32, symmetric=False, accuracy_level=4, quantize_embedding=False),
-    "int4": WeightOnlyRecipe(bits=4, block_size=32, symmetric=False, accuracy_level=4, quantize_embedding=True),
+    "int4": WeightOnlyRecipe(
+        bits=4, block_size=32, symmetric=False, accuracy_level=4, quantize_embedding=True, sensitive_bits=8
+    ),
 }
+# The fused decoder graph's names of the MatMuls that `sensitive_matmuls` picks (optimum's layouts
+# name theirs otherwise, and keep `bits` throughout).
+HEAD = "lm_head"
+LAYER_MATMUL = re.compile(r"layers\.(\d+)\.(attn\.v_proj|mlp\.down_proj)/MatMul")
 
 
 def quantize_weight_only(source: Path, target: Path, recipe: WeightOnlyRecipe) -> str:
     """Writes the weight-only quantized copy of `source` to `target`; returns the recipe in words."""
-    model = quantize_model(onnx.load(str(source)), recipe)
+    model = onnx.load(str(source))
+    sensitive = sensitive_matmuls(model) if recipe.sensitive_bits else []
+    model = quantize_model(model, recipe, exclude=sensitive)
+    if sensitive:  # the MatMuls left
+        model = quantize_model(model, replace(recipe, bits=recipe.sensitive_bits, quantize_embedding=False))
     save_model(model, target)
-    return recipe.describe(_count(model, "MatMulNBits"), _count(model, "GatherBlockQuantized"))
+    return recipe.describe(_count(model, "MatMulNBits"), _count(model, "GatherBlockQuantized"), len(sensitive))
+
+
+def sensitive_matmuls(model: onnx.ModelProto) -> list[str]:
+    """The MatMuls that llama.cpp's Q4_K_M keeps at more bits: the head, and attention v and MLP
+    down in the layers of `use_more_bits` (the first and last eighth, and every third between)."""
+    names = [node.name for node in model.graph.node if node.op_type == "MatMul"]
+    in_layers = {name: int(match.group(1)) for name in names if (match := LAYER_MATMUL.fullmatch(name))}
+    count = max(in_layers.values(), default=-1) + 1
+    return [name for name in names if name == HEAD or (name in in_layers and _more_bits(in_layers[name], count))]
+
+
+def _more_bits(layer: int, layers: int) -> bool:
+    return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
 
 
 def quantize_model(model: onnx.ModelProto, recipe: WeightOnlyRecipe, exclude: Sequence[str] = ()) -> onnx.ModelProto:
