@@ -31,7 +31,7 @@ import onnx
 from onnx import helper, numpy_helper
 from onnxserve.export.errors import ExportError
 from onnxserve.export.optimize import save_model
-from onnxserve.export.weight_only import WeightOnlyRecipe, quantize_model
+from onnxserve.export.weight_only import WeightOnlyRecipe, quantize_mixed
 
 _MS_DOMAIN = "com.microsoft"
 _ACCURACY_LEVEL = 4  # as the weight-only recipes: activations in int8 per block inside the kernel
@@ -389,5 +389,7 @@ def _quantize_rest(model: onnx.ModelProto, recipe: WeightOnlyRecipe, remainder_n
     ]  # fmt: skip
     if not rest:
         return None
-    model.CopyFrom(quantize_model(model, recipe, exclude=remainder_nodes))
-    return f"{len(rest)} by weight-only int{recipe.bits}, blocks of {recipe.block_size}"
+    quantized, sensitive = quantize_mixed(model, recipe, exclude=remainder_nodes)
+    model.CopyFrom(quantized)
+    text = f"{len(rest)} by weight-only int{recipe.bits}, blocks of {recipe.block_size}"
+    return text + (f" ({sensitive} of them at {recipe.sensitive_bits} bits)" if sensitive else "")

@@ -71,13 +71,22 @@ LAYER_MATMUL = re.compile(r"layers\.(\d+)\.(attn\.v_proj|mlp\.down_proj)/MatMul"
 
 def quantize_weight_only(source: Path, target: Path, recipe: WeightOnlyRecipe) -> str:
     """Writes the weight-only quantized copy of `source` to `target`; returns the recipe in words."""
-    model = onnx.load(str(source))
-    sensitive = sensitive_matmuls(model) if recipe.sensitive_bits else []
-    model = quantize_model(model, recipe, exclude=sensitive)
-    if sensitive:  # the MatMuls left
-        model = quantize_model(model, replace(recipe, bits=recipe.sensitive_bits, quantize_embedding=False))
+    model, sensitive = quantize_mixed(onnx.load(str(source)), recipe)
     save_model(model, target)
-    return recipe.describe(_count(model, "MatMulNBits"), _count(model, "GatherBlockQuantized"), len(sensitive))
+    return recipe.describe(_count(model, "MatMulNBits"), _count(model, "GatherBlockQuantized"), sensitive)
+
+
+def quantize_mixed(
+    model: onnx.ModelProto, recipe: WeightOnlyRecipe, exclude: Sequence[str] = ()
+) -> tuple[onnx.ModelProto, int]:
+    """`model` quantized by `recipe`, its sensitive MatMuls at the recipe's sensitive bits, but the
+    nodes named in `exclude`; and how many MatMuls were sensitive."""
+    sensitive = sensitive_matmuls(model) if recipe.sensitive_bits else []
+    model = quantize_model(model, recipe, exclude=[*exclude, *sensitive])
+    if sensitive:  # the MatMuls left
+        more_bits = replace(recipe, bits=recipe.sensitive_bits, quantize_embedding=False)
+        model = quantize_model(model, more_bits, exclude=exclude)
+    return model, len(sensitive)
 
 
 def sensitive_matmuls(model: onnx.ModelProto) -> list[str]:
