@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from onnxserve.server.tasks.generation import logits
 from onnxserve.server.tasks.generation.cache import new_cache
 from onnxserve.server.tasks.generation.causal import Timed
 from onnxserve.server.tasks.generation.decoding import decode as decode_steps
-from onnxserve.server.tasks.generation.drivers import Generation, SoloGeneration, run, stream
+from onnxserve.server.tasks.generation.drivers import Generation, SoloGeneration, run
 from onnxserve.server.tasks.generation.preparation import RequestSetup
 from onnxserve.server.tasks.generation.seq2seq import Seq2SeqModel
 from onnxserve.server.tasks.registration import SEQ2SEQ_GRAPHS, ExportSpec, KServeAudio, TaskRegistration
@@ -513,11 +514,14 @@ class SpeechRecognitionPipeline(Pipeline[Any]):
             self.executors.generation, self.start, hidden, options, timings
         )
         sent = 0
-        async for _ in stream_steps(generation, self.executors.generation):
-            final = self._final_segments(generation, windows, languages, options.timestamps)
-            for segment in final[sent:]:
-                yield inference_pb2.TranscribeStreamResponse(chunk=segment.message()), False
-            sent = max(sent, len(final))
+        # Every step, not only those that print text: a later window's segments become final while
+        # the first window's text has ended. Closing the steps (a cancelled call) frees the cache.
+        async with aclosing(generation.steps(self.executors.generation, streaming=True)) as steps:
+            async for _ in steps:
+                final = self._final_segments(generation, windows, languages, options.timestamps)
+                for segment in final[sent:]:
+                    yield inference_pb2.TranscribeStreamResponse(chunk=segment.message()), False
+                sent = max(sent, len(final))
         tokens = [self._generated(output.tokens) for output in generation.outputs]
         timings.tokens = sum(len(ids) for ids in tokens)
         result, segments = self.transcription(windows, tokens, languages, options.timestamps)
@@ -539,13 +543,6 @@ class SpeechRecognitionPipeline(Pipeline[Any]):
         tokens = [self._generated(output.tokens) for output in outputs[:count]]
         _, segments = self.transcription(windows[:count], tokens, languages[:count], timestamps)
         return segments if generation.done else segments[:-1]
-
-
-async def stream_steps(generation: Generation, executor: Any) -> AsyncIterator[None]:
-    """The generation's steps, closed when the caller stops (a cancelled call frees the cache)."""
-    async for message in stream(generation, executor):
-        del message
-        yield
 
 
 REGISTRATION = TaskRegistration(
