@@ -53,7 +53,8 @@ class FusedGraph:
         self.cache_device = cache_device or ("cuda" if session.provider == CUDA else None)
         self.device_id = session.device_id
         self.pads_solo_runs = False  # the probe runs its rows as they come
-        self.pads_solo_runs = solo_runs_differ(self)
+        # The probe is of ONNX Runtime's CPU kernels (MLAS); a device cache runs CUDA's.
+        self.pads_solo_runs = self.cache_device is None and solo_runs_differ(self)
 
 
 def solo_runs_differ(graph: FusedGraph) -> bool:
