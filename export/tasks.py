@@ -71,6 +71,9 @@ _HEADS = (
 )
 # Image-text models whose checkpoints serve zero-shot image classification.
 _ZERO_SHOT_MODEL_TYPES = ("clip", "siglip")
+# CLIP is exported as its two towers by default: one version then answers Encode, EncodeImage and
+# zero-shot ClassifyImage, and a label's text is embedded once rather than once per image.
+_TWO_TOWER_MODEL_TYPES = ("clip",)
 # The model types whose graphs a task's post-processing is built for, where optimum exports others
 # for the same task: DETR-style detection heads (softmax with "no object"; RT-DETR and D-FINE score
 # with sigmoids), and segmentation heads with per-class logits or DETR's panoptic head (MaskFormer's
@@ -97,6 +100,8 @@ def detect_task(checkpoint: Path, config: PretrainedConfig) -> str:
     (they have modules.json) are feature extraction whatever their architecture says."""
     if (checkpoint / "modules.json").is_file():
         return "feature-extraction"
+    if config.model_type in _TWO_TOWER_MODEL_TYPES:
+        return "image-feature-extraction"
     if config.model_type in _ZERO_SHOT_MODEL_TYPES:
         return "zero-shot-image-classification"
     if config.model_type == "vision-encoder-decoder":  # its architecture is VisionEncoderDecoderModel

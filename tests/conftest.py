@@ -78,13 +78,15 @@ def export(tmp_path_factory: pytest.TempPathFactory, checkpoint: Callable[[str],
     repository = tmp_path_factory.mktemp("export-cache")
     done: dict[tuple, Exported] = {}
 
-    def run(kind: str, precisions: Sequence[str] = ("fp32", "int8"), source: Path | None = None) -> Exported:
+    def run(
+        kind: str, precisions: Sequence[str] = ("fp32", "int8"), source: Path | None = None, task: str | None = None
+    ) -> Exported:
         key = (kind, tuple(precisions))
         if key not in done:
             source = source or checkpoint(kind)
             name = f"{kind}-{'-'.join(precisions)}"
             version_dir = export_model(
-                str(source), repository, name=name, precisions=precisions, show_progress=False
+                str(source), repository, name=name, task=task, precisions=precisions, show_progress=False
             )
             done[key] = Exported(name, source, version_dir.parent)
         return done[key]

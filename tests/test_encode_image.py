@@ -77,10 +77,9 @@ def exported(tmp_path_factory) -> dict[str, Exported]:
     repository = tmp_path_factory.mktemp("encode-image-repository")
     builders = {VIT: build_vit, DINOV2: build_dinov2, CLIP: build_clip}
     sources = {kind: builders[kind](tmp_path_factory.mktemp(kind)) for kind in KINDS}
-    tasks = {CLIP: "image-feature-extraction"}  # ViTModel and Dinov2Model are detected; CLIP defaults to zero-shot
     done = {}
-    for kind, source in sources.items():
-        options = {"name": kind, "task": tasks.get(kind), "precisions": ["fp32"], "show_progress": False}
+    for kind, source in sources.items():  # each task detected: CLIP's default export is its two towers
+        options = {"name": kind, "precisions": ["fp32"], "show_progress": False}
         version = export_model(source, repository, **options)
         done[kind] = Exported(kind, source, version.parent)
     return done

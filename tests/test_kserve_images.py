@@ -29,7 +29,13 @@ def server(tmp_path_factory, export, start_server):
         ENCODER: test_encode_image.build_vit(tmp_path_factory.mktemp(ENCODER)),
         RECONSTRUCTOR: test_reconstruct_image.build(tmp_path_factory.mktemp(RECONSTRUCTOR)),
     }
-    exported = {name: export(name, precisions=("fp32",), source=source) for name, source in sources.items()}
+    # CLIP as one zero-shot graph, whose KServe image input runs ClassifyImage (its default export,
+    # the two towers, maps the image input to EncodeImage: tests/test_encode_image.py).
+    tasks = {ZERO_SHOT: "zero-shot-image-classification"}
+    exported = {
+        name: export(name, precisions=("fp32",), source=source, task=tasks.get(name))
+        for name, source in sources.items()
+    }
     return start_server(exported, precision="fp32", intra_op_threads=1)
 
 
