@@ -31,7 +31,10 @@ from onnxserve.repository import version_dirs
 MODEL = "all-MiniLM-L6-v2"
 GENERATOR = "gemma-3-270m"
 SPEECH = "whisper-base"
-SPOKEN = "The birch canoe slid on the smooth planks. Glue the sheet to the dark blue background."
+SPOKEN = (
+    "The quick brown fox jumps over the lazy dog. It was a bright cold day in April, and the clocks were "
+    "striking thirteen."
+)
 PROMPTS = ["The capital of France is", "def fibonacci(n):"]
 SENTENCES = [
     "A man is eating food.",
