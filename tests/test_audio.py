@@ -268,9 +268,11 @@ def test_bad_inputs_are_refused_naming_the_problem(case: str) -> None:
     assert expected in str(refused.value)
 
 
-def test_a_streamed_wav_with_an_unknown_length_is_read() -> None:
-    """Streaming writers (ffmpeg to a pipe) leave the data size at 0xFFFFFFFF: not truncation."""
+@pytest.mark.parametrize("placeholder", [0xFFFFFFFF, 0x7FFFF000])
+def test_a_streamed_wav_with_an_unknown_length_is_read(placeholder: int) -> None:
+    """Streaming writers leave the data size at a placeholder (ffmpeg to a pipe 0xFFFFFFFF,
+    espeak-ng and sox --stdout 0x7FFFF000): not truncation."""
     data = bytearray(encoded(speech_like(0.5), RATE, "WAV", "PCM_16"))
     position = data.index(b"data") + 4
-    data[position : position + 4] = (0xFFFFFFFF).to_bytes(4, "little")
+    data[position : position + 4] = placeholder.to_bytes(4, "little")
     assert len(audio.decode(file_audio(bytes(data)), 0, RATE, MAX_SECONDS)) == RATE // 2

@@ -44,8 +44,9 @@ MAX_SAMPLE_RATE = 384_000
 DEFAULT_MAX_SECONDS = 600.0
 #: libsndfile's log line for a WAV data chunk shorter than its header declares.
 _SHORT_DATA = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
-#: Sizes that streaming writers put in a WAV header whose length they did not know yet.
-_UNKNOWN_SIZES = frozenset({0, 0xFFFFFFFF})
+#: Sizes that streaming writers put in a WAV header whose length they did not know yet: ffmpeg's
+#: to a pipe, and espeak-ng's and sox's --stdout (0x7FFFF000).
+_UNKNOWN_SIZES = frozenset({0, 0x7FFFF000, 0xFFFFFFFF})
 #: Added to the variance before its square root, as Wav2Vec2FeatureExtractor does.
 _NORMALIZE_EPSILON = 1e-7
 #: Kaldi's fbank: pre-emphasis, and the floor under the mel energies (float32's epsilon).
