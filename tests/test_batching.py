@@ -17,6 +17,7 @@ from onnxserve.server.config.settings import ModelSettings
 from onnxserve.server.errors import DeadlineExceeded, ResourceExhausted
 from onnxserve.server.runtime.batching import BatchRunner, batchmate_drift, plan_runs
 from onnxserve.server.runtime.stats import Timings
+from onnxserve.server.tasks.images import PixelValues
 from tokenizers import Encoding, Tokenizer, models, pre_tokenizers
 
 from tests.checkpoints import CORPUS
@@ -373,3 +374,12 @@ def test_generation_busy_on_every_thread_does_not_stall_encoders(exported, expor
         finally:
             release.set()
         assert all(call.result().results for call in calls)
+
+
+def test_the_token_budget_bounds_a_runs_pixels() -> None:
+    """An image counts its 16 x 16 pixel patches: 224 x 224 is 196, so 32 of them fit one run of the
+    default budget, while DETR-sized images (800 x 1066, 3331 each) run four at a time."""
+    small, large = PixelValues(np.zeros((3, 224, 224), np.float32)), PixelValues(np.zeros((3, 800, 1066), np.float32))
+    assert (len(small), len(large)) == (196, 3331)
+    assert [len(run) for run in plan_runs([len(small)] * 40, 32, 16384)] == [32, 8]
+    assert [len(run) for run in plan_runs([len(large)] * 5, 32, 16384)] == [4, 1]

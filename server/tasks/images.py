@@ -144,18 +144,29 @@ def image_processor(resources: ModelResources) -> ImageProcessor:
     return ImageProcessor(resources.manifest.image_processing)
 
 
+#: Pixels that count as one token of the batcher's budget (max_batch_tokens): a 16 x 16 patch, as
+#: ViT's, so that the budget bounds a run's pixels as it bounds a text run's tokens.
+PIXELS_PER_TOKEN = 16 * 16
+
+
+def budget_tokens(values: np.ndarray) -> int:
+    """What one image's pixel_values [channels, height, width] count in the batcher's budget."""
+    height, width = values.shape[-2:]
+    return max(1, height * width // PIXELS_PER_TOKEN)
+
+
 @dataclass(frozen=True)
 class PixelValues:
     """One preprocessed image as the batcher carries it, with its decoded size (width, height), which
-    detection and segmentation map their answers back to. It counts as one row: nothing is padded
-    (images of one size run together, see ImagePipeline.forward), and a run is bounded by
-    max_batch_size alone."""
+    detection and segmentation map their answers back to. Its length is its pixels in the budget's
+    tokens, so that max_batch_tokens bounds a run's pixels (a DETR run of 800 x 1066 images holds
+    four); nothing is padded: images of one size run together (ImagePipeline.forward)."""
 
     values: np.ndarray
     size: tuple[int, int] = (0, 0)
 
     def __len__(self) -> int:
-        return 1
+        return budget_tokens(self.values)
 
 
 def probe_images() -> list[Image.Image]:

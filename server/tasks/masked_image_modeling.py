@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from onnxserve.server.errors import InvalidArgument
 from onnxserve.server.tasks.base import ModelResources, Prepared, RowOutputs, require_batch
-from onnxserve.server.tasks.images import ImagePipeline, PixelValues, decode
+from onnxserve.server.tasks.images import ImagePipeline, PixelValues, budget_tokens, decode
 from onnxserve.server.tasks.registration import SINGLE_GRAPH, ExportSpec, HandBuilt, KServeImage, TaskRegistration
 from PIL import Image
 
@@ -36,7 +36,7 @@ class MaskedPixels:
     mask: np.ndarray
 
     def __len__(self) -> int:
-        return 1
+        return budget_tokens(self.values)
 
 
 class MaskedImageModelingPipeline(ImagePipeline[inference_pb2.ReconstructImageRequest]):
