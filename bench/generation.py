@@ -15,7 +15,9 @@ Per engine, on a short prompt and one of --long-tokens tokens: prefill (the engi
 one-token call), time to first token (that call's wall time at the caller), decode tokens/s (in a
 streamed --new-tokens call, the tokens after the first over the time from the first to the last; the
 onnxserve figures include gRPC), greedy agreement (the common prefix of the generated ids with
-PyTorch's), and peak RSS (the server's, for onnxserve). Medians of --repeats after a warm-up.
+PyTorch's), peak RSS (the server's, for onnxserve), and the perplexity of the long prompt's ids,
+the same for every engine, against PyTorch's (how each engine scores them: bench/generation_engines.py).
+Medians of --repeats after a warm-up.
 Then eight prompts at each --concurrency (calls in flight; onnxserve over GenerateStream, the others
 one after the other): total tokens/s, and whether each output equals its one-at-a-time output.
 
