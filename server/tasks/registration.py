@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from google.protobuf.descriptor import Descriptor
 
 from onnxserve.enums import short_name
 from onnxserve.v1 import common_pb2, inference_pb2
@@ -114,22 +116,32 @@ class KServeText:
 
 
 @dataclass(frozen=True)
-class KServeImage:
-    """What a KServe v2 ModelInfer with a BYTES input named `image` runs: the typed `rpc`, each
-    element of `image` (an encoded file) filling one entry of the request's repeated Image field
-    `field`."""
+class KServeFiles:
+    """What a KServe v2 ModelInfer with a BYTES input named `input` runs: the typed `rpc`, each
+    element of the input (an encoded file) filling one entry of the request's repeated `message`
+    field `field`."""
 
+    input: ClassVar[str]
+    message: ClassVar[Descriptor]
     rpc: str
+    field: str
+
+
+@dataclass(frozen=True)
+class KServeImage(KServeFiles):
+    """The `image` input: encoded image files into a repeated Image field."""
+
+    input: ClassVar[str] = "image"
+    message: ClassVar[Descriptor] = inference_pb2.Image.DESCRIPTOR
     field: str = "images"
 
 
 @dataclass(frozen=True)
-class KServeAudio:
-    """What a KServe v2 ModelInfer with a BYTES input named `audio` runs: the typed `rpc`, each
-    element of `audio` (an encoded file) filling one entry of the request's repeated Audio field
-    `field`."""
+class KServeAudio(KServeFiles):
+    """The `audio` input: encoded audio files into a repeated Audio field."""
 
-    rpc: str
+    input: ClassVar[str] = "audio"
+    message: ClassVar[Descriptor] = inference_pb2.Audio.DESCRIPTOR
     field: str = "audios"
 
 
@@ -159,15 +171,13 @@ class TaskRegistration:
         unknown = sorted(self.rpcs - set(INFERENCE.methods_by_name))
         if unknown:
             raise ValueError(f"task {self.name}: {unknown} are not RPCs of {INFERENCE.full_name}")
-        text, image = self.kserve_text, self.kserve_image
+        text = self.kserve_text
         if text is not None:
             self._check_mapping("text", text.rpc, text.field, lambda f: f.type == f.TYPE_STRING, "string")
-        if image is not None:
-            is_image = lambda f: f.message_type is inference_pb2.Image.DESCRIPTOR  # noqa: E731
-            self._check_mapping("image", image.rpc, image.field, is_image, "Image")
-        if self.kserve_audio is not None:
-            is_audio = lambda f: f.message_type is inference_pb2.Audio.DESCRIPTOR  # noqa: E731
-            self._check_mapping("audio", self.kserve_audio.rpc, self.kserve_audio.field, is_audio, "Audio")
+        for files in (self.kserve_image, self.kserve_audio):
+            if files is not None:
+                fits = lambda f, files=files: f.message_type is files.message  # noqa: E731
+                self._check_mapping(files.input, files.rpc, files.field, fits, files.message.name)
 
     def _check_mapping(self, kind: str, rpc: str, name: str, fits: Callable[[Any], bool], wanted: str) -> None:
         if rpc not in self.rpcs:

@@ -33,7 +33,7 @@ from onnxserve.server.errors import InvalidArgument, Unimplemented
 from onnxserve.server.models.loaded import LoadedModel
 from onnxserve.server.models.registry import ModelRegistry
 from onnxserve.server.runtime.sessions import Session
-from onnxserve.server.tasks.registration import KServeAudio, KServeImage, KServeText, registration_for, task_name
+from onnxserve.server.tasks.registration import KServeFiles, KServeText, registration_for, task_name
 
 import onnxserve
 from onnxserve.kserve_v2 import grpc_predict_v2_pb2 as v2
@@ -116,7 +116,7 @@ def _texts(arrays: dict[str, np.ndarray], name: str) -> list[str]:
         raise InvalidArgument(f"input {name!r} holds bytes that are not UTF-8: {error}") from error
 
 
-def pipeline_mapping(model: LoadedModel, main_input: str) -> KServeText | KServeImage | KServeAudio:
+def pipeline_mapping(model: LoadedModel, main_input: str) -> KServeText | KServeFiles:
     """The typed RPC a text (or image, or audio) request runs on this model, and the field `text`
     (or `image`, or `audio`) fills: its task's registration's."""
     registration = registration_for(model.task)

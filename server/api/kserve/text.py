@@ -22,16 +22,14 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from onnxserve.server.errors import InvalidArgument
-from onnxserve.server.tasks.registration import INFERENCE, KServeAudio, KServeImage, KServeText
+from onnxserve.server.tasks.registration import INFERENCE, KServeAudio, KServeFiles, KServeImage, KServeText
 
 from onnxserve.enums import short_name, short_names
 from onnxserve.kserve_v2 import grpc_predict_v2_pb2 as v2
 
 TEXT_INPUT = "text"
-IMAGE_INPUT = "image"
-AUDIO_INPUT = "audio"
-#: The BYTES inputs of encoded files, by the mapping that takes them.
-FILE_INPUTS = {KServeImage: IMAGE_INPUT, KServeAudio: AUDIO_INPUT}
+IMAGE_INPUT = KServeImage.input
+AUDIO_INPUT = KServeAudio.input
 #: The sub-message that holds an RPC's options when it has one (Generate's GenerationParameters).
 OPTIONS_FIELD = "parameters"
 
@@ -51,7 +49,7 @@ _BOOL = FieldDescriptor.TYPE_BOOL
 
 
 def build_request(
-    mapping: KServeText | KServeImage | KServeAudio,
+    mapping: KServeText | KServeFiles,
     model: str,
     texts: dict[str, list[str]],
     parameters: Any,
@@ -61,7 +59,7 @@ def build_request(
     `audio` input's encoded files (image and audio mappings) and the request's parameters; its
     type is the RPC's input in the contract."""
     rpc, main_field = mapping.rpc, mapping.field
-    main_input = FILE_INPUTS.get(type(mapping), TEXT_INPUT)
+    main_input = mapping.input if isinstance(mapping, KServeFiles) else TEXT_INPUT
     request = message_factory.GetMessageClass(INFERENCE.methods_by_name[rpc].input_type)(model=model)
     fields = request.DESCRIPTOR.fields_by_name
     options = getattr(request, OPTIONS_FIELD) if OPTIONS_FIELD in fields else request
