@@ -72,23 +72,17 @@ def _activation(config: PretrainedConfig) -> str:
     return getattr(config, "hidden_activation", None) or config.hidden_act
 
 
-def _array(tensor: torch.Tensor) -> np.ndarray:
+def float_array(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().to(torch.float32).numpy()
 
 
-class _DecoderGraph:
-    """Accumulates the nodes and initializers of one model's graph."""
+class GraphWriter:
+    """Accumulates the nodes and initializers of one graph written node by node (this module's and
+    whisper_graph's)."""
 
-    def __init__(self, model: PreTrainedModel, max_length: int) -> None:
-        self.model = model
-        self.config = model.config
-        self.max_length = max_length
-        self.norm_offset = _NORM_WEIGHT_OFFSET[self.config.model_type]
+    def __init__(self) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
-        self.rotary_caches: dict[int, tuple[str, str]] = {}  # id(rotary module) -> cos, sin names
-
-    # Primitives
 
     def weight(self, name: str, array: np.ndarray) -> str:
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
@@ -110,17 +104,47 @@ class _DecoderGraph:
         """Adds a single-output node and returns its output's name."""
         return self.node(op, inputs, name, [output] if output else 1, **attributes)[0]
 
-    # Blocks
-
     def linear(self, module: torch.nn.Linear, x: str, name: str) -> str:
         """x @ W.T (+ b), with W stored transposed as MatMul's [in, out] weight."""
-        y = self.op("MatMul", [x, self.weight(f"{name}.weight", _array(module.weight).T)], f"{name}/MatMul")
+        y = self.op("MatMul", [x, self.weight(f"{name}.weight", float_array(module.weight).T)], f"{name}/MatMul")
         if module.bias is None:
             return y
-        return self.op("Add", [y, self.weight(f"{name}.bias", _array(module.bias))], f"{name}/Add")
+        return self.op("Add", [y, self.weight(f"{name}.bias", float_array(module.bias))], f"{name}/Add")
+
+    def last_tokens(self, hidden: str) -> str:
+        """Each row's hidden state at index min(seqlens_k, sequence - 1): its last real token."""
+        sequence = self.op("Shape", ["input_ids"], "last/Shape", start=1, end=2)
+        last_column = self.op("Sub", [sequence, self.constant("one", [1])], "last/LastColumn")
+        seqlens = self.op("Cast", ["seqlens_k"], "last/Cast", to=TensorProto.INT64)
+        index = self.op("Min", [seqlens, last_column], "last/Index")
+        index = self.op("Unsqueeze", [index, self.constant("last.axis", [-1])], "last/Indices")
+        rows = self.op("GatherND", [hidden, index], "last/GatherND", batch_dims=1)
+        return self.op("Unsqueeze", [rows, self.constant("token.axis", [1])], "last/Unsqueeze")
+
+    def finish(
+        self, name: str, inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto]
+    ) -> onnx.ModelProto:
+        """The graph so far as a model of opset 21 with the contrib operators."""
+        graph = helper.make_graph(self.nodes, name, inputs, outputs, self.initializers)
+        opsets = [helper.make_opsetid("", _OPSET), helper.make_opsetid(_MS_DOMAIN, 1)]
+        return helper.make_model(graph, opset_imports=opsets, ir_version=_IR_VERSION, producer_name="onnxserve")
+
+
+class _DecoderGraph(GraphWriter):
+    """The fused graph of one causal LM."""
+
+    def __init__(self, model: PreTrainedModel, max_length: int) -> None:
+        super().__init__()
+        self.model = model
+        self.config = model.config
+        self.max_length = max_length
+        self.norm_offset = _NORM_WEIGHT_OFFSET[self.config.model_type]
+        self.rotary_caches: dict[int, tuple[str, str]] = {}  # id(rotary module) -> cos, sin names
+
+    # Blocks
 
     def norm_weight(self, norm: torch.nn.Module, name: str) -> str:
-        return self.weight(f"{name}.weight", _array(norm.weight) + self.norm_offset)
+        return self.weight(f"{name}.weight", float_array(norm.weight) + self.norm_offset)
 
     def norm(self, norm: torch.nn.Module, x: str, name: str) -> str:
         return self.op(
@@ -158,8 +182,8 @@ class _DecoderGraph:
             half = cos.shape[-1] // 2
             index = len(self.rotary_caches)
             self.rotary_caches[id(module)] = (
-                self.weight(f"rotary.{index}.cos", _array(cos[0, :, :half])),
-                self.weight(f"rotary.{index}.sin", _array(sin[0, :, :half])),
+                self.weight(f"rotary.{index}.cos", float_array(cos[0, :, :half])),
+                self.weight(f"rotary.{index}.sin", float_array(sin[0, :, :half])),
             )
         return self.rotary_caches[id(module)]
 
@@ -213,28 +237,18 @@ class _DecoderGraph:
 
     def embedding(self) -> str:
         embed = self.model.get_input_embeddings()
-        table = self.weight("embed_tokens.weight", _array(embed.weight))
+        table = self.weight("embed_tokens.weight", float_array(embed.weight))
         rows = self.op("Gather", [table, "input_ids"], "embed_tokens")
         if not hasattr(embed, "embed_scale"):
             return rows
         # Gemma scales the looked-up rows. The table keeps the checkpoint's values, so that a
         # GGUF's quantized embedding can replace it exactly (export/gguf_weights.py).
-        scale = self.weight("embed_scale", _array(embed.embed_scale.to(embed.weight.dtype)))
+        scale = self.weight("embed_scale", float_array(embed.embed_scale.to(embed.weight.dtype)))
         return self.op("Mul", [rows, scale], "embed_tokens/Scale")
-
-    def last_tokens(self, hidden: str) -> str:
-        """Each row's hidden state at index min(seqlens_k, sequence - 1): its last real token."""
-        sequence = self.op("Shape", ["input_ids"], "last/Shape", start=1, end=2)
-        last_column = self.op("Sub", [sequence, self.constant("one", [1])], "last/LastColumn")
-        seqlens = self.op("Cast", ["seqlens_k"], "last/Cast", to=TensorProto.INT64)
-        index = self.op("Min", [seqlens, last_column], "last/Index")
-        index = self.op("Unsqueeze", [index, self.constant("last.axis", [-1])], "last/Indices")
-        rows = self.op("GatherND", [hidden, index], "last/GatherND", batch_dims=1)
-        return self.op("Unsqueeze", [rows, self.constant("token.axis", [1])], "last/Unsqueeze")
 
     def logits(self, hidden: str) -> str:
         head = self.model.get_output_embeddings()
-        weight = self.weight("lm_head.weight", _array(head.weight).T)
+        weight = self.weight("lm_head.weight", float_array(head.weight).T)
         cap = getattr(self.config, "final_logit_softcapping", None)
         if not cap:
             return self.op("MatMul", [hidden, weight], "lm_head", output="logits")
@@ -284,9 +298,7 @@ class _DecoderGraph:
                 past, present = f"past_key_values.{index}.{kind}", f"present.{index}.{kind}"
                 inputs.append(helper.make_tensor_value_info(past, TensorProto.FLOAT, cache_dims))
                 outputs.append(helper.make_tensor_value_info(present, TensorProto.FLOAT, present_dims))
-        graph = helper.make_graph(self.nodes, "fused_decoder", inputs, outputs, self.initializers)
-        opsets = [helper.make_opsetid("", _OPSET), helper.make_opsetid(_MS_DOMAIN, 1)]
-        return helper.make_model(graph, opset_imports=opsets, ir_version=_IR_VERSION, producer_name="onnxserve")
+        return self.finish("fused_decoder", inputs, outputs)
 
 
 def _epsilon(norm: torch.nn.Module) -> float:
