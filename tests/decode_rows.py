@@ -1,8 +1,8 @@
 """A stream decoded alone and beside batchmates that join and leave, on the fused decoder's shared
 buffers the way the scheduler runs them: rows in use contiguous from 0, a newcomer prefilled alone
-into the next free row, a leaving row's place taken by the last row. Imported by the tests, and run
-as a script on an emulated CPU (tests/test_decode_invariance.py), so it needs only numpy and the
-server's modules."""
+into the next free row, a leaving row's place taken by the last row, the freed row's memory
+released. Imported by the tests, and run as a script on an emulated CPU
+(tests/test_decode_invariance.py), so it needs only numpy and the server's modules."""
 
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ def stream_logits(graph: FusedGraph, beside: bool) -> np.ndarray:
             if row < len(latest):  # the last row moves into the hole, cache and all
                 batch.copy_rows(np.array([len(latest)]), np.array([row]))
                 latest[row] = moved
+            batch.release(len(latest))  # the freed row's memory goes back
         latest = list(batch.decode(np.array([int(logits.argmax()) for logits in latest])))
         stream.append(latest[0])
     return np.stack(stream)

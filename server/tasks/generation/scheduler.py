@@ -167,13 +167,15 @@ class Scheduler:
         return True
 
     def _drop_ended(self) -> None:
-        """Frees the rows of finished sequences and of requests whose caller left."""
+        """Frees the rows of finished sequences and of requests whose caller left, and their memory."""
         ended = [request for request in self._running if request.cancelled or not request.live()]
         holders = self._rows.holders()
         for row in reversed(range(len(holders))):
             request, index = holders[row]
             if request in ended or request.outputs[index].finished:
                 self._free(row)
+        if self._rows.used < len(holders):
+            self._batch.release(self._rows.used)
         for request in ended:
             self._running.remove(request)
             self._leave(request, None)
@@ -238,6 +240,7 @@ class Scheduler:
         except Exception as error:  # a failing request leaves; the others go on
             for source, target in self._rows.free_owner(request):
                 self._batch.copy_rows(np.array([source]), np.array([target]))
+            self._batch.release(self._rows.used)
             self._running.remove(request)
             self._leave(request, error)
             return
