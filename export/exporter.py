@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from onnxserve.export.alignment import add_alignment_graph
 from onnxserve.export.audio import SpeechFiles, read_speech
 from onnxserve.export.checkpoint import Checkpoint, load_config, load_tokenizer, open_source
 from onnxserve.export.decoder_graph import build_decoder_graph, supports_fused_decoder
@@ -137,6 +138,10 @@ def export_model(
         with steps.step("computing the PyTorch reference"), quiet():
             validator = _validator(model, generative_gate)
         variants = _validate(validator, variants, steps, force)
+        # Whisper's alignment heads (word timestamps): one fp32 graph, listed in every variant.
+        alignment = add_alignment_graph(model.checkpoint.path, model.config, model.generation, stage, steps)
+        for variant in variants:
+            variant.graphs.update(alignment)
         with steps.step("writing the version"):
             return _write(model, stage, variants, validator.probes())
 

@@ -333,7 +333,6 @@ def test_a_cancelled_stream_stops(stub):
         ({"language": "klingon"}, "unknown language 'klingon'"),
         ({"task": "summarize"}, "unknown task 'summarize'"),
         ({"return_timestamps": inference_pb2.TIMESTAMPS_CHAR}, "character timestamps are for CTC models"),
-        ({"return_timestamps": inference_pb2.TIMESTAMPS_WORD}, "word timestamps are not served"),
         ({"chunk_length_s": 45}, "Whisper's window is 30 s"),
         ({"chunk_length_s": 10, "stride_length_s": 6}, "longer than twice stride_length_s"),
         ({"parameters": {"max_new_tokens": 446}}, "max_new_tokens is 446"),

@@ -11,7 +11,9 @@ for; an empty language is detected as `generate()` does it, by the likeliest lan
 cache, one step per yield so a cancelled call stops within a step), with Whisper's logits
 processors added: begin-suppressed tokens and the timestamp rules (generation/logits.py).
 The windows' tokens are merged into the text and timestamped segments as the pipeline's
-`_decode_asr` does (`merge_windows`). Word timestamps (alignment heads) are not served yet.
+`_decode_asr` does (`merge_windows`). Word timestamps (TIMESTAMPS_WORD, the pipeline's
+return_timestamps="word") decode as segment timestamps do, then time each token from the alignment
+heads' cross-attention (word_timestamps.py) and group the tokens of each segment into words.
 
 Whisper's prompt tokens come from the version's generation_config.json (lang_to_id,
 task_to_id, no_timestamps_token_id, begin_suppress_tokens, max_initial_timestamp_index), which
@@ -21,9 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +45,7 @@ from onnxserve.server.tasks.generation.drivers import Generation, SoloGeneration
 from onnxserve.server.tasks.generation.preparation import RequestSetup
 from onnxserve.server.tasks.generation.seq2seq import Seq2SeqModel
 from onnxserve.server.tasks.registration import SEQ2SEQ_GRAPHS, ExportSpec, KServeAudio, TaskRegistration
+from onnxserve.server.tasks.word_timestamps import ALIGNMENT_ROLE, Alignment, Span, Word, token_span, words
 
 from onnxserve.v1 import common_pb2, inference_pb2
 
@@ -81,6 +85,7 @@ class WhisperPrompts:
     tasks: dict[str, int]  # "transcribe" / "translate" -> its token
     begin_suppress: tuple[int, ...]
     max_initial_timestamp_index: int | None
+    has_alignment_heads: bool = False  # generation_config.json names alignment_heads (word timestamps)
 
     @property
     def timestamp_begin(self) -> int:
@@ -100,6 +105,7 @@ class WhisperPrompts:
                 tasks=dict(config.get("task_to_id", {})),
                 begin_suppress=tuple(config.get("begin_suppress_tokens") or ()),
                 max_initial_timestamp_index=config.get("max_initial_timestamp_index"),
+                has_alignment_heads=bool(config.get("alignment_heads")),
             )
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise ModelLoadError(f"cannot read Whisper's tokens from {path}: {error}") from error
@@ -151,10 +157,12 @@ class WhisperPrompts:
 
 @dataclass(frozen=True)
 class Window:
-    """One window of an audio: its log-mel features, and (for chunked audio) the pipeline's
-    stride in seconds: the window's length, and the overlap on its left and right."""
+    """One window of an audio: its log-mel features, the number of their frames that hold audio
+    (the rest pads it to 30 s; word timestamps look at those only), and (for chunked audio) the
+    pipeline's stride in seconds: the window's length, and the overlap on its left and right."""
 
     features: np.ndarray
+    frames: int
     stride: tuple[float, float, float] | None = None
 
     def __len__(self) -> int:  # one row of the encoder's batch
@@ -167,7 +175,8 @@ class Options:
 
     language: str | None
     task: str
-    timestamps: bool
+    timestamps: bool  # timestamp tokens are decoded (segment and word timestamps)
+    words: bool  # the chunks are words
     chunk_length_s: float
     stride_length_s: float
     parameters: inference_pb2.GenerationParameters
@@ -180,6 +189,7 @@ class Segment:
     text: str = ""
     start: float | None = None
     end: float | None = None
+    words: list[Word] = field(default_factory=list)  # with word timestamps
 
     def message(self) -> inference_pb2.TranscriptionChunk:
         chunk = inference_pb2.TranscriptionChunk(text=self.text, start=self.start)
@@ -206,38 +216,55 @@ class _Merge:
     segments: list[Segment] = field(default_factory=list)
     segment: Segment = field(default_factory=Segment)
     pending: list[list[int]] = field(default_factory=list)  # text token runs not yet resolved
+    pending_spans: list[list[Span]] = field(default_factory=list)  # their tokens' spans (word timestamps)
     time_offset: float = 0.0
     skip: bool = False
 
 
+@dataclass(frozen=True)
+class MergeWindow:
+    """One window's part in `merge_windows`: its generated tokens, its stride (chunked audio), and
+    with word timestamps each token's time in seconds within the window."""
+
+    tokens: list[int]
+    stride: tuple[float, float, float] | None = None
+    times: np.ndarray | None = None
+
+
 def merge_windows(
-    windows: Sequence[tuple[list[int], tuple[float, float, float] | None]],
+    windows: Sequence[MergeWindow],
     prompts: WhisperPrompts,
-    decode_text: Any,
+    decode_text: Callable[[list[int]], str],
     time_precision: float,
-    timestamps: bool,
+    language: str = "",
 ) -> list[Segment]:
-    """The pipeline's `_decode_asr` without word timestamps: each window's generated tokens (and
-    stride) in order, to segments. Timestamp pairs close segments (times offset by where the
-    window starts); the text of overlapping windows is joined at their longest common token run;
-    special tokens are dropped. Without timestamps the whole text is one segment."""
+    """The pipeline's `_decode_asr`: each window's generated tokens (and stride) in order, to
+    segments. Timestamp pairs close segments (times offset by where the window starts); the text
+    of overlapping windows is joined at their longest common token run (with word timestamps, of
+    tokens whose spans are in order too); special tokens are dropped. Without timestamps the whole
+    text is one segment. With token times, each segment's words (in `language`'s writing)."""
     state = _Merge()
-    for tokens, stride in windows:
-        _merge_window(state, tokens, stride, prompts, decode_text, time_precision)
+    resolve = partial(_resolve, state, decode_text, language)
+    for window in windows:
+        _merge_window(state, window, prompts, time_precision, resolve)
     if state.pending:
-        state.segment.text = decode_text(longest_common_sequence(state.pending))
-        state.segments.append(state.segment)
+        resolve()
     return _with_starts(state.segments)
 
 
+def _resolve(state: _Merge, decode_text: Callable[[list[int]], str], language: str) -> None:
+    """Closes the current segment: the pending runs joined into its text (and words)."""
+    tokens, spans = longest_common_sequence(state.pending, state.pending_spans)
+    state.segment.text = decode_text(tokens)
+    if state.pending_spans:
+        state.segment.words = words(tokens, spans, decode_text, language)
+    state.segments.append(state.segment)
+
+
 def _merge_window(
-    state: _Merge,
-    tokens: list[int],
-    stride: tuple[float, float, float] | None,
-    prompts: WhisperPrompts,
-    decode_text: Any,
-    time_precision: float,
+    state: _Merge, window: MergeWindow, prompts: WhisperPrompts, time_precision: float, resolve: Callable[[], None]
 ) -> None:
+    tokens, stride = window.tokens, window.stride
     timestamp_begin = prompts.timestamp_begin
     first_timestamp, last_timestamp = timestamp_begin, None
     current_max, earlier_segments, penultimate = 0.0, 0.0, 0.0
@@ -254,10 +281,13 @@ def _merge_window(
                         break
                     last_timestamp = token
     current: list[int] = []
+    current_spans: list[Span] = []
     for index, token in enumerate(tokens):
         if token < timestamp_begin:
             if token < prompts.end:  # text; special tokens (language, task, end) carry no text
                 current.append(token)
+                if window.times is not None:
+                    current_spans.append(token_span(window.times, index, state.time_offset))
             continue
         timestamp = (token - timestamp_begin) * time_precision
         if timestamp < current_max:  # the model's timestamps restarted: a 30 s segment passed
@@ -279,36 +309,56 @@ def _merge_window(
             state.segment.start = time
         elif time != state.segment.start:
             state.segment.end = time
-            state.pending.append(current)
-            state.segment.text = decode_text(longest_common_sequence(state.pending))
-            state.segments.append(state.segment)
-            state.pending, current, state.segment = [], [], Segment()
+            _hold(state, current, current_spans, window.times is not None)
+            resolve()
+            state.pending, state.pending_spans, state.segment = [], [], Segment()
+            current, current_spans = [], []
     if stride is not None:
         state.time_offset += stride[0] - stride[2]
     if current:
-        state.pending.append(current)
+        _hold(state, current, current_spans, window.times is not None)
     elif not any(state.pending):
-        state.segment, state.pending = Segment(), []
+        state.segment, state.pending, state.pending_spans = Segment(), [], []
 
 
-def longest_common_sequence(runs: Sequence[list[int]]) -> list[int]:
+def _hold(state: _Merge, run: list[int], spans: list[Span], timed: bool) -> None:
+    """A run of text tokens (and their spans) left to resolve with the next window's overlap."""
+    state.pending.append(run)
+    if timed:
+        state.pending_spans.append(spans)
+
+
+def longest_common_sequence(
+    runs: Sequence[list[int]], spans: Sequence[list[Span]] = ()
+) -> tuple[list[int], list[Span]]:
     """The pipeline's `_find_longest_common_sequence` (whisper's): consecutive token runs joined
-    where they overlap best, each side keeping its half of the overlap."""
-    left = runs[0]
+    where they overlap best, each side keeping its half of the overlap. With the runs' token
+    spans (word timestamps), a token matches only where its span in the left run is not after
+    its span in the right one, and the spans are joined as the tokens are."""
+    left, left_spans = runs[0], list(spans[0]) if spans else []
     total: list[int] = []
-    for right in runs[1:]:
+    total_spans: list[Span] = []
+    for index, right in enumerate(runs[1:], start=1):
         best, best_span = 0.0, (len(left), len(left), 0, 0)
         for shift in range(1, len(left) + len(right)):
             left_start, left_stop = max(0, len(left) - shift), min(len(left), len(left) + len(right) - shift)
             right_start, right_stop = max(0, shift - len(left)), min(len(right), shift)
-            matches = int(np.sum(np.array(left[left_start:left_stop]) == np.array(right[right_start:right_stop])))
+            same = np.array(left[left_start:left_stop]) == np.array(right[right_start:right_stop])
+            if spans:
+                pairs = zip(left_spans[left_start:left_stop], spans[index][right_start:right_stop], strict=True)
+                same &= np.array([a <= b for a, b in pairs], dtype=bool)
+            matches = int(np.sum(same))
             score = matches / shift + shift / 10000.0
             if matches > 1 and score > best:
                 best, best_span = score, (left_start, left_stop, right_start, right_stop)
         left_start, left_stop, right_start, right_stop = best_span
-        total.extend(left[: (left_start + left_stop) // 2])
-        left = right[(right_start + right_stop) // 2 :]
-    return total + left
+        left_middle, right_middle = (left_start + left_stop) // 2, (right_start + right_stop) // 2
+        total.extend(left[:left_middle])
+        left = right[right_middle:]
+        if spans:
+            total_spans.extend(left_spans[:left_middle])
+            left_spans = list(spans[index][right_middle:])
+    return total + left, total_spans + left_spans
 
 
 class EncodedSpeech(Seq2SeqModel):
@@ -342,6 +392,8 @@ class SpeechRecognitionPipeline(Pipeline[Any]):
         # the encoder halves the spectrogram's frames.
         frames = self.features.n_samples // self.features.hop_length
         self.time_precision = self.features.chunk_length / (frames // 2)
+        aligning = self.sessions.get(ALIGNMENT_ROLE)
+        self.alignment = None if aligning is None else Alignment(aligning, self.time_precision)
 
     def open(self) -> None:
         # Every window is 30 s of features, nothing is padded: batchmates cannot change a window's states.
@@ -357,7 +409,7 @@ class SpeechRecognitionPipeline(Pipeline[Any]):
 
     async def warm_up(self) -> None:
         silence = np.zeros(self.features.sampling_rate, dtype=np.float32)
-        await self._encoder().infer([Window(whisper_log_mel(silence, self.features))], Timings())
+        await self._encoder().infer([self._window(silence)], Timings())
 
     def _encoder(self) -> BatchRunner:
         if self.runner is None:
@@ -369,8 +421,9 @@ class SpeechRecognitionPipeline(Pipeline[Any]):
     def options(self, request: Request) -> Options:
         if request.return_timestamps == inference_pb2.TIMESTAMPS_CHAR:
             raise InvalidArgument("character timestamps are for CTC models; Whisper gives TIMESTAMPS_SEGMENT")
-        if request.return_timestamps == inference_pb2.TIMESTAMPS_WORD:
-            raise InvalidArgument("word timestamps are not served for Whisper yet: ask for TIMESTAMPS_SEGMENT")
+        words = request.return_timestamps == inference_pb2.TIMESTAMPS_WORD
+        if words:
+            self._aligner()
         for name in ("chunk_length_s", "stride_length_s"):
             value = getattr(request, name)
             if not np.isfinite(value) or value < 0:
@@ -384,7 +437,8 @@ class SpeechRecognitionPipeline(Pipeline[Any]):
         return Options(
             language=self.prompts.language_code(request.language),
             task=self.prompts.task(request.task),
-            timestamps=request.return_timestamps == inference_pb2.TIMESTAMPS_SEGMENT,
+            timestamps=words or request.return_timestamps == inference_pb2.TIMESTAMPS_SEGMENT,
+            words=words,
             chunk_length_s=chunk,
             stride_length_s=stride,
             parameters=request.parameters,
@@ -396,7 +450,7 @@ class SpeechRecognitionPipeline(Pipeline[Any]):
         rate = self.features.sampling_rate
         samples = decode(audio, index, rate, self.settings.max_audio_seconds)
         if not options.chunk_length_s and len(samples) <= self.features.n_samples:
-            return [Window(whisper_log_mel(samples, self.features))]
+            return [self._window(samples)]
         length = round((options.chunk_length_s or WINDOW_SECONDS) * rate)
         stride = round(options.stride_length_s * rate)
         windows = []
@@ -406,10 +460,29 @@ class SpeechRecognitionPipeline(Pipeline[Any]):
             left, right = (0 if start == 0 else stride), (0 if last else stride)
             if len(piece) > left:
                 seconds = (len(piece) / rate, left / rate, right / rate)
-                windows.append(Window(whisper_log_mel(piece, self.features), seconds))
+                windows.append(self._window(piece, seconds))
             if last:
                 break
         return windows
+
+    def _window(self, samples: np.ndarray, stride: tuple[float, float, float] | None = None) -> Window:
+        # The frames the feature extractor's attention mask keeps: ceil(samples / hop), 30 s at most.
+        hop, most = self.features.hop_length, self.features.n_samples // self.features.hop_length
+        return Window(whisper_log_mel(samples, self.features), min(-(-len(samples) // hop), most), stride)
+
+    def _aligner(self) -> Alignment:
+        """The alignment graph, or INVALID_ARGUMENT saying why word timestamps cannot be served."""
+        if self.alignment is not None:
+            return self.alignment
+        if self.prompts.has_alignment_heads:
+            raise InvalidArgument(
+                "word timestamps need the alignment heads' graph, which this version lacks (it was exported "
+                "before onnxserve wrote one): re-export the model, or ask for TIMESTAMPS_SEGMENT"
+            )
+        raise InvalidArgument(
+            "word timestamps need Whisper's alignment heads, and this model's generation_config.json names "
+            "none (alignment_heads): ask for TIMESTAMPS_SEGMENT"
+        )
 
     async def _prepare(
         self, audios: Sequence[inference_pb2.Audio], options: Options, timings: Timings
@@ -454,26 +527,44 @@ class SpeechRecognitionPipeline(Pipeline[Any]):
         return [codes[i] for i in scores[:, ids].argmax(axis=-1)]
 
     def transcription(
-        self, windows: Sequence[Window], tokens: Sequence[list[int]], languages: Sequence[str], timestamps: bool
+        self,
+        windows: Sequence[Window],
+        generated: Sequence[Sequence[int]],
+        languages: Sequence[str],
+        times: Sequence[np.ndarray] | None = None,
     ) -> tuple[inference_pb2.Transcription, list[Segment]]:
-        """One audio's transcription from its windows' generated tokens."""
-        segments = merge_windows(
-            [(ids, window.stride) for ids, window in zip(tokens, windows, strict=True)],
-            self.prompts,
-            self.tokenizer.decode,
-            self.time_precision,
-            timestamps,
-        )
+        """One audio's transcription from its windows' generated tokens (with the end token they
+        stopped at) and, for word timestamps, their tokens' times."""
+        tokens = [self._generated(ids) for ids in generated]
+        merged = [
+            MergeWindow(ids, window.stride, None if times is None else times[index])
+            for index, (ids, window) in enumerate(zip(tokens, windows, strict=True))
+        ]
+        segments = merge_windows(merged, self.prompts, self.tokenizer.decode, self.time_precision, languages[0])
         result = inference_pb2.Transcription(
             text="".join(s.text for s in segments), language=languages[0], token_ids=[t for ids in tokens for t in ids]
         )
-        if timestamps:
-            result.chunks.extend(s.message() for s in segments)
         return result, segments
 
     def _generated(self, tokens: Sequence[int]) -> list[int]:
         """generate()'s ids: without the end of text it stopped at."""
         return list(tokens[:-1]) if tokens and tokens[-1] == self.prompts.end else list(tokens)
+
+    def token_times(
+        self,
+        hidden: np.ndarray,
+        windows: Sequence[Window],
+        generated: Sequence[Sequence[int]],
+        languages: Sequence[str],
+        options: Options,
+    ) -> list[np.ndarray]:
+        """Each window's token times (word timestamps): the alignment graph over its prompt and
+        generated tokens."""
+        aligner = self._aligner()
+        return [
+            aligner.token_times(states, self.prompts.prompt(language or None, options.task, True), ids, window.frames)
+            for states, window, ids, language in zip(hidden, windows, generated, languages, strict=True)
+        ]
 
     # --- the RPCs -----------------------------------------------------------------------------
 
@@ -488,23 +579,31 @@ class SpeechRecognitionPipeline(Pipeline[Any]):
             self.executors.generation, self.start, hidden, options, timings
         )
         decoded = await run(generation, self.executors.generation)
-        tokens = [self._generated(result.token_ids) for result in decoded.results]
-        timings.tokens = sum(len(ids) for ids in tokens)
+        generated = [list(result.token_ids) for result in decoded.results]
+        timings.tokens = sum(len(self._generated(ids)) for ids in generated)
+        times = None
+        if options.words:
+            flat = [window for windows in per_audio for window in windows]
+            align = partial(self.token_times, hidden, flat, generated, languages, options)
+            times = await loop.run_in_executor(self.executors.generation, timings.timed, "inference", align)
         response, first = inference_pb2.TranscribeResponse(), 0
         for windows in per_audio:
-            window_tokens = tokens[first : first + len(windows)]
-            result, _ = self.transcription(
-                windows, window_tokens, languages[first : first + len(windows)], options.timestamps
+            last = first + len(windows)
+            result, segments = self.transcription(
+                windows, generated[first:last], languages[first:last], None if times is None else times[first:last]
             )
+            if options.timestamps:
+                result.chunks.extend(_chunks(segments, options.words))
             response.results.append(result)
-            first += len(windows)
+            first = last
         return response
 
     async def stream(
         self, rpc: str, request: inference_pb2.TranscribeStreamRequest, timings: Timings, time_left: float | None
     ) -> AsyncIterator[tuple[Any, bool]]:
-        """One message per segment once no later token can change it, then the transcription.
-        A cancelled call closes the decoding within a step, as GenerateStream."""
+        """One message per segment (per word with word timestamps) once no later token can change
+        it, then the transcription. A cancelled call closes the decoding within a step, as
+        GenerateStream."""
         if not request.HasField("audio"):
             raise InvalidArgument("the request holds no audio: set audio")
         options = self.options(request)
@@ -513,36 +612,82 @@ class SpeechRecognitionPipeline(Pipeline[Any]):
         generation, languages = await loop.run_in_executor(
             self.executors.generation, self.start, hidden, options, timings
         )
-        sent = 0
+        sent, times = 0, []  # times: word timestamps' token times of the windows finished so far
         # Every step, not only those that print text: a later window's segments become final while
         # the first window's text has ended. Closing the steps (a cancelled call) frees the cache.
         async with aclosing(generation.steps(self.executors.generation, streaming=True)) as steps:
             async for _ in steps:
-                final = self._final_segments(generation, windows, languages, options.timestamps)
-                for segment in final[sent:]:
-                    yield inference_pb2.TranscribeStreamResponse(chunk=segment.message()), False
+                if options.words and _finished(generation) > len(times):
+                    times += await self._times_of_finished(generation, hidden, windows, languages, options, times)
+                final = _chunks(
+                    self._final_segments(generation, windows, languages, times, options.words), options.words
+                )
+                for chunk in final[sent:]:
+                    yield inference_pb2.TranscribeStreamResponse(chunk=chunk), False
                 sent = max(sent, len(final))
-        tokens = [self._generated(output.tokens) for output in generation.outputs]
-        timings.tokens = sum(len(ids) for ids in tokens)
-        result, segments = self.transcription(windows, tokens, languages, options.timestamps)
-        for segment in segments[sent:]:
-            yield inference_pb2.TranscribeStreamResponse(chunk=segment.message()), False
+        generated = [list(output.tokens) for output in generation.outputs]
+        timings.tokens = sum(len(self._generated(ids)) for ids in generated)
+        result, segments = self.transcription(windows, generated, languages, times if options.words else None)
+        chunks = _chunks(segments, options.words)
+        if options.timestamps:
+            result.chunks.extend(chunks)
+        for chunk in chunks[sent:]:
+            yield inference_pb2.TranscribeStreamResponse(chunk=chunk), False
         yield inference_pb2.TranscribeStreamResponse(transcription=result), True
 
+    async def _times_of_finished(
+        self,
+        generation: Generation,
+        hidden: np.ndarray,
+        windows: Sequence[Window],
+        languages: Sequence[str],
+        options: Options,
+        known: Sequence[np.ndarray],
+    ) -> list[np.ndarray]:
+        """The token times of the windows finished since those `known`, in order."""
+        new = slice(len(known), _finished(generation))
+        generated = [list(output.tokens) for output in generation.outputs[new]]
+        align = partial(self.token_times, hidden[new], windows[new], generated, languages[new], options)
+        return await asyncio.get_running_loop().run_in_executor(self.executors.generation, align)
+
     def _final_segments(
-        self, generation: Generation, windows: Sequence[Window], languages: Sequence[str], timestamps: bool
+        self,
+        generation: Generation,
+        windows: Sequence[Window],
+        languages: Sequence[str],
+        times: Sequence[np.ndarray],
+        words: bool,
     ) -> list[Segment]:
         """The segments no later token can change: those closed in the windows decoded so far
         (all finished ones in order, and the last window while it decodes: no window follows it to
-        overlap), except the last, which the next window's overlap may still extend."""
+        overlap; with word timestamps, the finished windows whose tokens are timed), except the
+        last, which the next window's overlap may still extend."""
         outputs = generation.outputs
-        done = next((i for i, output in enumerate(outputs) if not output.finished), len(outputs))
-        count = min(done + 1, len(outputs)) if done == len(outputs) - 1 else done
+        done = _finished(generation)
+        decoding = min(done + 1, len(outputs)) if done == len(outputs) - 1 else done
+        count = len(times) if words else decoding
         if count == 0:
             return []
-        tokens = [self._generated(output.tokens) for output in outputs[:count]]
-        _, segments = self.transcription(windows[:count], tokens, languages[:count], timestamps)
+        generated = [list(output.tokens) for output in outputs[:count]]
+        _, segments = self.transcription(windows[:count], generated, languages[:count], times if words else None)
         return segments if generation.done else segments[:-1]
+
+
+def _finished(generation: Generation) -> int:
+    """How many of the windows, from the first, have finished decoding."""
+    outputs = generation.outputs
+    return next((i for i, output in enumerate(outputs) if not output.finished), len(outputs))
+
+
+def _chunks(segments: Sequence[Segment], words: bool) -> list[inference_pb2.TranscriptionChunk]:
+    """The contract's chunks: the segments, or with word timestamps their words."""
+    if words:
+        return [
+            inference_pb2.TranscriptionChunk(text=word.text, start=word.start, end=word.end)
+            for segment in segments
+            for word in segment.words
+        ]
+    return [segment.message() for segment in segments]
 
 
 REGISTRATION = TaskRegistration(
