@@ -43,11 +43,18 @@ from onnxserve.export.quantize import quantize_int8
 from onnxserve.export.tasks import TASKS, TaskSpec, check_exportable, detect_task, task_spec
 from onnxserve.export.validate import NotRunnable, Validator, validation_provider
 from onnxserve.export.weight_only import RECIPES, quantize_int4_weights, quantize_int8_weights
+from onnxserve.export.whisper_graph import WHISPER_GRAPHS, build_whisper_graphs, supports_whisper_decoder
 from onnxserve.export.writer import publish, sha256, staging
 from onnxserve.server.quality.probes import PROBES_FILE, Probes, write_probes
 from onnxserve.server.runtime.machine import this_machine
 from onnxserve.server.tasks.registration import HandBuilt
-from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    GenerationConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+    WhisperForConditionalGeneration,
+)
 
 from onnxserve.enums import short_names
 from onnxserve.repository import TOKENIZER_FILE, RepositoryError, validate_model_name
@@ -84,8 +91,10 @@ class _Model:
 
     @property
     def graphs(self) -> Mapping[str, tuple[str, ...]]:
-        """Each role's files as they are written before conversion: optimum's, or the hand-built ones."""
-        return self.spec.graphs if self.hand_built is None else self.hand_built.graphs
+        """Each role's files as they are written before conversion: optimum's, or the hand-built
+        ones; and Whisper's fused decoder graphs beside optimum's."""
+        graphs = self.spec.graphs if self.hand_built is None else self.hand_built.graphs
+        return {**graphs, **WHISPER_GRAPHS} if _has_whisper_decoder(self) else graphs
 
     @property
     def layout(self) -> str:
@@ -205,7 +214,7 @@ def _make_variants(model: _Model, stage: Path, wanted: list[str], steps: Steps) 
     decoder with past), which are then put together per role. fp32 is always made, as the other
     variants derive from it, or from the unfused graph before it, by the task's variant plan."""
     work = stage / "optimum"
-    names = [Path(file).stem for files in model.graphs.values() for file in files]
+    names = [Path(file).stem for role, files in model.graphs.items() if role not in WHISPER_GRAPHS for file in files]
 
     def parts(kind: str) -> dict[str, Path]:
         return {name: work / f"{name}.{kind}.onnx" for name in names}
@@ -236,6 +245,9 @@ def _make_variants(model: _Model, stage: Path, wanted: list[str], steps: Steps) 
                 files[precision] = parts(precision)
                 recipe = _convert(_converter(model, derivation.converter), files[derivation.source], files[precision])
                 recipes[precision] = f"{recipes[derivation.source]}; {recipe}"
+    if _has_whisper_decoder(model):
+        with steps.step("building Whisper's fused decoder graphs"), quiet():
+            _add_whisper_decoder(model, work, files, recipes)
     variants = [
         _Variant(precision, _assemble(model.graphs, files[precision], stage, precision), recipes[precision])
         for precision in wanted
@@ -254,6 +266,26 @@ def _converter(model: _Model, name: str) -> Callable[[Path, Path], str]:
 
 def _has_fused_decoder(model: _Model) -> bool:
     return model.spec.export.fused_decoder and supports_fused_decoder(model.config)
+
+
+def _has_whisper_decoder(model: _Model) -> bool:
+    return model.spec.export.fused_decoder and supports_whisper_decoder(model.config)
+
+
+def _add_whisper_decoder(model: _Model, work: Path, files: dict[str, dict[str, Path]], recipes: dict[str, str]) -> None:
+    """Whisper's fused decoder and cross_attention graphs (export/whisper_graph.py), which share
+    decode steps across calls, beside optimum's decoder (language detection and beam search keep
+    it): in fp32, and int8 as weight-only (dynamic int8 quantizes activations over the whole batch,
+    so a row's result would depend on its batchmates). The other variants serve without them."""
+    fp32 = {role: work / f"{role}.fp32.onnx" for role in WHISPER_GRAPHS}
+    whisper = WhisperForConditionalGeneration.from_pretrained(model.checkpoint.path, dtype=torch.float32).eval()
+    built = build_whisper_graphs(whisper, fp32["fused_decoder"], fp32["cross_attention"])
+    files["fp32"] = {**files["fp32"], **fp32}
+    recipes["fp32"] += f"; {built}"
+    if "int8" in files:
+        int8 = {role: work / f"{role}.int8.onnx" for role in WHISPER_GRAPHS}
+        files["int8"] = {**files["int8"], **int8}
+        recipes["int8"] += f"; {built}, {_convert(quantize_int8_weights, fp32, int8)}"
 
 
 def _build_fused_decoder(model: _Model, target: Path) -> str:
@@ -276,6 +308,8 @@ def _assemble(
     """Each role's final file in the staging folder: its part moved, or its two decoders merged."""
     graphs = {}
     for role, files in roles.items():
+        if role in WHISPER_GRAPHS and role not in parts:
+            continue  # a variant Whisper's fused decoder is not made in
         graphs[role] = target = stage / f"{role}.{precision}.onnx"
         sources = [parts[Path(file).stem] for file in files]
         if len(sources) == 1:

@@ -27,6 +27,8 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 _MS_DOMAIN = "com.microsoft"
 ENCODER_STATES = "encoder_hidden_states"
+#: The roles (and files) of the graphs served beside optimum's encoder and decoder.
+WHISPER_GRAPHS = {"fused_decoder": ("fused_decoder.onnx",), "cross_attention": ("cross_attention.onnx",)}
 RECIPE = (
     "fused Whisper decoder: learned positions gathered per row, GroupQueryAttention without rotary "
     "(KV buffer shared past/present), cross-attention over per-row encoder keys/values from the "
@@ -82,13 +84,15 @@ class _WhisperGraph(GraphWriter):
         return self.op("Transpose", [heads], f"{name}/Transpose", perm=perm)
 
     def cross_infos(self, index: int) -> list[onnx.ValueInfoProto]:
-        """Layer `index`'s encoder keys and values: the cross graph's outputs, the decoder's inputs."""
+        """Layer `index`'s encoder keys and values: the cross graph's outputs, the decoder's inputs.
+        Their frames are fixed (every window is 30 s), so that the serving side can size their buffers."""
+        frames = self.config.max_source_positions
         return [
             helper.make_tensor_value_info(
-                cross_key_name(index), TensorProto.FLOAT, ["batch_size", self.heads, self.head_dim, "frames"]
+                cross_key_name(index), TensorProto.FLOAT, ["batch_size", self.heads, self.head_dim, frames]
             ),
             helper.make_tensor_value_info(
-                cross_value_name(index), TensorProto.FLOAT, ["batch_size", self.heads, "frames", self.head_dim]
+                cross_value_name(index), TensorProto.FLOAT, ["batch_size", self.heads, frames, self.head_dim]
             ),
         ]
 
@@ -109,7 +113,7 @@ class _CrossAttentionGraph(_WhisperGraph):
             outputs += self.cross_infos(index)
         inputs = [
             helper.make_tensor_value_info(
-                ENCODER_STATES, TensorProto.FLOAT, ["batch_size", "frames", self.config.d_model]
+                ENCODER_STATES, TensorProto.FLOAT, ["batch_size", self.config.max_source_positions, self.config.d_model]
             )
         ]
         return self.finish("whisper_cross_attention", inputs, outputs)

@@ -33,16 +33,18 @@ from typing import Any
 import numpy as np
 from onnxserve.server.errors import InvalidArgument, ModelLoadError
 from onnxserve.server.runtime.batching import BatchRunner, RowOutputs
-from onnxserve.server.runtime.sessions import Session
+from onnxserve.server.runtime.sessions import CUDA, Session
 from onnxserve.server.runtime.stats import DecodingStats, Timings
 from onnxserve.server.tasks.audio import FeatureExtractorConfig, decode, read_feature_extractor, whisper_log_mel
 from onnxserve.server.tasks.base import ModelResources, Pipeline, require_batch
 from onnxserve.server.tasks.generation import logits
 from onnxserve.server.tasks.generation.cache import new_cache
 from onnxserve.server.tasks.generation.causal import Timed
+from onnxserve.server.tasks.generation.cross import CrossGraph
 from onnxserve.server.tasks.generation.decoding import decode as decode_steps
-from onnxserve.server.tasks.generation.drivers import Generation, SoloGeneration, run
+from onnxserve.server.tasks.generation.drivers import Generation, SharedGeneration, SoloGeneration, run
 from onnxserve.server.tasks.generation.preparation import RequestSetup
+from onnxserve.server.tasks.generation.scheduler import Scheduler
 from onnxserve.server.tasks.generation.seq2seq import Seq2SeqModel
 from onnxserve.server.tasks.registration import SEQ2SEQ_GRAPHS, ExportSpec, KServeAudio, TaskRegistration
 from onnxserve.server.tasks.word_timestamps import ALIGNMENT_ROLE, Alignment, Span, Word, token_span, words
@@ -387,6 +389,7 @@ class SpeechRecognitionPipeline(Pipeline[Any]):
         self.setup = RequestSetup(self.manifest, self.tokenizer.tokenizer, seq2seq=True)
         self.settings = resources.settings
         self.stats = DecodingStats()
+        self.scheduler = self._scheduler()
         self.runner: BatchRunner | None = None
         # Seconds per timestamp step: the window over the encoder's positions (30 s / 1500 = 0.02 s);
         # the encoder halves the spectrogram's frames.
@@ -399,7 +402,20 @@ class SpeechRecognitionPipeline(Pipeline[Any]):
         # Every window is 30 s of features, nothing is padded: batchmates cannot change a window's states.
         self.runner = BatchRunner(self.name, self._encode, self.settings)
 
+    def _scheduler(self) -> Scheduler | None:
+        """Continuous batching (calls share decode steps) on the fused decoder graphs that Whisper
+        exports carry beside optimum's decoder (docs/decoder-graph.md, "Whisper"): on the CPU, with
+        max_generation_rows > 0; else each call decodes alone on optimum's decoder."""
+        decoder, cross = self.sessions.get("fused_decoder"), self.sessions.get("cross_attention")
+        rows = self.settings.max_generation_rows
+        if decoder is None or cross is None or rows <= 0 or decoder.provider == CUDA:
+            return None
+        graph = CrossGraph(decoder, cross)
+        return Scheduler(self.name, graph, rows, self.settings.max_queue_size, self.setup.context, self.stats)
+
     async def close(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.close()
         if self.runner is not None:
             await self.runner.close()
 
@@ -509,9 +525,14 @@ class SpeechRecognitionPipeline(Pipeline[Any]):
         )
         whisper = self.prompts.processors(prompts.shape[1], options.timestamps)
         request.decoding = replace(request.decoding, processors=whisper + request.decoding.processors)
+        languages = [c or "" for c in codes]
+        # Beam search reorders its rows every step: it decodes alone, as for causal LMs.
+        if self.scheduler is not None and request.settings.num_beams == 1 and self.scheduler.fits(len(hidden)):
+            request.token_ids = prompts.tolist()  # each row's first decoder tokens
+            return SharedGeneration(request, timings, self.scheduler, prompts, encoder_states=hidden), languages
         model = EncodedSpeech(self.sessions, hidden, prompts, timed)
         steps = decode_steps(model, request.outputs, request.decoding)
-        return SoloGeneration(request, timings, steps, model.release, self.stats), [c or "" for c in codes]
+        return SoloGeneration(request, timings, steps, model.release, self.stats), languages
 
     def detect(self, hidden: np.ndarray, timed: Timed) -> list[str]:
         """Each window's language, as generate() detects it: the likeliest language token after
@@ -615,7 +636,8 @@ class SpeechRecognitionPipeline(Pipeline[Any]):
         sent, times = 0, []  # times: word timestamps' token times of the windows finished so far
         # Every step, not only those that print text: a later window's segments become final while
         # the first window's text has ended. Closing the steps (a cancelled call) frees the cache.
-        async with aclosing(generation.steps(self.executors.generation, streaming=True)) as steps:
+        # streaming=False: the segments are read from the outputs here, not from text messages.
+        async with aclosing(generation.steps(self.executors.generation, streaming=False)) as steps:
             async for _ in steps:
                 if options.words and _finished(generation) > len(times):
                     times += await self._times_of_finished(generation, hidden, windows, languages, options, times)
@@ -662,6 +684,7 @@ class SpeechRecognitionPipeline(Pipeline[Any]):
         (all finished ones in order, and the last window while it decodes: no window follows it to
         overlap; with word timestamps, the finished windows whose tokens are timed), except the
         last, which the next window's overlap may still extend."""
+        ended = generation.done  # before the tokens: a shared generation's thread may end it meanwhile
         outputs = generation.outputs
         done = _finished(generation)
         decoding = min(done + 1, len(outputs)) if done == len(outputs) - 1 else done
@@ -670,7 +693,7 @@ class SpeechRecognitionPipeline(Pipeline[Any]):
             return []
         generated = [list(output.tokens) for output in outputs[:count]]
         _, segments = self.transcription(windows[:count], generated, languages[:count], times if words else None)
-        return segments if generation.done else segments[:-1]
+        return segments if ended else segments[:-1]
 
 
 def _finished(generation: Generation) -> int:
@@ -701,6 +724,7 @@ REGISTRATION = TaskRegistration(
         "AutoModelForSpeechSeq2Seq",
         graphs=SEQ2SEQ_GRAPHS,
         generation_config=True,
+        fused_decoder=True,  # Whisper's (export/whisper_graph.py), beside optimum's decoder
     ),
     inputs="text and audio",
 )

@@ -148,12 +148,26 @@ class SharedGeneration(Generation):
     call_soon_threadsafe, so the event loop never reads outputs that the thread is changing."""
 
     def __init__(
-        self, request: GenerationRequest, timings: Timings, scheduler: Scheduler, history: np.ndarray
+        self,
+        request: GenerationRequest,
+        timings: Timings,
+        scheduler: Scheduler,
+        history: np.ndarray,
+        encoder_states: np.ndarray | None = None,
     ) -> None:
+        """`encoder_states`: an encoder-decoder's, one row per sequence (whose first decoder
+        tokens are then the request's token_ids)."""
         super().__init__(request, timings)
         self._scheduler = scheduler
         self._request = SharedRequest(
-            request.token_ids, history, request.outputs, request.decoding, timings, self._on_step, self._on_end
+            request.token_ids,
+            history,
+            request.outputs,
+            request.decoding,
+            timings,
+            self._on_step,
+            self._on_end,
+            encoder_states,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streaming = False

@@ -62,6 +62,10 @@ class FusedGraph:
         # The probe is of ONNX Runtime's CPU kernels (MLAS); a device cache runs CUDA's.
         self.pads_solo_runs = self.cache_device is None and solo_runs_differ(self)
 
+    def batch(self, rows: int, length: int) -> FusedBatch:
+        """Buffers for `rows` rows of `length` positions on this graph."""
+        return FusedBatch(self, rows, length)
+
 
 def solo_runs_differ(graph: FusedGraph) -> bool:
     """Whether a row run alone (one token: M=1 in every MatMul) gets other logits, bit for bit, than
@@ -73,7 +77,7 @@ def solo_runs_differ(graph: FusedGraph) -> bool:
     session. That two and three rows agree, which the padding relies on, is checked too."""
     if graph.session in _SOLO_RUNS_DIFFER:
         return _SOLO_RUNS_DIFFER[graph.session]
-    batch = FusedBatch(graph, rows=len(PROBE_STEP), length=len(PROBE_PROMPTS[0]) + 1)
+    batch = graph.batch(rows=len(PROBE_STEP), length=len(PROBE_PROMPTS[0]) + 1)
     batch.prefill(0, (np.array(PROBE_PROMPTS) % graph.vocab).tolist())
     prompted = batch.lengths.copy()
     first_row = []
@@ -245,13 +249,18 @@ class FusedBatch:
         binding.bind_cpu_input(SEQLENS, seqlens_k)
         binding.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
         count = len(input_ids)
-        self.buffers.bind(binding, first, count)
+        self.bind(binding, first, count)
         logits = self.logits[first : first + count]
         binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         session.session.run_with_iobinding(binding)
         # The caller's own copy (a row's logits are 1 MB for Gemma's vocabulary, a fraction of a
         # run): the buffer is written again by the next run, and callers may keep logits.
         return logits[:, 0].copy()
+
+    def bind(self, binding: ort.IOBinding, first: int, count: int) -> None:
+        """Binds what rows [first, first + count) keep between runs (an encoder-decoder's rows
+        also hold their encoder keys: cross.py)."""
+        self.buffers.bind(binding, first, count)
 
     def copy_rows(self, source: np.ndarray, target: np.ndarray) -> None:
         """Rows `target` take the cache and length of rows `source` (taken before any is written)."""
@@ -295,7 +304,7 @@ class FusedModel:
         self.prompts = prompts
         self.history = history
         self.timed = timed
-        self.batch: FusedBatch | None = FusedBatch(graph, rows, length)
+        self.batch: FusedBatch | None = graph.batch(rows, length)
 
     def start(self) -> np.ndarray:
         return self.timed(lambda: self._batch().prefill(0, self.prompts))

@@ -68,6 +68,8 @@ class SharedRequest:
     timings: Timings
     on_step: Callable[[], None]
     on_end: Callable[[BaseException | None], None]
+    # An encoder-decoder's rows (cross.py): each row's encoder states, which its decoder attends to.
+    encoder_states: np.ndarray | None = None
     cancelled: bool = False
     submitted_ns: int = field(default_factory=time.perf_counter_ns)
     model: SharedRows = field(init=False)
@@ -203,7 +205,7 @@ class Scheduler:
         self.stats.add(active=1)
         try:
             self._make_room(request.length)
-            request.model.logits = self._timed([request], lambda: self._batch.prefill(first, request.prompts))
+            request.model.logits = self._timed([request], lambda: self._prefill(first, request))
         except Exception as error:  # the request fails with it; the batch goes on
             self._leave(request, error)
             return
@@ -212,10 +214,17 @@ class Scheduler:
         self._running.append(request)
         self._advance(request)
 
+    def _prefill(self, first: int, request: SharedRequest) -> np.ndarray:
+        """The request's rows join the batch: causal rows with their prompts; encoder-decoder rows
+        also with their encoder states (the batch then is a CrossBatch)."""
+        if request.encoder_states is None:
+            return self._batch.prefill(first, request.prompts)
+        return self._batch.prefill(first, request.prompts, request.encoder_states)
+
     def _make_room(self, length: int) -> None:
         """Buffers of at least `length` positions: doubled when they grow, so growing is rare."""
         if self._batch is None:
-            self._batch = FusedBatch(self.graph, self.max_rows, length)
+            self._batch = self.graph.batch(self.max_rows, length)
         elif length > self._batch.length:
             self._batch.grow(min(max(length, 2 * self._batch.length), self.context), self._rows.used)
 
