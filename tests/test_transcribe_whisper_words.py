@@ -24,7 +24,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from onnxserve.server.tasks.word_timestamps import ALIGNMENT_ROLE
+from onnxserve.server.tasks.word_timestamps import ALIGNMENT_ROLE, dynamic_time_warping, median_filter, words
 from transformers import (
     GenerationConfig,
     GenerationMixin,
@@ -34,11 +34,13 @@ from transformers import (
     WhisperForConditionalGeneration,
     WhisperTimeStampLogitsProcessor,
 )
+from transformers.models.whisper.generation_whisper import _dynamic_time_warping, _median_filter
+from transformers.models.whisper.tokenization_whisper import _collate_word_timestamps
 
 from onnxserve.repository import read_manifest, write_manifest
 from onnxserve.v1 import inference_pb2, inference_pb2_grpc
 from tests.conftest import Exported
-from tests.test_transcribe_whisper import CLIPS, asr_pipeline, build_whisper, raw
+from tests.test_transcribe_whisper import CLIPS, asr_pipeline, build_whisper, raw, whisper_tokenizer
 
 MODEL = "whisper-words"
 NEW_TOKENS = 40
@@ -223,3 +225,32 @@ def test_word_timestamps_without_alignment_heads_are_refused(stub, model, words)
     assert words in error.value.details()
     plain = inference_pb2.TranscribeRequest(model=model, audios=[raw(CLIPS["short"])], language="en")
     assert stub.Transcribe(plain, timeout=120).results[0].token_ids  # the model still transcribes
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (3, 40), (17, 300), (40, 750)])
+def test_warping_and_median_filter_equal_transformers(shape):
+    rng = np.random.default_rng(shape[0])
+    matrix = rng.standard_normal(shape).astype(np.float32)
+    for costs in (matrix, np.round(matrix * 2) / 2):  # the second full of ties
+        expected = _dynamic_time_warping(-costs.astype(np.float64))
+        got = dynamic_time_warping(-costs.astype(np.float64))
+        assert [a.tolist() for a in got] == [a.tolist() for a in expected]
+    weights = rng.standard_normal((3, *shape)).astype(np.float32)
+    assert np.array_equal(median_filter(weights, 7), _median_filter(torch.from_numpy(weights), 7).numpy())
+
+
+@pytest.mark.parametrize(
+    ("text", "language", "transformers_language"),
+    [
+        (' "Hello," she said (quietly). Wasn\'t it - a  naïve: test? Yes!', "en", "english"),
+        (" 我们今天去公园，好吗？ 好的。", "zh", "chinese"),
+    ],
+)
+def test_words_group_as_transformers_does(text, language, transformers_language):
+    tokenizer = whisper_tokenizer()
+    tokens = tokenizer.encode(text, add_special_tokens=False)
+    spans = [(round(0.1 * i, 2), round(0.1 * i + 0.1, 2)) for i in range(len(tokens))]
+    expected = _collate_word_timestamps(tokenizer, tokens, spans, transformers_language, False)
+    got = words(tokens, spans, tokenizer.decode, language)
+    assert [(word.text, (word.start, word.end)) for word in got] == [(w["text"], w["timestamp"]) for w in expected]
+    assert len(got) > 3
