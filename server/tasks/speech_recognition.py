@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from onnxserve.server.errors import InvalidArgument, ModelLoadError
 from onnxserve.server.runtime.batching import BatchRunner, RowOutputs
-from onnxserve.server.runtime.sessions import CUDA, Session
+from onnxserve.server.runtime.sessions import CUDA
 from onnxserve.server.runtime.stats import DecodingStats, Timings
 from onnxserve.server.tasks.audio import FeatureExtractorConfig, decode, read_feature_extractor, whisper_log_mel
 from onnxserve.server.tasks.base import ModelResources, Pipeline, require_batch
@@ -45,7 +45,7 @@ from onnxserve.server.tasks.generation.decoding import decode as decode_steps
 from onnxserve.server.tasks.generation.drivers import Generation, SharedGeneration, SoloGeneration, run
 from onnxserve.server.tasks.generation.preparation import RequestSetup
 from onnxserve.server.tasks.generation.scheduler import Scheduler
-from onnxserve.server.tasks.generation.seq2seq import Seq2SeqModel
+from onnxserve.server.tasks.generation.seq2seq import EncodedSeq2SeqModel
 from onnxserve.server.tasks.registration import SEQ2SEQ_GRAPHS, ExportSpec, KServeAudio, TaskRegistration
 from onnxserve.server.tasks.word_timestamps import ALIGNMENT_ROLE, Alignment, Span, Word, token_span, words
 
@@ -363,17 +363,6 @@ def longest_common_sequence(
     return total + left, total_spans + left_spans
 
 
-class EncodedSpeech(Seq2SeqModel):
-    """The decoder over windows the encoder already ran on (in the shared encoder batch), from
-    each row's Whisper prompt."""
-
-    def __init__(self, sessions: dict[str, Session], hidden: np.ndarray, prompts: np.ndarray, timed: Timed) -> None:
-        super().__init__(sessions, {"encoder_hidden_states": hidden}, int(prompts[0, 0]), timed, decoder_prompt=prompts)
-
-    def _encode(self) -> np.ndarray:
-        return self.encoder_inputs["encoder_hidden_states"]
-
-
 class SpeechRecognitionPipeline(Pipeline[Any]):
     """Whisper: windows through the encoder's batcher, then decoding on the generation executor."""
 
@@ -530,7 +519,7 @@ class SpeechRecognitionPipeline(Pipeline[Any]):
         if self.scheduler is not None and request.settings.num_beams == 1 and self.scheduler.fits(len(hidden)):
             request.token_ids = prompts.tolist()  # each row's first decoder tokens
             return SharedGeneration(request, timings, self.scheduler, prompts, encoder_states=hidden), languages
-        model = EncodedSpeech(self.sessions, hidden, prompts, timed)
+        model = EncodedSeq2SeqModel(self.sessions, hidden, prompts, timed)
         steps = decode_steps(model, request.outputs, request.decoding)
         return SoloGeneration(request, timings, steps, model.release, self.stats), languages
 

@@ -75,3 +75,25 @@ class Seq2SeqModel:
 
     def release(self) -> None:
         self.cache.clear()
+
+
+class EncodedSeq2SeqModel(Seq2SeqModel):
+    """A Seq2SeqModel whose encoder already ran (speech: in the encoder batch that concurrent
+    requests share): its states, each row's decoder prompt, and the attention mask its decoder
+    takes, if any (Speech2Text's decoder takes the features' mask and subsamples it itself)."""
+
+    def __init__(
+        self,
+        sessions: dict[str, Session],
+        hidden: np.ndarray,
+        decoder_prompt: np.ndarray,
+        timed: Timed,
+        attention_mask: np.ndarray | None = None,
+    ) -> None:
+        inputs = {"encoder_hidden_states": hidden}
+        if attention_mask is not None:
+            inputs["attention_mask"] = attention_mask
+        super().__init__(sessions, inputs, int(decoder_prompt[0, 0]), timed, decoder_prompt=decoder_prompt)
+
+    def _encode(self) -> np.ndarray:
+        return self.encoder_inputs["encoder_hidden_states"]
