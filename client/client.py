@@ -282,9 +282,10 @@ class _Methods:
         chunk_length_s: float = 0.0, stride_length_s: float = 0.0, version: int = 0, **parameters: Any,
     ) -> Response[Transcription]:
         """Speech recognition, one Transcription per audio, as the automatic-speech-recognition
-        pipeline: `return_timestamps` True (segments), "word" or "char" (CTC models); `language`
-        and `task` ("transcribe", "translate") and generation `parameters` for Whisper; long audio
-        cut into chunks of `chunk_length_s` with `stride_length_s` on each side (0: the defaults)."""
+        pipeline: `return_timestamps` True (segments), "word" (CTC, and Whisper models with alignment
+        heads) or "char" (CTC models); `language` and `task` ("transcribe", "translate") and
+        generation `parameters` for Whisper; long audio cut into chunks of `chunk_length_s` with
+        `stride_length_s` on each side (0: the defaults)."""
         options = _transcribe_options(return_timestamps, language, task, chunk_length_s, stride_length_s, parameters)
         request = inference_pb2.TranscribeRequest(
             model=model, version=version, audios=_audios(audios, sample_rate), **options

@@ -92,7 +92,8 @@ export declare class OnnxServeClient {
   /**
    * Speech recognition, one transcription per audio (`audios[i].data`: an encoded file as a Buffer,
    * or `raw`: float32 little-endian samples with sampleRate and channels); `returnTimestamps`
-   * "TIMESTAMPS_WORD" or "TIMESTAMPS_CHAR" (CTC models), "TIMESTAMPS_SEGMENT" (Whisper) fills `chunks`.
+   * "TIMESTAMPS_SEGMENT" (Whisper), "TIMESTAMPS_WORD" (CTC, and Whisper models with alignment heads) or
+   * "TIMESTAMPS_CHAR" (CTC models) fills `chunks`.
    */
   transcribe(request: TranscribeRequest, options?: CallOptions): Promise<TranscribeResponse__Output>;
   /** Labels per audio (`audios` as for transcribe), best first, at most topK (0: 5). */

@@ -484,7 +484,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = rpc("transcribe", _transcribe, "transcribe audio files (WAV, FLAC, OGG/Vorbis, MP3): speech recognition")
     sub.add_argument("audios", nargs="+", metavar="AUDIO", help="an audio file")
     sub.add_argument("--timestamps", nargs="?", const="segment", choices=("segment", "word", "char"),
-                     help="per segment (the default; Whisper), word, or character (CTC models)")
+                     help="per segment (the default; Whisper), word (CTC; Whisper with alignment heads), "
+                     "or character (CTC models)")
     sub.add_argument("--language", help="Whisper: the spoken language (default: detected)")
     sub.add_argument("--task", choices=("transcribe", "translate"), help="Whisper: translate to English")
     sub.add_argument("--chunk-length-s", type=float, default=0.0, help="cut long audio into chunks of this length")
