@@ -82,6 +82,7 @@ _SERVED_MODEL_TYPES = {
     "zero-shot-image-classification": _ZERO_SHOT_MODEL_TYPES,
     "object-detection": ("detr", "yolos", "table-transformer"),
     "image-segmentation": ("segformer", "dpt", "mobilevit", "detr"),
+    "automatic-speech-recognition": ("whisper", "speech_to_text"),  # features and prompts of each reproduced
 }
 # Heads whose task depends on whether the model is an encoder-decoder: T5ForConditionalGeneration,
 # MarianMTModel, GPT2LMHeadModel, and old T5 configs' T5WithLMHeadModel.
@@ -135,16 +136,16 @@ def detect_task(checkpoint: Path, config: PretrainedConfig) -> str:
 
 
 def _speech_task(model_type: str, architecture: str) -> str | None:
-    """Speech seq2seq (Whisper), CTC and audio classification heads, by transformers' own Auto
-    mappings: a speech model's sequence classification head (Wav2Vec2ForSequenceClassification)
-    is audio classification."""
+    """Speech seq2seq (Whisper, Speech2Text; check_exportable refuses the others), CTC and audio
+    classification heads, by transformers' own Auto mappings: a speech model's sequence
+    classification head (Wav2Vec2ForSequenceClassification) is audio classification."""
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES,
         MODEL_FOR_CTC_MAPPING_NAMES,
         MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES,
     )
 
-    if MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES.get(model_type) == architecture == "WhisperForConditionalGeneration":
+    if MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES.get(model_type) == architecture:
         return "automatic-speech-recognition"
 
     if MODEL_FOR_CTC_MAPPING_NAMES.get(model_type) == architecture:

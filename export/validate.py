@@ -263,7 +263,9 @@ def _waveforms(inputs: _Inputs) -> list[Batch]:
 def _spoken(inputs: _Inputs) -> list[Batch]:
     """Whisper: the sample waveforms' log-mel features (transformers' extractor at the model's mel
     count; every Whisper checkpoint keeps its other settings), decoded from the prompt
-    transcription starts from."""
+    transcription starts from. Speech2Text: `_filter_banks`."""
+    if inputs.config.model_type == "speech_to_text":
+        return _filter_banks(inputs)
     from transformers import WhisperFeatureExtractor
 
     extractor = WhisperFeatureExtractor(feature_size=inputs.config.num_mel_bins)
@@ -275,6 +277,24 @@ def _spoken(inputs: _Inputs) -> list[Batch]:
     return [{
         "input_features": np.asarray(features["input_features"], dtype=np.float32),
         "decoder_input_ids": np.tile(np.array([prompt], dtype=np.int64), (rows, 1)),
+    }]  # fmt: skip
+
+
+def _filter_banks(inputs: _Inputs) -> list[Batch]:
+    """Speech2Text: the sample waveforms' Kaldi filter banks (transformers' extractor at the
+    model's bin count), padded to the longest with their attention mask, which both graphs take
+    over the feature frames (its decoder subsamples it as the encoder subsamples the frames)."""
+    from transformers import Speech2TextFeatureExtractor
+
+    bins = inputs.config.input_feat_per_channel
+    extractor = Speech2TextFeatureExtractor(feature_size=bins, num_mel_bins=bins)
+    waves, rate = sample_waveforms(extractor.sampling_rate), extractor.sampling_rate
+    features = extractor(waves, sampling_rate=rate, padding=True, return_tensors="np")
+    rows = len(features["input_features"])
+    return [{
+        "input_features": features["input_features"].astype(np.float32),
+        "attention_mask": features["attention_mask"].astype(np.int64),
+        "decoder_input_ids": np.full((rows, 1), inputs.config.decoder_start_token_id, dtype=np.int64),
     }]  # fmt: skip
 
 

@@ -9,7 +9,7 @@ version. No torch, no transformers.
 
 Public API: `decode` (an Audio message to mono float32 samples at the model's rate), `resample`,
 `downmix`, `FeatureExtractorConfig` and `read_feature_extractor`, `whisper_log_mel`,
-`kaldi_fbank` (Speech2Text), `mel_filter_bank`, `normalize`, `AudioPipeline`."""
+`kaldi_fbank` (Speech2Text), `mel_filter_bank`, `normalize`, `run_per_length`, `AudioPipeline`."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import io
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -370,6 +370,20 @@ def probe_waveforms(sampling_rate: int, count: int = 3, seconds: float = 1.0) ->
     return [wave.astype(np.float32) for wave in waves[:count]]
 
 
+def run_per_length(
+    inputs: Sequence[np.ndarray], run: Callable[[np.ndarray], dict[str, np.ndarray]]
+) -> list[RowOutputs]:
+    """`run` once per length among the inputs, on those of that length stacked (nothing padded),
+    and its outputs split back into one row per input, in order."""
+    rows: list[RowOutputs] = [{} for _ in inputs]
+    for length in sorted({len(values) for values in inputs}):
+        members = [i for i, values in enumerate(inputs) if len(values) == length]
+        outputs = run(np.stack([inputs[i] for i in members]))
+        for position, index in enumerate(members):
+            rows[index] = {name: value[position] for name, value in outputs.items()}
+    return rows
+
+
 class AudioPipeline(BatchedPipeline[Request]):
     """A pipeline over one graph that takes waveforms (input_values): audios are decoded,
     resampled and normalized as the checkpoint's Wav2Vec2FeatureExtractor does, on the tokenizing
@@ -396,15 +410,8 @@ class AudioPipeline(BatchedPipeline[Request]):
 
     def forward(self, inputs: Sequence[InputValues]) -> list[RowOutputs]:
         """One graph run per length among the inputs (the graph takes no attention mask, so
-        waveforms are never padded), outputs split back per input."""
-        rows: list[RowOutputs] = [{} for _ in inputs]
-        lengths = sorted({len(item.values) for item in inputs})
-        for length in lengths:
-            members = [i for i, item in enumerate(inputs) if len(item.values) == length]
-            outputs = self.session.run({"input_values": np.stack([inputs[i].values for i in members])})
-            for position, index in enumerate(members):
-                rows[index] = {name: value[position] for name, value in outputs.items()}
-        return rows
+        waveforms are never padded)."""
+        return run_per_length([item.values for item in inputs], lambda batch: self.session.run({"input_values": batch}))
 
     def warm_up_inputs(self) -> list[InputValues]:
         return [self.input_values(probe_waveforms(self.sampling_rate, count=1)[0])]

@@ -19,7 +19,7 @@ from onnxserve.enums import short_name
 from onnxserve.v1 import common_pb2, inference_pb2
 
 if TYPE_CHECKING:
-    from onnxserve.server.tasks.base import Pipeline
+    from onnxserve.server.tasks.base import ModelResources, Pipeline
 
 INFERENCE = inference_pb2.DESCRIPTOR.services_by_name["Inference"]
 #: RPCs that every model serves with its tokenizer, whatever its task.
@@ -148,7 +148,8 @@ class KServeAudio(KServeFiles):
 @dataclass(frozen=True)
 class TaskRegistration:
     """One task: `name` as the exporter and the command spell it, `task` its Task number in the
-    manifest, `pipeline` the class built per loaded model version, `rpcs` the Inference RPCs it
+    manifest, `pipeline` what builds its pipeline per loaded model version (a Pipeline class, or a
+    function choosing one by the model: Whisper's or Speech2Text's), `rpcs` the Inference RPCs it
     serves (besides Tokenize and Detokenize, which every model serves), `kserve_text`,
     `kserve_image` and `kserve_audio` its KServe v2 text, image and audio mappings, `export` its export spec (None: not
     exported by `onnxserve export`) and `inputs` what its models take: text (they ship a
@@ -159,7 +160,7 @@ class TaskRegistration:
 
     name: str
     task: int
-    pipeline: type[Pipeline]
+    pipeline: Callable[[ModelResources], Pipeline]
     rpcs: frozenset[str]
     kserve_text: KServeText | None = None
     kserve_image: KServeImage | None = None

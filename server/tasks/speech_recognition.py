@@ -35,6 +35,7 @@ from onnxserve.server.errors import InvalidArgument, ModelLoadError
 from onnxserve.server.runtime.batching import BatchRunner, RowOutputs
 from onnxserve.server.runtime.sessions import CUDA
 from onnxserve.server.runtime.stats import DecodingStats, Timings
+from onnxserve.server.tasks import speech2text
 from onnxserve.server.tasks.audio import FeatureExtractorConfig, decode, read_feature_extractor, whisper_log_mel
 from onnxserve.server.tasks.base import ModelResources, Pipeline, require_batch
 from onnxserve.server.tasks.generation import logits
@@ -702,10 +703,18 @@ def _chunks(segments: Sequence[Segment], words: bool) -> list[inference_pb2.Tran
     return [segment.message() for segment in segments]
 
 
+def speech_seq2seq_pipeline(resources: ModelResources) -> Pipeline[Any]:
+    """The task's pipeline for the model: Speech2Text's (speech2text.py) for its checkpoints,
+    else Whisper's."""
+    if resources.manifest.model_type == speech2text.MODEL_TYPE:
+        return speech2text.Speech2TextPipeline(resources)
+    return SpeechRecognitionPipeline(resources)
+
+
 REGISTRATION = TaskRegistration(
     name="automatic-speech-recognition",
     task=common_pb2.TASK_AUTOMATIC_SPEECH_RECOGNITION,
-    pipeline=SpeechRecognitionPipeline,
+    pipeline=speech_seq2seq_pipeline,
     rpcs=frozenset({"Transcribe", "TranscribeStream"}),
     kserve_audio=KServeAudio("Transcribe"),
     export=ExportSpec(
