@@ -42,10 +42,6 @@ def cross_inputs(session: Session) -> list[CrossInput]:
     return found
 
 
-def has_cross_inputs(session: Session) -> bool:
-    return any(name.startswith(CROSS) for name in session.input_names)
-
-
 class CrossGraph(FusedGraph):
     """The fused decoder of an encoder-decoder and the graph of its encoder keys and values.
     Served from host memory only (the buffers are numpy arrays)."""
