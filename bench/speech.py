@@ -17,8 +17,15 @@ every engine runs the same weights. Two clips of Harvard sentences read by espea
     checkpoint, chunk_length_s=30.
 
 Prints, per engine and clip, the median latency of --repeats calls, the real-time factor
-(latency / audio seconds) and the word error rate against the sentences; writes them with the
-machine's description to bench/results/speech-<time>.json."""
+(latency / audio seconds) and the word error rate against the sentences. Then throughput:
+--concurrency calls (8) of the 10 s clip at once, as audio seconds transcribed per second of
+wall time, and their WER. onnxserve's calls share encoder runs (its batcher) and decoder steps
+(continuous batching); it is measured again with --max-generation-rows 0, each call decoding
+alone, to show what sharing the steps gives. faster-whisper's calls come from as many threads on
+one WhisperModel (num_workers=1, its default: the calls take turns, each on every core). The
+transformers pipeline is not safe to call from threads: it gets the clips in one call, batch_size
+the same count (its own batching). Everything is written with the machine's description to
+bench/results/speech-<time>.json."""
 
 from __future__ import annotations
 
@@ -27,7 +34,8 @@ import io
 import re
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -42,6 +50,9 @@ from onnxserve.v1 import inference_pb2, inference_pb2_grpc
 
 MODEL = "whisper-base"
 RATE = 16000
+THROUGHPUT_CLIP = "10 s"
+#: Transcribes several files at once (one call per file from threads, or the engine's own batch).
+Many = Callable[[Sequence[bytes]], list[str]]
 # Harvard sentences (IEEE 1969 recommended practice for speech quality measurements).
 SENTENCES = (
     "The birch canoe slid on the smooth planks.",
@@ -161,18 +172,33 @@ def faster_whisper_engine(model_dir: Path, compute_type: str) -> Callable[[bytes
     return transcribe
 
 
-def pipeline_engine(checkpoint: Path) -> Callable[[bytes], str]:
+def pipeline_engine(checkpoint: Path) -> tuple[Callable[[bytes], str], Many]:
+    """One call, and several files in one call with batch_size as many (the pipeline's batching)."""
     import soxr
     from transformers import pipeline
 
     asr = pipeline("automatic-speech-recognition", model=str(checkpoint), device="cpu")
 
-    def transcribe(wav: bytes) -> str:
+    def resampled(wav: bytes) -> np.ndarray:
         samples, rate = soundfile.read(io.BytesIO(wav), dtype="float32")
-        audio = soxr.resample(samples, rate, RATE, quality="HQ").astype(np.float32)
-        return asr(audio, chunk_length_s=30, generate_kwargs={"language": "en"})["text"]
+        return soxr.resample(samples, rate, RATE, quality="HQ").astype(np.float32)
 
-    return transcribe
+    def transcribe_many(wavs: Sequence[bytes]) -> list[str]:
+        audios = [resampled(wav) for wav in wavs]
+        outputs = asr(audios, chunk_length_s=30, batch_size=len(audios), generate_kwargs={"language": "en"})
+        return [output["text"] for output in outputs]
+
+    return lambda wav: transcribe_many([wav])[0], transcribe_many
+
+
+def from_threads(transcribe: Callable[[bytes], str]) -> Many:
+    """Each file in a call of its own, all calls at once from as many threads."""
+
+    def transcribe_many(wavs: Sequence[bytes]) -> list[str]:
+        with ThreadPoolExecutor(max_workers=len(wavs)) as pool:
+            return list(pool.map(transcribe, wavs))
+
+    return transcribe_many
 
 
 def exported(work: Path, model_bin: Path) -> Path:
@@ -197,39 +223,81 @@ def run(args: argparse.Namespace) -> list[dict]:
     if not (checkpoint / "config.json").is_file():
         convert_whisper(model_bin, checkpoint)
     made = clips(work)
-    engines: list[tuple[str, Callable[[], Callable[[bytes], str]]]] = [
-        ("faster-whisper int8", lambda: faster_whisper_engine(model_bin.parent, "int8")),
-        ("faster-whisper float32", lambda: faster_whisper_engine(model_bin.parent, "float32")),
+
+    def faster_whisper(compute_type: str) -> tuple[Callable[[bytes], str], Many]:
+        transcribe = faster_whisper_engine(model_bin.parent, compute_type)
+        return transcribe, from_threads(transcribe)
+
+    engines: list[tuple[str, Callable[[], tuple[Callable[[bytes], str], Many]]]] = [
+        ("faster-whisper int8", lambda: faster_whisper("int8")),
+        ("faster-whisper float32", lambda: faster_whisper("float32")),
         ("transformers pipeline fp32", lambda: pipeline_engine(checkpoint)),
     ]
     results = []
     for precision in args.precisions:
-        log = work / f"server-{precision}.log"
-        with server_process(repository, [MODEL], ["--precision", precision, "--device", "cpu"], log) as target:
-            results += measure(f"onnxserve {precision}", onnxserve_engine(target), made, args.repeats)
+        flags = ["--precision", precision, "--device", "cpu"]
+        with server_process(repository, [MODEL], flags, work / f"server-{precision}.log") as target:
+            transcribe = onnxserve_engine(target)
+            results += measure(f"onnxserve {precision}", transcribe, from_threads(transcribe), made, args)
+        if args.concurrency:
+            log = work / f"server-{precision}-alone.log"
+            with server_process(repository, [MODEL], [*flags, "--max-generation-rows", "0"], log) as target:
+                transcribe = onnxserve_engine(target)
+                transcribe(made[THROUGHPUT_CLIP][1])  # warm-up
+                name = f"onnxserve {precision}, steps not shared"
+                results.append(throughput(name, from_threads(transcribe), made, args.concurrency))
     for name, make in engines:
-        results += measure(name, make(), made, args.repeats)
+        results += measure(name, *make(), made, args)
     return results
 
 
-def measure(engine: str, transcribe: Callable[[bytes], str], made: dict, repeats: int) -> list[dict]:
+def measure(
+    engine: str, transcribe: Callable[[bytes], str], transcribe_many: Many, made: dict, args: argparse.Namespace
+) -> list[dict]:
+    """Each clip's latency, one call at a time; then the throughput of concurrent calls."""
     rows = []
     for clip, (text, wav) in made.items():
-        latency, heard = timed(transcribe, wav, repeats)
+        latency, heard = timed(transcribe, wav, args.repeats)
         audio = seconds_of(wav)
         row = {"engine": engine, "clip": clip, "audio_s": audio, "latency_s": latency, "rtf": latency / audio,
                "wer": wer([text], [heard]), "text": heard}  # fmt: skip
         console.print(f"{engine:28} {clip}: {latency:.2f} s, RTF {row['rtf']:.3f}, WER {row['wer']:.3f}")
         rows.append(row)
+    if args.concurrency:
+        rows.append(throughput(engine, transcribe_many, made, args.concurrency))
     return rows
+
+
+def throughput(engine: str, transcribe_many: Many, made: dict, calls: int) -> dict:
+    """`calls` transcriptions of the 10 s clip at once: audio seconds per wall-clock second."""
+    text, wav = made[THROUGHPUT_CLIP]
+    started = time.perf_counter()
+    heard = transcribe_many([wav] * calls)
+    wall = time.perf_counter() - started
+    audio = seconds_of(wav) * calls
+    row = {"engine": engine, "clip": f"{calls} x {THROUGHPUT_CLIP} at once", "calls": calls, "audio_s": audio,
+           "wall_s": wall, "audio_s_per_s": audio / wall, "wer": wer([text] * calls, heard),
+           "text": heard[0]}  # fmt: skip
+    rate = row["audio_s_per_s"]
+    console.print(f"{engine:28} {row['clip']}: {wall:.2f} s, {rate:.2f} audio s/s, WER {row['wer']:.3f}")
+    return row
 
 
 def print_table(results: list[dict]) -> None:
     table = Table("engine", "clip", "audio s", "latency s", "RTF", "WER", title="Whisper base, one call at a time")
     for row in results:
-        table.add_row(row["engine"], row["clip"], f"{row['audio_s']:.1f}", f"{row['latency_s']:.2f}",
-                      f"{row['rtf']:.3f}", f"{row['wer']:.3f}")  # fmt: skip
+        if "latency_s" in row:
+            table.add_row(row["engine"], row["clip"], f"{row['audio_s']:.1f}", f"{row['latency_s']:.2f}",
+                          f"{row['rtf']:.3f}", f"{row['wer']:.3f}")  # fmt: skip
     console.print(table)
+    concurrent = [row for row in results if "wall_s" in row]
+    if concurrent:
+        title = f"Whisper base, {concurrent[0]['calls']} calls of the {THROUGHPUT_CLIP} clip at once"
+        table = Table("engine", "audio s", "wall s", "audio s per s", "WER", title=title)
+        for row in concurrent:
+            table.add_row(row["engine"], f"{row['audio_s']:.1f}", f"{row['wall_s']:.2f}",
+                          f"{row['audio_s_per_s']:.2f}", f"{row['wer']:.3f}")  # fmt: skip
+        console.print(table)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -237,6 +305,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="calls per engine and clip, the median kept")
     parser.add_argument("--precisions", nargs="*", default=["fp32", "int8"], help="onnxserve's; none: skip it")
     parser.add_argument("--work", type=Path, default=Path("~/.cache/onnxserve-bench"))
+    parser.add_argument("--concurrency", type=int, default=8, help="calls at once for throughput; 0: skip it")
     return parser.parse_args(argv)
 
 
