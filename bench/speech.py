@@ -228,11 +228,14 @@ def run(args: argparse.Namespace) -> list[dict]:
         transcribe = faster_whisper_engine(model_bin.parent, compute_type)
         return transcribe, from_threads(transcribe)
 
-    engines: list[tuple[str, Callable[[], tuple[Callable[[bytes], str], Many]]]] = [
-        ("faster-whisper int8", lambda: faster_whisper("int8")),
-        ("faster-whisper float32", lambda: faster_whisper("float32")),
-        ("transformers pipeline fp32", lambda: pipeline_engine(checkpoint)),
-    ]
+    peers: dict[str, list[tuple[str, Callable[[], tuple[Callable[[bytes], str], Many]]]]] = {
+        "faster-whisper": [
+            ("faster-whisper int8", lambda: faster_whisper("int8")),
+            ("faster-whisper float32", lambda: faster_whisper("float32")),
+        ],
+        "pipeline": [("transformers pipeline fp32", lambda: pipeline_engine(checkpoint))],
+    }
+    engines = [engine for peer in args.peers for engine in peers[peer]]
     results = []
     for precision in args.precisions:
         flags = ["--precision", precision, "--device", "cpu"]
@@ -306,6 +309,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--precisions", nargs="*", default=["fp32", "int8"], help="onnxserve's; none: skip it")
     parser.add_argument("--work", type=Path, default=Path("~/.cache/onnxserve-bench"))
     parser.add_argument("--concurrency", type=int, default=8, help="calls at once for throughput; 0: skip it")
+    parser.add_argument(
+        "--peers", nargs="*", choices=["faster-whisper", "pipeline"], default=["faster-whisper", "pipeline"],
+        help="the other engines to run (the pipeline takes minutes per call on a loaded 2-core machine)",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
