@@ -87,7 +87,10 @@ def _text_config(config: PretrainedConfig) -> PretrainedConfig:
 
 
 def _positions(config: PretrainedConfig) -> int | None:
-    positions = getattr(_text_config(config), "max_position_embeddings", None)
+    """The decoder's (or encoder's) position count; speech seq2seq configs (Whisper, Speech2Text)
+    name their decoder's max_target_positions."""
+    text = _text_config(config)
+    positions = getattr(text, "max_position_embeddings", None) or getattr(text, "max_target_positions", None)
     return positions - _POSITION_OFFSET.get(config.model_type, 0) if positions else None
 
 

@@ -2,8 +2,9 @@
 Speech2TextForConditionalGeneration built here (its sentencepiece-like tokenizer trained with
 `tokenizers`), exported by the real exporter (task detected, fp32 and int8 through their gates)
 and served; its token ids against `generate()` and its text against the
-automatic-speech-recognition pipeline, greedy and with beams, alone and batched; and what the
-pipeline does not do for these models (timestamps, a language, chunking) refused naming why."""
+automatic-speech-recognition pipeline, greedy and with beams, alone and batched, with a target
+language (a speech translation checkpoint's forced first token); and what the pipeline does not
+do for these models (timestamps, a task, chunking) refused naming why."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from tests.test_kserve import output
 
 MODEL = "speech2text"
 SPECIAL = ["<s>", "<pad>", "</s>", "<unk>"]  # Speech2Text's sentencepiece ids 0-3
+LANGUAGES = ["<lang:fr>", "<lang:de>"]  # a multilingual checkpoint's target languages
 TARGET_POSITIONS = 256
 NEW_TOKENS = 24
 CLIPS = {"short": speech_like(4.0, 1), "window": speech_like(12.5, 2), "long": speech_like(37.0, 3)}
@@ -40,7 +42,8 @@ def build_speech2text(directory: Path) -> Path:
     """The checkpoint, its tokenizer (transformers has no fast Speech2Text tokenizer class:
     tokenizer_config.json names PreTrainedTokenizerFast, as for Marian) and feature extractor."""
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=_unigram(SPECIAL),
+        tokenizer_object=_unigram(SPECIAL + LANGUAGES),
+        additional_special_tokens=LANGUAGES,
         bos_token="<s>",
         pad_token="<pad>",
         eos_token="</s>",
@@ -119,10 +122,10 @@ def generate_ids(checkpoint: Path, samples: np.ndarray, **settings: object) -> l
     return ids[0, 1:].tolist()
 
 
-def pipeline_text(checkpoint: Path, samples: np.ndarray, num_beams: int = 1) -> str:
+def pipeline_text(checkpoint: Path, samples: np.ndarray, **settings: object) -> str:
     """The pipeline's text with the decoding given: its own default for speech (5 beams, where the
     checkpoint sets none) is not the server's (the checkpoint's, else greedy)."""
-    settings = {"max_new_tokens": NEW_TOKENS, "num_beams": num_beams}
+    settings = {"max_new_tokens": NEW_TOKENS, "num_beams": 1, **settings}
     return asr_pipeline(checkpoint)(samples.copy(), generate_kwargs=settings)["text"]
 
 
@@ -158,6 +161,16 @@ def test_beams_match_generate_and_the_pipeline(stub, speech2text_checkpoint):
     assert list(result.token_ids) == generate_ids(speech2text_checkpoint, samples, num_beams=3)
     assert result.text == pipeline_text(speech2text_checkpoint, samples, num_beams=3)
     assert list(result.token_ids) != list(transcribe(stub, samples).token_ids)  # beams chose otherwise here
+
+
+def test_a_language_forces_its_token_as_generate_and_the_pipeline(stub, speech2text_checkpoint):
+    samples = CLIPS["short"]
+    french = asr_pipeline(speech2text_checkpoint).tokenizer.convert_tokens_to_ids("<lang:fr>")
+    result = transcribe(stub, samples, language="fr")
+    expected = generate_ids(speech2text_checkpoint, samples, forced_bos_token_id=french)
+    assert list(result.token_ids) == expected
+    assert expected[0] == french and expected != generate_ids(speech2text_checkpoint, samples)
+    assert result.text == pipeline_text(speech2text_checkpoint, samples, forced_bos_token_id=french)
 
 
 def test_a_batch_of_audios_of_different_lengths_answers_each_as_alone(stub, speech2text_checkpoint):
@@ -205,8 +218,8 @@ def test_a_cancelled_stream_stops(stub):
         ({"return_timestamps": inference_pb2.TIMESTAMPS_SEGMENT}, "Speech2Text models give no timestamps"),
         ({"return_timestamps": inference_pb2.TIMESTAMPS_WORD}, "Speech2Text models give no timestamps"),
         ({"return_timestamps": inference_pb2.TIMESTAMPS_CHAR}, "Speech2Text models give no timestamps"),
-        ({"language": "en"}, "take no language or task"),
-        ({"task": "translate"}, "take no language or task"),
+        ({"language": "en"}, "has no language token <lang:en>"),
+        ({"task": "translate"}, "take no task"),
         ({"chunk_length_s": 10}, "transcribe the whole audio at once"),
         ({"stride_length_s": 1}, "transcribe the whole audio at once"),
         ({"parameters": {"max_new_tokens": 300}}, "max_new_tokens is 300"),

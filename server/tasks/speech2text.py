@@ -7,11 +7,13 @@ a cancelled call stops within a step), and the ids decoded into text with the sp
 skipped. The task's registration (speech_recognition.py) builds this pipeline for checkpoints of
 model type speech_to_text.
 
-What the pipeline does not do for these models is refused, naming why: timestamps (it raises for
-seq2seq models other than Whisper), a language or task (Whisper's prompt tokens; a multilingual
-Speech2Text checkpoint's target language is its generation config's forced BOS token, which
-applies), and chunk_length_s (the pipeline drops the chunks' stride for these models and joins
-their texts with the overlaps repeated). Audio is transcribed whole, up to the encoder's positions."""
+A multilingual (speech translation) checkpoint's target language is the token its decoder is
+forced to start with, `<lang:xx>` (Speech2TextTokenizer's lang_code_to_id, which a pipeline user
+passes as forced_bos_token_id): the request's `language` names it, else the checkpoint's
+generation config's forced BOS token applies. What the pipeline does not do for these models is
+refused, naming why: timestamps (it raises for seq2seq models other than Whisper), a task
+(Whisper's), and chunk_length_s (the pipeline drops the chunks' stride for these models and joins
+their texts with the overlaps repeated). Audio is transcribed whole."""
 
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ from onnxserve.server.tasks.generation.seq2seq import EncodedSeq2SeqModel
 from onnxserve.v1 import inference_pb2
 
 MODEL_TYPE = "speech_to_text"
+#: The token of a target language, as Speech2TextTokenizer spells it.
+LANGUAGE_TOKEN = "<lang:{}>"
 Request = inference_pb2.TranscribeRequest | inference_pb2.TranscribeStreamRequest
 
 
@@ -56,10 +60,10 @@ def refuse_unsupported(request: Request) -> None:
             "Speech2Text models give no timestamps: the pipeline returns them for Whisper (segments, words) "
             "and CTC models (characters, words) only"
         )
-    if request.language or request.task:
+    if request.task:
         raise InvalidArgument(
-            "Speech2Text models take no language or task (those are Whisper's prompt tokens); a multilingual "
-            "checkpoint translates into the language its generation config forces"
+            "Speech2Text models take no task (Whisper's prompt token): a speech translation checkpoint translates, "
+            "into the language given"
         )
     if request.chunk_length_s or request.stride_length_s:
         raise InvalidArgument(
@@ -142,20 +146,36 @@ class Speech2TextPipeline(Pipeline[Any]):
         rows = await self._encoder().infer(features, timings)
         return features, [row["last_hidden_state"] for row in rows]
 
+    def language_token(self, language: str) -> int | None:
+        """The token the decoder is forced to start with for `language` (a code, "fr"); None
+        without one (the checkpoint's forced BOS token, if any, applies)."""
+        if not language:
+            return None
+        token_id = self.tokenizer.tokenizer.token_to_id(LANGUAGE_TOKEN.format(language.strip()))
+        if token_id is None:
+            raise InvalidArgument(
+                f"model {self.name!r} has no language token {LANGUAGE_TOKEN.format(language.strip())}: a multilingual "
+                "Speech2Text model takes its target languages' codes; others take no language"
+            )
+        return token_id
+
     def start(
         self,
         features: Sequence[Features],
         hidden: Sequence[np.ndarray],
-        parameters: inference_pb2.GenerationParameters,
+        request: Request,
         timings: Timings,
     ) -> Generation:
         """The decoding of every audio, from the decoder start token (on the generation executor)."""
         states, mask = encoder_batch(features, hidden)
-        request = self.setup.from_encoder_inputs({"encoder_hidden_states": states}, parameters, timings)
+        language = self.language_token(request.language)
+        setup = self.setup.from_encoder_inputs(
+            {"encoder_hidden_states": states}, request.parameters, timings, forced_bos_token_id=language
+        )
         prompts = np.full((len(states), 1), self.start_token, dtype=np.int64)
         model = EncodedSeq2SeqModel(self.sessions, states, prompts, lambda work: timings.timed("inference", work), mask)
-        steps = decode_steps(model, request.outputs, request.decoding)
-        return SoloGeneration(request, timings, steps, model.release, self.stats)
+        steps = decode_steps(model, setup.outputs, setup.decoding)
+        return SoloGeneration(setup, timings, steps, model.release, self.stats)
 
     def transcription(self, tokens: Sequence[int]) -> inference_pb2.Transcription:
         """The pipeline's text: the ids decoded with the special tokens skipped."""
@@ -163,9 +183,10 @@ class Speech2TextPipeline(Pipeline[Any]):
 
     async def _decode(self, request: Request, audios: Sequence[inference_pb2.Audio], timings: Timings) -> Generation:
         refuse_unsupported(request)
+        self.language_token(request.language)  # refused before the audio is decoded
         features, hidden = await self._encoded(audios, timings)
         return await asyncio.get_running_loop().run_in_executor(
-            self.executors.generation, self.start, features, hidden, request.parameters, timings
+            self.executors.generation, self.start, features, hidden, request, timings
         )
 
     # --- the RPCs -----------------------------------------------------------------------------

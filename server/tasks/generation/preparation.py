@@ -69,12 +69,15 @@ class RequestSetup:
         parameters: inference_pb2.GenerationParameters,
         timings: Timings,
         start_length: int = 1,
+        forced_bos_token_id: int | None = None,
     ) -> GenerationRequest:
         """An encoder-decoder's request whose encoder inputs the task made (an image's
         pixel_values, speech features): one sequence per row, from the decoder start token alone,
-        or from `start_length` tokens the task puts first (Whisper's language and task tokens)."""
+        or from `start_length` tokens the task puts first (Whisper's language and task tokens).
+        `forced_bos_token_id` replaces the checkpoint's (Speech2Text's target language)."""
         rows = len(next(iter(encoder_inputs.values())))
-        return self._request([""] * rows, [[] for _ in range(rows)], encoder_inputs, parameters, timings, start_length)
+        prompts, token_ids = [""] * rows, [[] for _ in range(rows)]
+        return self._request(prompts, token_ids, encoder_inputs, parameters, timings, start_length, forced_bos_token_id)
 
     def _request(
         self,
@@ -84,6 +87,7 @@ class RequestSetup:
         parameters: inference_pb2.GenerationParameters,
         timings: Timings,
         start_length: int = 1,
+        forced_bos_token_id: int | None = None,
     ) -> GenerationRequest:
         settings = resolve_settings(parameters, self.defaults, self._room(token_ids, start_length))
         timings.batch_size = len(prompts) * settings.num_beams
@@ -94,7 +98,7 @@ class RequestSetup:
             )
         outputs = [self._output(settings) for _ in prompts]
         history_length = start_length if self.seq2seq else max(len(ids) for ids in token_ids)
-        decoding = self._decoding(settings, history_length)
+        decoding = self._decoding(settings, history_length, forced_bos_token_id)
         return GenerationRequest(prompts, token_ids, encoder_inputs, settings, outputs, decoding)
 
     def _tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
@@ -121,14 +125,16 @@ class RequestSetup:
         criteria = StoppingCriteria(settings.max_new_tokens, frozenset(self.eos_token_ids), settings.stop)
         return OutputSequence(criteria, IncrementalDecoder(self.tokenizer))
 
-    def _decoding(self, settings: GenerationSettings, history_length: int) -> Decoding:
+    def _decoding(self, settings: GenerationSettings, history_length: int, forced_bos: int | None = None) -> Decoding:
         d = self.defaults
         forced_eos = (d.forced_eos_token_id,) if d.HasField("forced_eos_token_id") else ()
+        if forced_bos is None and d.HasField("forced_bos_token_id"):
+            forced_bos = d.forced_bos_token_id
         processors = logits.processors(
             repetition_penalty=settings.repetition_penalty,
             no_repeat_ngram_size=settings.no_repeat_ngram_size,
             suppress_token_ids=list(d.suppress_token_ids),
-            forced_bos_token_id=d.forced_bos_token_id if d.HasField("forced_bos_token_id") else None,
+            forced_bos_token_id=forced_bos,
             forced_eos_token_ids=forced_eos,
             max_length=history_length + settings.max_new_tokens,
         )
