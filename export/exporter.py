@@ -43,6 +43,7 @@ from onnxserve.export.quantize import quantize_int8
 from onnxserve.export.tasks import TASKS, TaskSpec, check_exportable, detect_task, task_spec
 from onnxserve.export.validate import NotRunnable, Validator, validation_provider
 from onnxserve.export.weight_only import RECIPES, quantize_int4_weights, quantize_int8_weights
+from onnxserve.export.whisper_gate import judge_whisper_graphs
 from onnxserve.export.whisper_graph import WHISPER_GRAPHS, build_whisper_graphs, supports_whisper_decoder
 from onnxserve.export.writer import publish, sha256, staging
 from onnxserve.server.quality.probes import PROBES_FILE, Probes, write_probes
@@ -247,7 +248,7 @@ def _make_variants(model: _Model, stage: Path, wanted: list[str], steps: Steps) 
                 recipes[precision] = f"{recipes[derivation.source]}; {recipe}"
     if _has_whisper_decoder(model):
         with steps.step("building Whisper's fused decoder graphs"), quiet():
-            _add_whisper_decoder(model, work, files, recipes)
+            _add_whisper_decoder(model, work, files, recipes, steps)
     variants = [
         _Variant(precision, _assemble(model.graphs, files[precision], stage, precision), recipes[precision])
         for precision in wanted
@@ -272,20 +273,30 @@ def _has_whisper_decoder(model: _Model) -> bool:
     return model.spec.export.fused_decoder and supports_whisper_decoder(model.config)
 
 
-def _add_whisper_decoder(model: _Model, work: Path, files: dict[str, dict[str, Path]], recipes: dict[str, str]) -> None:
+def _add_whisper_decoder(
+    model: _Model, work: Path, files: dict[str, dict[str, Path]], recipes: dict[str, str], steps: Steps
+) -> None:
     """Whisper's fused decoder and cross_attention graphs (export/whisper_graph.py), which share
     decode steps across calls, beside optimum's decoder (language detection and beam search keep
     it): in fp32, and int8 as weight-only (dynamic int8 quantizes activations over the whole batch,
-    so a row's result would depend on its batchmates). The other variants serve without them."""
-    fp32 = {role: work / f"{role}.fp32.onnx" for role in WHISPER_GRAPHS}
+    so a row's result would depend on its batchmates). Each is judged by its precision's gate
+    (export/whisper_gate.py); a variant whose graphs miss it, and the variants other than these
+    two, serve without them (each call decoding alone on optimum's decoder)."""
     whisper = WhisperForConditionalGeneration.from_pretrained(model.checkpoint.path, dtype=torch.float32).eval()
+    fp32 = {role: work / f"{role}.fp32.onnx" for role in WHISPER_GRAPHS}
     built = build_whisper_graphs(whisper, fp32["fused_decoder"], fp32["cross_attention"])
-    files["fp32"] = {**files["fp32"], **fp32}
-    recipes["fp32"] += f"; {built}"
+    made = {"fp32": (fp32, built)}
     if "int8" in files:
         int8 = {role: work / f"{role}.int8.onnx" for role in WHISPER_GRAPHS}
-        files["int8"] = {**files["int8"], **int8}
-        recipes["int8"] += f"; {built}, {_convert(quantize_int8_weights, fp32, int8)}"
+        made["int8"] = (int8, f"{built}, {_convert(quantize_int8_weights, fp32, int8)}")
+    for precision, (graphs, recipe) in made.items():
+        validation = judge_whisper_graphs(whisper, graphs, precision)
+        figures = f"max abs diff {validation.max_abs_diff:.2g}, top-1 agreement {validation.top1_agreement:.3g}"
+        if not validation.passed:
+            steps.warn(f"Whisper's fused {precision} decoder left out ({'; '.join(validation.failures)})")
+            continue
+        files[precision] = {**files[precision], **graphs}
+        recipes[precision] += f"; {recipe} (against PyTorch on the sample clips: {figures})"
 
 
 def _build_fused_decoder(model: _Model, target: Path) -> str:

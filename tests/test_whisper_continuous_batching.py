@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 import torch
 from onnx import load_model
+from onnxserve.export.whisper_gate import judge_whisper_graphs
 from onnxserve.export.whisper_graph import build_whisper_graphs
 from onnxserve.server.runtime.sessions import Session, SessionSettings
 from onnxserve.server.tasks.generation.cross import CrossGraph
+from transformers import WhisperForConditionalGeneration
 
 from onnxserve.v1 import inference_pb2, inference_pb2_grpc
 from tests.speech import speech_like
@@ -158,3 +160,18 @@ def test_the_graph_decodes_rows_of_different_lengths_as_alone(whisper_checkpoint
     assert first == alone[0][: len(first)]
     assert second == alone[1][: len(second)]
     assert alone[0] != alone[1]
+
+
+def test_the_export_gate_judges_the_fused_graphs(whisper_checkpoint, tmp_path):
+    """The gate passes the checkpoint's own graphs and refuses graphs whose positions are off."""
+    model = reference_model(whisper_checkpoint)
+    graphs = {"fused_decoder": tmp_path / "decoder.onnx", "cross_attention": tmp_path / "cross.onnx"}
+    build_whisper_graphs(model, graphs["fused_decoder"], graphs["cross_attention"])
+    validation = judge_whisper_graphs(model, graphs, "fp32")
+    assert validation.passed, list(validation.failures)
+    assert validation.top1_agreement == 1.0
+    shifted = WhisperForConditionalGeneration.from_pretrained(whisper_checkpoint).eval()
+    with torch.no_grad():  # every token one position late
+        shifted.model.decoder.embed_positions.weight[1:] = model.model.decoder.embed_positions.weight[:-1].clone()
+    build_whisper_graphs(shifted, graphs["fused_decoder"], graphs["cross_attention"])
+    assert not judge_whisper_graphs(model, graphs, "fp32").passed
