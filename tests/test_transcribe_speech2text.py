@@ -16,8 +16,11 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from onnxserve.export.errors import ExportError
+from onnxserve.export.tasks import check_exportable, detect_task, task_spec
 from transformers import (
     GenerationConfig,
+    MoonshineConfig,
     PreTrainedTokenizerFast,
     Speech2TextConfig,
     Speech2TextFeatureExtractor,
@@ -143,6 +146,13 @@ def test_the_export_detects_the_task_and_passes_its_gates(exported):
     assert validations.keys() == {"PRECISION_FP32", "PRECISION_INT8"}
     assert all(validation["passed"] for validation in validations.values())
     assert validations["PRECISION_FP32"]["max_abs_diff"] < 1e-4
+
+
+def test_other_speech_seq2seq_models_are_refused_at_export_naming_the_served_ones(tmp_path):
+    config = MoonshineConfig(architectures=["MoonshineForConditionalGeneration"])
+    assert detect_task(tmp_path, config) == "automatic-speech-recognition"
+    with pytest.raises(ExportError, match="served for whisper, speech_to_text models, not 'moonshine'"):
+        check_exportable(config, task_spec("automatic-speech-recognition"))
 
 
 @pytest.mark.parametrize("name", ["short", "window"])
