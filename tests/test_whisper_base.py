@@ -140,3 +140,22 @@ def test_a_long_clip_is_chunked_and_transcribed(start_server, exported, speech):
     assert rate_of_errors < 0.5  # whole sentences give the model context: fewer errors than alone
     starts = [chunk.start for chunk in result.chunks]
     assert starts == sorted(starts) and starts[-1] > 25
+
+
+def test_fp32_word_timestamps_match_the_pipeline(start_server, exported, checkpoint, speech):
+    """Words and their times on espeak-ng speech equal the pipeline's return_timestamps="word" on
+    the converted checkpoint, computed as tests/test_transcribe_whisper_words.py does (measured:
+    identical times on these three sentences and on the 34.8 s clip)."""
+    from tests import test_transcribe_whisper_words as words_oracle
+
+    parameters = inference_pb2.GenerationParameters(max_new_tokens=words_oracle.NEW_TOKENS)
+    audios = speech[:3]
+    served = transcripts(
+        start_server, exported, "fp32", audios, language="en",
+        return_timestamps=inference_pb2.TIMESTAMPS_WORD, parameters=parameters,
+    )  # fmt: skip
+    for audio, result in zip(audios, served, strict=True):
+        expected, ids = words_oracle.pipeline_words(checkpoint, resampled(audio))
+        assert list(result.token_ids) == ids
+        words_oracle.assert_same_words(result, expected)
+        assert len(result.chunks) >= 5
