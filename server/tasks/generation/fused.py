@@ -122,8 +122,8 @@ def zeroed_pages(shape: tuple[int, ...], dtype: type[np.generic]) -> np.ndarray:
     """A zeroed array on an anonymous memory mapping of its own. Its pages take memory only once
     written, and unmapping returns them when the array goes. numpy's zeros take a malloc block
     instead, which calloc must write zeros over when the block is reused, so a buffer's unused rows
-    then cost as much as used ones (Gemma 3 270M: 36 KB per row and position, 320 MB for 17 rows of
-    504)."""
+    then cost as much as used ones (Gemma 3 270M: 36 KiB per row and position, 301 MiB for 17 rows
+    of 504)."""
     size = int(np.prod(shape)) * np.dtype(dtype).itemsize
     # Private: a shared anonymous mapping is shared memory, which MADV_DONTNEED does not free.
     pages = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE)
