@@ -13,7 +13,6 @@ of the token before its first to the time of its last (`_decode_asr`)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -24,7 +23,8 @@ from onnxserve.server.runtime.sessions import Session
 #: The alignment graph's role in a Whisper version, and its file.
 ALIGNMENT_ROLE = "alignment"
 ALIGNMENT_FILE = "alignment.onnx"
-#: The graph's metadata: the median filter's width (the config's median_filter_width) and the heads.
+#: The graph's metadata: the median filter's width (the config's median_filter_width), which the
+#: server reads, and the heads it was built from, for whoever inspects the file.
 MEDIAN_FILTER_KEY = "median_filter_width"
 ALIGNMENT_HEADS_KEY = "alignment_heads"
 #: Languages written without spaces between words: split where the decoded text is whole
@@ -55,9 +55,10 @@ class Alignment:
         metadata = session.session.get_modelmeta().custom_metadata_map
         try:
             self.median_filter_width = int(metadata[MEDIAN_FILTER_KEY])
-            self.heads = json.loads(metadata[ALIGNMENT_HEADS_KEY])
         except (KeyError, ValueError) as error:
-            raise ModelLoadError(f"the alignment graph's metadata lacks {error}: re-export the model") from error
+            raise ModelLoadError(
+                f"the alignment graph's metadata has no valid {MEDIAN_FILTER_KEY} ({error!r}): re-export the model"
+            ) from error
         if self.median_filter_width <= 0 or self.median_filter_width % 2 != 1:
             raise ModelLoadError(f"the alignment graph's median filter width {self.median_filter_width} is not odd")
         self.session = session
