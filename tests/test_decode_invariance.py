@@ -8,7 +8,8 @@ spare row where its load-time probe finds that (`fused.solo_runs_differ`). A str
 for bit, alone and beside batchmates that join (one with a one-token prompt) and leave (one moving
 rows), as the scheduler runs them (tests/decode_rows.py):
 
-- here, the tiny Llama and Gemma at fp32, int8 and int4, as probed and with the spare row forced;
+- here, the tiny Llama and Gemma at fp32, int8 and int4, as probed and with the spare row forced,
+  and the probe padding exactly when rows run without the spare row differ;
 - on an emulated AVX2-only CPU (qemu's Haswell), the int4 Llama, where the kernels differ: the
   probe must say so exactly when rows run without the spare row differ, and with it they agree;
 - through the server with the spare row forced: staggered calls equal their solo outputs."""
@@ -88,6 +89,18 @@ def test_a_stream_decodes_alike_alone_and_beside_batchmates(graphs, kind, precis
     if spare_row == "forced":
         graph.pads_solo_runs = True
     assert differing_steps(alone_and_beside(graph)) == []
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_here_the_probe_pads_exactly_when_unpadded_rows_differ(graphs, kind, precision):
+    """On the CPU running the tests: on an AVX2-only one (this project's EPYC) the int4 rows differ
+    unpadded, so this fails if the probe missed it; on a VNNI one nothing differs, nor is padded."""
+    graph = open_graph(graphs[kind][precision])
+    probed = graph.pads_solo_runs
+    graph.pads_solo_runs = False
+    unpadded = differing_steps(alone_and_beside(graph))
+    assert probed == bool(unpadded), f"the probe said {probed}; unpadded rows differ at {unpadded}"
 
 
 @needs_qemu
