@@ -140,7 +140,11 @@ def generation_defaults(
             setattr(defaults, field, value)
     # Only what generation_config.json sets, not transformers' built-in defaults (max_length 20).
     chosen = generation.to_diff_dict()
-    max_new_tokens = chosen.get("max_new_tokens", chosen.get("max_length"))
+    max_new_tokens = chosen.get("max_new_tokens")
+    if max_new_tokens is None and chosen.get("max_length") is not None:
+        # An encoder-decoder's max_length counts its decoder start token; a causal model's counts
+        # the prompt, which the server takes off the default when it clamps it to the room left.
+        max_new_tokens = chosen["max_length"] - (1 if config.is_encoder_decoder else 0)
     if max_new_tokens is not None:
         defaults.default_max_new_tokens = max_new_tokens
     for field in ("num_beams", "length_penalty", "no_repeat_ngram_size"):

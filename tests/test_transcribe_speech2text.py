@@ -37,6 +37,7 @@ MODEL = "speech2text"
 SPECIAL = ["<s>", "<pad>", "</s>", "<unk>"]  # Speech2Text's sentencepiece ids 0-3
 LANGUAGES = ["<lang:fr>", "<lang:de>"]  # a multilingual checkpoint's target languages
 TARGET_POSITIONS = 256
+MAX_LENGTH = 40  # generation_config.json's, the decoder start token included
 NEW_TOKENS = 24
 CLIPS = {"short": speech_like(4.0, 1), "window": speech_like(12.5, 2), "long": speech_like(37.0, 3)}
 
@@ -72,7 +73,7 @@ def build_speech2text(directory: Path) -> Path:
     )
     torch.manual_seed(SEED)
     model = Speech2TextForConditionalGeneration(config).eval()
-    model.generation_config = GenerationConfig(**ids, max_length=TARGET_POSITIONS)
+    model.generation_config = GenerationConfig(**ids, max_length=MAX_LENGTH)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     Speech2TextFeatureExtractor().save_pretrained(directory)
@@ -112,15 +113,14 @@ def asr_pipeline(checkpoint: Path):
 
 
 def generate_ids(checkpoint: Path, samples: np.ndarray, **settings: object) -> list[int]:
-    """generate()'s ids after the decoder start token, on the pipeline's features of the audio."""
+    """generate()'s ids after the decoder start token, on the pipeline's features of the audio
+    (NEW_TOKENS of them unless `settings` say otherwise)."""
     pipe = asr_pipeline(checkpoint)
     features = pipe.feature_extractor(samples, sampling_rate=RATE, return_tensors="pt")
+    settings = {"max_new_tokens": NEW_TOKENS, **settings}
     with torch.inference_mode():
         ids = pipe.model.generate(
-            input_features=features.input_features,
-            attention_mask=features.attention_mask,
-            max_new_tokens=NEW_TOKENS,
-            **settings,
+            input_features=features.input_features, attention_mask=features.attention_mask, **settings
         )
     return ids[0, 1:].tolist()
 
@@ -163,6 +163,13 @@ def test_greedy_ids_and_text_match_generate_and_the_pipeline(stub, speech2text_c
     assert len(set(expected)) > 3  # varied output: the comparison means something
     assert result.text == pipeline_text(speech2text_checkpoint, CLIPS[name])
     assert result.text and not result.chunks and not result.language
+
+
+def test_unset_options_decode_as_generate_with_the_checkpoint_generation_config(stub, speech2text_checkpoint):
+    request = inference_pb2.TranscribeRequest(model=MODEL, audios=[raw(CLIPS["short"])])
+    (result,) = stub.Transcribe(request, timeout=120).results
+    assert list(result.token_ids) == generate_ids(speech2text_checkpoint, CLIPS["short"], max_new_tokens=None)
+    assert len(result.token_ids) == MAX_LENGTH - 1  # the random decoder never ends: the length bounds it
 
 
 def test_beams_match_generate_and_the_pipeline(stub, speech2text_checkpoint):
