@@ -107,11 +107,11 @@ def eager_model(checkpoint: Path) -> WhisperForConditionalGeneration:
     return WhisperForConditionalGeneration.from_pretrained(checkpoint, attn_implementation="eager").eval()
 
 
-def ids_and_token_timestamps(checkpoint: Path, item: dict) -> tuple[list[int], list[float]]:
+def ids_and_token_timestamps(checkpoint: Path, item: dict, num_beams: int = 1) -> tuple[list[int], list[float]]:
     """One window as Whisper's generate() decodes it with timestamps in English (its prompt and
     logits processors), and its token timestamps as generate() computes them for
-    return_token_timestamps: `_extract_token_timestamps` over the loop's cross-attentions, the
-    frames cut to the window's attention mask."""
+    return_token_timestamps: `_extract_token_timestamps` over the loop's cross-attentions (the
+    best beam's, by its beam indices), the frames cut to the window's attention mask."""
     model = eager_model(checkpoint)
     config = model.generation_config
     prompt = [config.decoder_start_token_id, config.lang_to_id["<|en|>"], config.task_to_id["transcribe"]]
@@ -122,7 +122,12 @@ def ids_and_token_timestamps(checkpoint: Path, item: dict) -> tuple[list[int], l
     ])  # fmt: skip
     ids_of = {name: getattr(config, name) for name in ("eos_token_id", "pad_token_id", "decoder_start_token_id")}
     settings = GenerationConfig(
-        max_new_tokens=NEW_TOKENS, do_sample=False, output_attentions=True, return_dict_in_generate=True, **ids_of
+        max_new_tokens=NEW_TOKENS,
+        num_beams=num_beams,
+        do_sample=False,
+        output_attentions=True,
+        return_dict_in_generate=True,
+        **ids_of,
     )
     with torch.inference_mode():
         outputs = GenerationMixin.generate(
@@ -140,12 +145,14 @@ def ids_and_token_timestamps(checkpoint: Path, item: dict) -> tuple[list[int], l
     return ids, stamps[0, len(prompt) : len(prompt) + len(ids)].tolist()
 
 
-def pipeline_words(checkpoint: Path, samples: np.ndarray, chunk_length_s: float = 0) -> tuple[dict, list[int]]:
+def pipeline_words(
+    checkpoint: Path, samples: np.ndarray, chunk_length_s: float = 0, num_beams: int = 1
+) -> tuple[dict, list[int]]:
     """The pipeline's result with return_timestamps="word", and the windows' ids."""
     pipe = asr_pipeline(checkpoint)
     outputs, all_ids = [], []
     for item in pipe.preprocess(samples.copy(), chunk_length_s=chunk_length_s):
-        ids, stamps = ids_and_token_timestamps(checkpoint, item)
+        ids, stamps = ids_and_token_timestamps(checkpoint, item, num_beams)
         output = {"tokens": torch.tensor([ids]), "token_timestamps": torch.tensor([stamps]), "is_last": item["is_last"]}
         if "stride" in item:
             output["stride"] = item["stride"]
@@ -154,13 +161,15 @@ def pipeline_words(checkpoint: Path, samples: np.ndarray, chunk_length_s: float 
     return pipe.postprocess(outputs, return_timestamps="word"), all_ids
 
 
-def transcribe(stub, samples: np.ndarray, model: str = MODEL, **fields: object) -> inference_pb2.Transcription:
+def transcribe(
+    stub, samples: np.ndarray, model: str = MODEL, num_beams: int = 1, **fields: object
+) -> inference_pb2.Transcription:
     request = inference_pb2.TranscribeRequest(
         model=model,
         audios=[raw(samples)],
         language="en",
         return_timestamps=inference_pb2.TIMESTAMPS_WORD,
-        parameters=inference_pb2.GenerationParameters(max_new_tokens=NEW_TOKENS),
+        parameters=inference_pb2.GenerationParameters(max_new_tokens=NEW_TOKENS, num_beams=num_beams),
         **fields,
     )
     (result,) = stub.Transcribe(request, timeout=120).results
@@ -175,11 +184,15 @@ def assert_same_words(served: inference_pb2.Transcription, expected: dict) -> No
     assert all(chunk.HasField("end") and chunk.start <= chunk.end for chunk in served.chunks)
 
 
-@pytest.mark.parametrize(("clip", "chunk_length_s"), [("window", 0), ("long", 30)], ids=["one-window", "chunked"])
-def test_words_match_the_pipeline(stub, aligned_checkpoint, clip, chunk_length_s):
+@pytest.mark.parametrize(
+    ("clip", "chunk_length_s", "num_beams"),
+    [("window", 0, 1), ("long", 30, 1), ("window", 0, 3)],
+    ids=["one-window", "chunked", "beams"],  # greedy calls share decode steps; beam search decodes alone
+)
+def test_words_match_the_pipeline(stub, aligned_checkpoint, clip, chunk_length_s, num_beams):
     samples = CLIPS[clip]
-    served = transcribe(stub, samples, chunk_length_s=chunk_length_s)
-    expected, ids = pipeline_words(aligned_checkpoint, samples, chunk_length_s)
+    served = transcribe(stub, samples, num_beams=num_beams, chunk_length_s=chunk_length_s)
+    expected, ids = pipeline_words(aligned_checkpoint, samples, chunk_length_s, num_beams)
     assert list(served.token_ids) == ids
     assert served.text == expected["text"]
     assert_same_words(served, expected)
