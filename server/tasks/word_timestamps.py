@@ -72,7 +72,9 @@ class Alignment:
         feature frames that hold audio (the rest is padding)."""
         rows = len(generated) - 1  # the last generated token was never read: it has no attention row
         times = np.zeros(len(generated))
-        if rows <= 0:
+        # No encoder frame holding audio (under 20 ms of it): every token at 0, where transformers'
+        # warping path over no frames would put them at -0.02 s.
+        if rows <= 0 or frames // 2 == 0:
             return times
         ids = np.array([[*prompt, *generated[:-1]]], dtype=np.int64)
         weights = self.session.run({"input_ids": ids, "encoder_hidden_states": hidden[np.newaxis]})
