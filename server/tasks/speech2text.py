@@ -163,14 +163,15 @@ class Speech2TextPipeline(Pipeline[Any]):
         self,
         features: Sequence[Features],
         hidden: Sequence[np.ndarray],
-        request: Request,
+        parameters: inference_pb2.GenerationParameters,
+        language: int | None,
         timings: Timings,
     ) -> Generation:
-        """The decoding of every audio, from the decoder start token (on the generation executor)."""
+        """The decoding of every audio, from the decoder start token, `language` forced after it
+        if given (on the generation executor)."""
         states, mask = encoder_batch(features, hidden)
-        language = self.language_token(request.language)
         setup = self.setup.from_encoder_inputs(
-            {"encoder_hidden_states": states}, request.parameters, timings, forced_bos_token_id=language
+            {"encoder_hidden_states": states}, parameters, timings, forced_bos_token_id=language
         )
         prompts = np.full((len(states), 1), self.start_token, dtype=np.int64)
         model = EncodedSeq2SeqModel(self.sessions, states, prompts, lambda work: timings.timed("inference", work), mask)
@@ -183,10 +184,10 @@ class Speech2TextPipeline(Pipeline[Any]):
 
     async def _decode(self, request: Request, audios: Sequence[inference_pb2.Audio], timings: Timings) -> Generation:
         refuse_unsupported(request)
-        self.language_token(request.language)  # refused before the audio is decoded
+        language = self.language_token(request.language)
         features, hidden = await self._encoded(audios, timings)
         return await asyncio.get_running_loop().run_in_executor(
-            self.executors.generation, self.start, features, hidden, request, timings
+            self.executors.generation, self.start, features, hidden, request.parameters, language, timings
         )
 
     # --- the RPCs -----------------------------------------------------------------------------
