@@ -37,9 +37,12 @@ from transformers import (
 from transformers.models.whisper.generation_whisper import _dynamic_time_warping, _median_filter
 from transformers.models.whisper.tokenization_whisper import _collate_word_timestamps
 
+from onnxserve.kserve_v2 import grpc_predict_v2_pb2_grpc as v2_grpc
 from onnxserve.repository import read_manifest, write_manifest
 from onnxserve.v1 import inference_pb2, inference_pb2_grpc
 from tests.conftest import Exported
+from tests.speech import audio_request, encoded
+from tests.test_kserve import output
 from tests.test_transcribe_whisper import CLIPS, asr_pipeline, build_whisper, raw, whisper_tokenizer
 
 MODEL = "whisper-words"
@@ -267,3 +270,29 @@ def test_words_group_as_transformers_does(text, language, transformers_language)
     got = words(tokens, spans, tokenizer.decode, language)
     assert [(word.text, (word.start, word.end)) for word in got] == [(w["text"], w["timestamp"]) for w in expected]
     assert len(got) > 3
+
+
+def test_kserve_audio_gives_the_words(stub, server):
+    """A KServe v2 `audio` input with return_timestamps=word answers as Transcribe."""
+    files = [encoded(CLIPS["short"]), encoded(CLIPS["window"])]
+    parameters = {"return_timestamps": "word", "language": "en", "max_new_tokens": NEW_TOKENS}
+    typed = stub.Transcribe(
+        inference_pb2.TranscribeRequest(
+            model=MODEL,
+            audios=[inference_pb2.Audio(data=file) for file in files],
+            language="en",
+            return_timestamps=inference_pb2.TIMESTAMPS_WORD,
+            parameters=inference_pb2.GenerationParameters(max_new_tokens=NEW_TOKENS),
+        ),
+        timeout=120,
+    ).results
+    with grpc.insecure_channel(server.target) as channel:
+        response = v2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(audio_request(MODEL, files, **parameters))
+    assert output(response, "text").tolist() == [result.text for result in typed]
+    texts, starts, ends = (output(response, name) for name in ("chunk_text", "start", "end"))
+    for row, result in enumerate(typed):
+        count = len(result.chunks)
+        assert count > 3
+        assert texts[row][:count].tolist() == [chunk.text for chunk in result.chunks]
+        assert starts[row][:count].tolist() == [chunk.start for chunk in result.chunks]
+        assert ends[row][:count].tolist() == [chunk.end for chunk in result.chunks]
