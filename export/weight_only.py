@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 from onnxserve.export.optimize import save_model
+from onnxserve.export.single_rows import pad_lone_rows
 
 
 @dataclass(frozen=True)
@@ -80,12 +81,14 @@ def quantize_mixed(
     model: onnx.ModelProto, recipe: WeightOnlyRecipe, exclude: Sequence[str] = ()
 ) -> tuple[onnx.ModelProto, int]:
     """`model` quantized by `recipe`, its sensitive MatMuls at the recipe's sensitive bits, but the
-    nodes named in `exclude`; and how many MatMuls were sensitive."""
+    nodes named in `exclude`; and how many MatMuls were sensitive. Its 4-bit MatMulNBits never run
+    a lone row, whose bits would differ from a batch's on some CPUs (export/single_rows.py)."""
     sensitive = sensitive_matmuls(model) if recipe.sensitive_bits else []
     model = quantize_model(model, recipe, exclude=[*exclude, *sensitive])
     if sensitive:  # the MatMuls left
         more_bits = replace(recipe, bits=recipe.sensitive_bits, quantize_embedding=False)
         model = quantize_model(model, more_bits, exclude=exclude)
+    pad_lone_rows(model)
     return model, len(sensitive)
 
 

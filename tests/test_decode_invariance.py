@@ -8,10 +8,12 @@ spare row where its load-time probe finds that (`fused.solo_runs_differ`). A str
 for bit, alone and beside batchmates that join (one with a one-token prompt) and leave (one moving
 rows), as the scheduler runs them (tests/decode_rows.py):
 
-- here, the tiny Llama and Gemma at fp32, int8 and int4, as probed and with the spare row forced,
-  and the probe padding exactly when rows run without the spare row differ;
-- on an emulated AVX2-only CPU (qemu's Haswell), the int4 Llama, where the kernels differ: the
-  probe must say so exactly when rows run without the spare row differ, and with it they agree;
+- here, the tiny Llama and Gemma at fp32, int8 and int4, as probed and with the spare row forced;
+- here, no exported variant needs the spare row: the exporter's 4-bit MatMulNBits never run a lone
+  row (export/single_rows.py), so rows agree without it and the probe pads nothing;
+- the probe pads exactly when rows run without the spare row differ, here and on an emulated
+  AVX2-only CPU (qemu's Haswell), on an int4 graph whose 4-bit MatMulNBits do run lone rows; and
+  with the spare row they agree;
 - through the server with the spare row forced: staggered calls equal their solo outputs."""
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from onnxserve.export.exporter import export_model
+from onnxserve.export.weight_only import RECIPES, quantize_model
 from onnxserve.server.tasks.generation import fused
 
 from onnxserve.enums import short_name
@@ -34,6 +38,7 @@ from tests.test_weight_only import TINY_GATE
 
 KINDS = [MODEL, "gemma3-causal-lm"]
 PRECISIONS = ("fp32", "int8", "int4")
+LONE_ROWS = "int4, lone rows"  # every MatMul at 4 bits, without export/single_rows.py's extra row
 ROOT = Path(__file__).resolve().parents[1]
 
 # On the emulated CPU: the stream as probed, then with the probe's spare row taken away.
@@ -72,6 +77,9 @@ def graphs(exported) -> dict[str, dict[str, Path]]:
         found[kind] = {
             short_name(common_pb2.Precision, v.precision): model.model_dir / "1" / v.files[0].path for v in variants
         }
+        found[kind][LONE_ROWS] = model.model_dir / "1" / "lone_rows.onnx"
+        fp32 = onnx.load(str(found[kind]["fp32"]))
+        onnx.save(quantize_model(fp32, RECIPES["int4"]), str(found[kind][LONE_ROWS]))
     return found
 
 
@@ -93,9 +101,18 @@ def test_a_stream_decodes_alike_alone_and_beside_batchmates(graphs, kind, precis
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("kind", KINDS)
+def test_no_variant_needs_the_spare_row(graphs, kind, precision):
+    """Fails for int4 on an AVX2-only CPU (this project's EPYC) without export/single_rows.py."""
+    graph = open_graph(graphs[kind][precision])
+    assert not graph.pads_solo_runs
+    assert differing_steps(alone_and_beside(graph)) == []
+
+
+@pytest.mark.parametrize("precision", [*PRECISIONS, LONE_ROWS])
+@pytest.mark.parametrize("kind", KINDS)
 def test_here_the_probe_pads_exactly_when_unpadded_rows_differ(graphs, kind, precision):
-    """On the CPU running the tests: on an AVX2-only one (this project's EPYC) the int4 rows differ
-    unpadded, so this fails if the probe missed it; on a VNNI one nothing differs, nor is padded."""
+    """On the CPU running the tests: on an AVX2-only one (this project's EPYC) lone rows of 4-bit
+    MatMulNBits differ, so this fails if the probe missed it; on a VNNI one nothing differs."""
     graph = open_graph(graphs[kind][precision])
     probed = graph.pads_solo_runs
     graph.pads_solo_runs = False
@@ -105,7 +122,7 @@ def test_here_the_probe_pads_exactly_when_unpadded_rows_differ(graphs, kind, pre
 
 @needs_qemu
 def test_on_an_avx2_only_cpu_the_probe_pads_solo_rows_and_streams_agree(graphs, tmp_path):
-    results = run_script_on_haswell(_ON_HASWELL, [str(ROOT), str(graphs[MODEL]["int4"])], tmp_path)
+    results = run_script_on_haswell(_ON_HASWELL, [str(ROOT), str(graphs[MODEL][LONE_ROWS])], tmp_path)
     unpadded = differing_steps(results, "unpadded_")
     assert bool(results["probe"]) == bool(unpadded), (
         f"the probe said {results['probe']}; unpadded rows differ at {unpadded}"
