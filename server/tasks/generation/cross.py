@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 from onnxserve.server.errors import ModelLoadError
-from onnxserve.server.runtime.sessions import Session
+from onnxserve.server.runtime.sessions import CUDA, Session
 from onnxserve.server.tasks.generation.fused import FusedBatch, FusedGraph, release_rows, zeroed_pages
 
 CROSS = "cross_key_values."
@@ -47,6 +47,8 @@ class CrossGraph(FusedGraph):
     Served from host memory only (the buffers are numpy arrays)."""
 
     def __init__(self, decoder: Session, cross_attention: Session) -> None:
+        if decoder.provider == CUDA:
+            raise ModelLoadError("the fused encoder-decoder graph keeps its buffers on the host: serve it on the CPU")
         self.cross_attention = cross_attention
         self.cross = cross_inputs(decoder)
         super().__init__(decoder, cache_device=None)
