@@ -13,7 +13,7 @@ rows), as the scheduler runs them (tests/decode_rows.py):
   row (export/single_rows.py), so rows agree without it and the probe pads nothing;
 - the probe pads exactly when rows run without the spare row differ, here and on an emulated
   AVX2-only CPU (qemu's Haswell), on an int4 graph whose 4-bit MatMulNBits do run lone rows; and
-  with the spare row they agree;
+  with the spare row they agree; there the exported int4 variant needs no spare row either;
 - through the server with the spare row forced: staggered calls equal their solo outputs."""
 
 from __future__ import annotations
@@ -128,6 +128,13 @@ def test_on_an_avx2_only_cpu_the_probe_pads_solo_rows_and_streams_agree(graphs, 
         f"the probe said {results['probe']}; unpadded rows differ at {unpadded}"
     )
     assert differing_steps(results) == []
+
+
+@needs_qemu
+def test_on_an_avx2_only_cpu_the_int4_variant_needs_no_spare_row(graphs, tmp_path):
+    results = run_script_on_haswell(_ON_HASWELL, [str(ROOT), str(graphs[MODEL]["int4"])], tmp_path)
+    assert not results["probe"]
+    assert differing_steps(results, "unpadded_") == []
 
 
 @pytest.fixture(scope="module")
