@@ -178,6 +178,9 @@ def pipeline_engine(checkpoint: Path) -> tuple[Callable[[bytes], str], Many]:
     from transformers import pipeline
 
     asr = pipeline("automatic-speech-recognition", model=str(checkpoint), device="cpu")
+    # The CTranslate2 conversion's tokenizer names no pad token, which the pipeline's batching
+    # needs; Whisper pads its labels with <|endoftext|>, as OpenAI's tokenizer does.
+    asr.tokenizer.pad_token = asr.tokenizer.pad_token or "<|endoftext|>"
 
     def resampled(wav: bytes) -> np.ndarray:
         samples, rate = soundfile.read(io.BytesIO(wav), dtype="float32")
