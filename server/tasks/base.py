@@ -14,7 +14,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 from google.protobuf.message import Message
 from onnxserve.server.config.settings import ModelSettings
-from onnxserve.server.errors import InvalidArgument, Unimplemented
+from onnxserve.server.errors import InvalidArgument, ModelLoadError, Unimplemented
 from onnxserve.server.runtime.batching import BatchRunner, RowOutputs, merges_safely
 from onnxserve.server.runtime.sessions import Session
 from onnxserve.server.runtime.stats import Timings
@@ -79,6 +79,11 @@ class Pipeline(ABC, Generic[Request]):
         self.tokenizer = resources.tokenizer
         self.sessions = resources.sessions
         self.executors = resources.executors
+
+    def require_graphs(self, family: str, *names: str) -> None:
+        """Refuses a version that lacks any of the graphs `names`, naming what it has."""
+        if not set(names) <= self.sessions.keys():
+            raise ModelLoadError(f"{family} needs the graphs {sorted(names)}; got {sorted(self.sessions)}")
 
     def open(self) -> None:
         """Starts what the pipeline serves with, once it is built (blocking, at load time)."""

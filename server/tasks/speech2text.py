@@ -92,9 +92,7 @@ class Speech2TextPipeline(Pipeline[Any]):
         super().__init__(resources)
         if resources.directory is None or self.tokenizer is None:
             raise ModelLoadError(f"model {self.name!r}: Speech2Text needs its folder's feature extractor and tokenizer")
-        needed = {"encoder", "decoder"}
-        if not needed <= self.sessions.keys():
-            raise ModelLoadError(f"a Speech2Text model needs the graphs {sorted(needed)}; got {sorted(self.sessions)}")
+        self.require_graphs("a Speech2Text model", "encoder", "decoder")
         self.features = read_feature_extractor(resources.directory)
         self.setup = RequestSetup(self.manifest, self.tokenizer.tokenizer, seq2seq=True)
         self.start_token = self.manifest.generation.decoder_start_token_id

@@ -371,9 +371,7 @@ class SpeechRecognitionPipeline(Pipeline[Any]):
         super().__init__(resources)
         if resources.directory is None or self.tokenizer is None:
             raise ModelLoadError(f"model {self.name!r}: Whisper needs its folder's configuration files and tokenizer")
-        needed = {"encoder", "decoder"}
-        if not needed <= self.sessions.keys():
-            raise ModelLoadError(f"a Whisper model needs the graphs {sorted(needed)}; got {sorted(self.sessions)}")
+        self.require_graphs("a Whisper model", "encoder", "decoder")
         self.features: FeatureExtractorConfig = read_feature_extractor(resources.directory)
         self.prompts = WhisperPrompts.read(resources.directory)
         self.setup = RequestSetup(self.manifest, self.tokenizer.tokenizer, seq2seq=True)

@@ -40,9 +40,7 @@ class GenerationPipeline(Pipeline[Any]):
         super().__init__(resources)
         self.defaults = self.manifest.generation
         self.seq2seq = "encoder" in self.sessions
-        needed = {"encoder", "decoder"} if self.seq2seq else {"model"}
-        if not needed <= self.sessions.keys():
-            raise ModelLoadError(f"a generation model needs the graphs {sorted(needed)}; got {sorted(self.sessions)}")
+        self.require_graphs("a generation model", *(("encoder", "decoder") if self.seq2seq else ("model",)))
         if self.seq2seq and not self.defaults.HasField("decoder_start_token_id"):
             raise ModelLoadError("the manifest names no decoder_start_token_id for this encoder-decoder")
         self.setup = RequestSetup(self.manifest, self.tokenizer.tokenizer, self.seq2seq)
