@@ -10,12 +10,11 @@ its codes with the tied head. A tensor goes in only when the file's values, dequ
 llama.cpp's permutation of Llama's q/k rows); the others, and tensors the file holds as floats,
 get the precision's ordinary recipe (export/weight_only.py).
 
-Every type's codes go in as 8-bit MatMulNBits codes, the 4-bit ones (Q4_0, Q4_1, Q4_K) too: ONNX
-Runtime 1.31's 4-bit kernel computes a row alone (M=1) otherwise than beside batchmates on AVX2
-CPUs, so one 4-bit node made the server run every lone decode step on a spare second row
-(server/tasks/generation/fused.py), while its 8-bit kernel gives a row the same bits at any M and
-costs no more CPU per call there (docs/performance.md). A file of mostly 4-bit types pays twice
-its codes' bytes for that; Gemma 3's Q4_K_M has 27 of its 127 MatMuls in Q4_K.
+The 4-bit types (Q4_0, Q4_1, Q4_K) go in as 4-bit MatMulNBits codes, the others as 8-bit ones.
+ONNX Runtime 1.31's 4-bit kernel computes a lone row (M=1) otherwise than beside batchmates on AVX2
+CPUs, so those nodes run one spare row of their own (export/single_rows.py), as the weight-only
+recipes' do: a row gets the same bits at any M, and at M=440 the 4-bit kernel takes 0.7x the 8-bit
+one's time (docs/performance.md).
 
 Every block type here dequantizes, per (sub-)block, as `value = scale * code - offset`, where
 MatMulNBits computes `(code - zero_point) * scale` with integer zero points. The offset is split
@@ -38,11 +37,11 @@ import onnx
 from onnx import helper, numpy_helper
 from onnxserve.export.errors import ExportError
 from onnxserve.export.optimize import save_model
+from onnxserve.export.single_rows import pad_lone_rows
 from onnxserve.export.weight_only import WeightOnlyRecipe, quantize_mixed
 
 _MS_DOMAIN = "com.microsoft"
 _ACCURACY_LEVEL = 4  # as the weight-only recipes: activations in int8 per block inside the kernel
-_BITS = 8  # every type's codes, one a byte (see above)
 _EMBEDDING = "embed_tokens.weight"
 # Graph weight names (export/decoder_graph.py) -> GGUF tensor names (llama.cpp's).
 _LAYER_TENSORS = {
@@ -53,9 +52,10 @@ _LAYER_TENSORS = {
 
 @dataclass(frozen=True)
 class BlockWeight:
-    """One GGUF tensor [rows, K] on the 8-bit MatMulNBits layout, one code a byte."""
+    """One GGUF tensor [rows, K] on MatMulNBits' layout, one code a byte (before packing)."""
 
     gguf_type: str
+    bits: int  # MatMulNBits bits holding the codes (4 or 8)
     block_size: int
     codes: np.ndarray  # uint8 [rows, K / block_size, block_size]
     scales: np.ndarray  # float32 [rows, K / block_size]
@@ -72,9 +72,24 @@ class BlockWeight:
 
     def take_rows(self, rows: np.ndarray) -> BlockWeight:
         return BlockWeight(
-            self.gguf_type, self.block_size, self.codes[rows], self.scales[rows], self.zero_points[rows],
-            self.remainders[rows],
+            self.gguf_type, self.bits, self.block_size, self.codes[rows], self.scales[rows],
+            self.zero_points[rows], self.remainders[rows],
         )  # fmt: skip
+
+    def packed_codes(self) -> np.ndarray:
+        """MatMulNBits' B: [rows, blocks, block_size * bits / 8], 4-bit codes two a byte, low first."""
+        return _pack(self.codes) if self.bits == 4 else self.codes
+
+    def packed_zero_points(self) -> np.ndarray:
+        """MatMulNBits' zero points: uint8 [rows, ceil(blocks * bits / 8)], packed as B."""
+        if self.bits == 8:
+            return self.zero_points
+        padded = np.pad(self.zero_points, ((0, 0), (0, len(self.zero_points[0]) % 2)))
+        return _pack(padded)
+
+
+def _pack(codes: np.ndarray) -> np.ndarray:
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
 
 
 # --- reading the file's blocks -------------------------------------------------------------------
@@ -110,6 +125,7 @@ def _q6_k_scales(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass(frozen=True)
 class _BlockType:
+    bits: int  # MatMulNBits bits that hold the type's codes
     block_size: int  # elements per scale
     fields: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # blocks -> (scales, offsets)
 
@@ -117,14 +133,14 @@ class _BlockType:
 # The gguf package's block layouts (gguf/quants.py): its dequantizers give the values, these the
 # per-block scales and offsets, from which the codes follow as (value + offset) / scale.
 BLOCK_TYPES = {
-    "Q4_0": _BlockType(32, lambda b: _scale_and_offset(_fp16(b, 0), 8)),
-    "Q4_1": _BlockType(32, lambda b: _scale_and_min(_fp16(b, 0), _fp16(b, 2))),
-    "Q5_0": _BlockType(32, lambda b: _scale_and_offset(_fp16(b, 0), 16)),
-    "Q5_1": _BlockType(32, lambda b: _scale_and_min(_fp16(b, 0), _fp16(b, 2))),
-    "Q8_0": _BlockType(32, lambda b: _scale_and_offset(_fp16(b, 0), 128)),
-    "Q4_K": _BlockType(32, _k_scales),
-    "Q5_K": _BlockType(32, _k_scales),
-    "Q6_K": _BlockType(16, _q6_k_scales),
+    "Q4_0": _BlockType(4, 32, lambda b: _scale_and_offset(_fp16(b, 0), 8)),
+    "Q4_1": _BlockType(4, 32, lambda b: _scale_and_min(_fp16(b, 0), _fp16(b, 2))),
+    "Q5_0": _BlockType(8, 32, lambda b: _scale_and_offset(_fp16(b, 0), 16)),
+    "Q5_1": _BlockType(8, 32, lambda b: _scale_and_min(_fp16(b, 0), _fp16(b, 2))),
+    "Q8_0": _BlockType(8, 32, lambda b: _scale_and_offset(_fp16(b, 0), 128)),
+    "Q4_K": _BlockType(4, 32, _k_scales),
+    "Q5_K": _BlockType(8, 32, _k_scales),
+    "Q6_K": _BlockType(8, 16, _q6_k_scales),
 }
 
 
@@ -140,26 +156,26 @@ def block_weight(tensor) -> BlockWeight:
     _, type_size = GGML_QUANT_SIZES[tensor.tensor_type]
     scales, offsets = kind.fields(tensor.data.reshape(-1, type_size))
     scales, offsets = scales.reshape(rows, -1), offsets.reshape(rows, -1)
-    zero_points, remainders = _zero_points(scales, offsets)
+    zero_points, remainders = _zero_points(scales, offsets, kind.bits)
     grouped = values.reshape(*scales.shape, kind.block_size).astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         codes = np.where(
             scales[..., None] != 0, np.rint((grouped + offsets[..., None]) / scales[..., None]), zero_points[..., None]
         )
     weight = BlockWeight(
-        tensor.tensor_type.name, kind.block_size, codes.astype(np.uint8), scales.astype(np.float32), zero_points,
-        remainders.astype(np.float32),
+        tensor.tensor_type.name, kind.bits, kind.block_size, codes.astype(np.uint8), scales.astype(np.float32),
+        zero_points, remainders.astype(np.float32),
     )  # fmt: skip
-    if codes.min() < 0 or codes.max() >= 1 << _BITS or not np.array_equal(weight.dequantize(), values):
+    if codes.min() < 0 or codes.max() >= 1 << kind.bits or not np.array_equal(weight.dequantize(), values):
         raise ExportError(f"GGUF tensor {tensor.name} ({weight.gguf_type}) does not convert exactly to MatMulNBits")
     return weight
 
 
-def _zero_points(scales: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _zero_points(scales: np.ndarray, offsets: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     """The integer zero point nearest offset / scale, and the remainder offset - zero point *
     scale; where float32 would round that remainder, zero point 0 and the whole offset."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        nearest = np.where(scales != 0, np.clip(np.rint(offsets / scales), 0, (1 << _BITS) - 1), 0)
+        nearest = np.where(scales != 0, np.clip(np.rint(offsets / scales), 0, (1 << bits) - 1), 0)
     remainders = offsets - nearest * scales
     exact = remainders.astype(np.float32).astype(np.float64) == remainders
     return np.where(exact, nearest, 0).astype(np.uint8), np.where(exact, remainders, offsets)
@@ -191,6 +207,7 @@ def import_gguf_weights(source: Path, target: Path, gguf_file: Path, recipe: Wei
     importer = _Importer(model.graph, {tensor.name: tensor for tensor in reader.tensors})
     importer.run()
     requantized = _quantize_rest(model, recipe, importer.remainder_nodes)
+    pad_lone_rows(model)
     save_model(model, target)
     return importer.describe(_file_type(reader), requantized)
 
@@ -268,7 +285,7 @@ class _Importer:
         """The codes' initializer, one per key: [rows, blocks, bytes] fits MatMulNBits and
         GatherBlockQuantized alike."""
         if key not in self.codes:
-            self.codes[key] = self._add(f"{key}.codes", weight.codes)
+            self.codes[key] = self._add(f"{key}.codes", weight.packed_codes())
         return self.codes[key]
 
     def _matmul(self, node: onnx.NodeProto, imported: tuple[str, BlockWeight]) -> list[onnx.NodeProto]:
@@ -279,10 +296,10 @@ class _Importer:
             x,
             self._codes(key, weight),
             self._add(f"{name}.scales", weight.scales),
-            self._add(f"{name}.zero_points", weight.zero_points),
+            self._add(f"{name}.zero_points", weight.packed_zero_points()),
         ]
-        self.imported[f"{weight.gguf_type} as {_BITS}-bit"] += 1
-        attributes = dict(K=blocks * weight.block_size, N=rows, bits=_BITS, block_size=weight.block_size)
+        self.imported[f"{weight.gguf_type} as {weight.bits}-bit"] += 1
+        attributes = dict(K=blocks * weight.block_size, N=rows, bits=weight.bits, block_size=weight.block_size)
         if not weight.remainders.any():
             return [self._node("MatMulNBits", inputs, list(node.output), node.name, **attributes)]
         product = f"{node.name}/MatMulNBits/out"
@@ -321,7 +338,7 @@ class _Importer:
         key, weight = imported
         hidden = weight.scales.shape[1] * weight.block_size
         codes = self._codes(key, weight)
-        self.embedding = f"{weight.gguf_type} as {_BITS}-bit"
+        self.embedding = f"{weight.gguf_type} as {weight.bits}-bit"
         gathered, ids = f"{node.name}/blocks", node.input[1]
         nodes = [
             self._node(
@@ -329,7 +346,7 @@ class _Importer:
                 [codes, ids, self._add("embed_tokens.scales", weight.scales[..., None]),
                  self._add("embed_tokens.zero_points", weight.zero_points[..., None])],
                 [gathered], f"{node.name}/GatherBlockQuantized",
-                bits=_BITS, block_size=weight.block_size, gather_axis=0, quantize_axis=2,
+                bits=weight.bits, block_size=weight.block_size, gather_axis=0, quantize_axis=2,
             ),
         ]  # fmt: skip
         if weight.remainders.any():

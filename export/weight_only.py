@@ -73,6 +73,7 @@ LAYER_MATMUL = re.compile(r"layers\.(\d+)\.(attn\.v_proj|mlp\.down_proj)/MatMul"
 def quantize_weight_only(source: Path, target: Path, recipe: WeightOnlyRecipe) -> str:
     """Writes the weight-only quantized copy of `source` to `target`; returns the recipe in words."""
     model, sensitive = quantize_mixed(onnx.load(str(source)), recipe)
+    pad_lone_rows(model)
     save_model(model, target)
     return recipe.describe(_count(model, "MatMulNBits"), _count(model, "GatherBlockQuantized"), sensitive)
 
@@ -81,14 +82,13 @@ def quantize_mixed(
     model: onnx.ModelProto, recipe: WeightOnlyRecipe, exclude: Sequence[str] = ()
 ) -> tuple[onnx.ModelProto, int]:
     """`model` quantized by `recipe`, its sensitive MatMuls at the recipe's sensitive bits, but the
-    nodes named in `exclude`; and how many MatMuls were sensitive. Its 4-bit MatMulNBits never run
-    a lone row, whose bits would differ from a batch's on some CPUs (export/single_rows.py)."""
+    nodes named in `exclude`; and how many MatMuls were sensitive. The caller pads its 4-bit
+    MatMulNBits once the graph is whole (export/single_rows.py)."""
     sensitive = sensitive_matmuls(model) if recipe.sensitive_bits else []
     model = quantize_model(model, recipe, exclude=[*exclude, *sensitive])
     if sensitive:  # the MatMuls left
         more_bits = replace(recipe, bits=recipe.sensitive_bits, quantize_embedding=False)
         model = quantize_model(model, more_bits, exclude=exclude)
-    pad_lone_rows(model)
     return model, len(sensitive)
 
 
