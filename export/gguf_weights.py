@@ -13,8 +13,8 @@ get the precision's ordinary recipe (export/weight_only.py).
 The 4-bit types (Q4_0, Q4_1, Q4_K) go in as 4-bit MatMulNBits codes, the others as 8-bit ones.
 ONNX Runtime 1.31's 4-bit kernel computes a lone row (M=1) otherwise than beside batchmates on AVX2
 CPUs, so those nodes run one spare row of their own (export/single_rows.py), as the weight-only
-recipes' do: a row gets the same bits at any M, and at M=440 the 4-bit kernel takes 0.7x the 8-bit
-one's time (docs/performance.md).
+recipes' do: a row gets the same bits at any M. 4-bit codes rather than 8-bit ones for these types,
+because the 4-bit kernel prefills faster (docs/performance.md).
 
 Every block type here dequantizes, per (sub-)block, as `value = scale * code - offset`, where
 MatMulNBits computes `(code - zero_point) * scale` with integer zero points. The offset is split
