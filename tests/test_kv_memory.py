@@ -130,3 +130,31 @@ def test_rows_compute_the_same_bits_as_in_preallocated_buffers(graphs, kind, spa
     finally:
         graph.pads_solo_runs = probed
     assert np.array_equal(mapped.view(np.int32), preallocated.view(np.int32))
+
+
+def test_decode_steps_past_the_first_length_after_growing_bind_the_grown_buffers(graphs, monkeypatch):
+    """Steps of the same rows reuse their binding (FusedBatch._rows_binding) until the buffers
+    grow: two rows decode to the buffers' end, grow, and decode past the first length; the logits
+    equal, bit for bit, those of a binding made anew for every run."""
+    graph = graphs["llama-causal-lm"]
+
+    def decoded() -> np.ndarray:
+        batch = FusedBatch(graph, rows=2, length=LENGTH)
+        latest = batch.prefill(0, PROMPTS[:2])
+        runs = [latest]
+        while batch.lengths[:2].max() < 2 * LENGTH - 1:
+            if batch.lengths[:2].max() == LENGTH:
+                batch.grow(2 * LENGTH, rows_used=2)
+            latest = batch.decode(latest.argmax(axis=-1))
+            runs.append(latest)
+        return np.concatenate(runs)
+
+    reused = decoded()
+    anew = FusedBatch._rows_binding
+
+    def bound_anew(batch: FusedBatch, first: int, count: int):
+        batch._binding = None
+        return anew(batch, first, count)
+
+    monkeypatch.setattr(FusedBatch, "_rows_binding", bound_anew)
+    assert np.array_equal(reused.view(np.int32), decoded().view(np.int32))

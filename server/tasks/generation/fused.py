@@ -212,6 +212,9 @@ class FusedBatch:
         self.buffers = KVBuffers(graph, rows, length)
         self.lengths = np.zeros(rows, dtype=np.int32)
         self.logits = zeroed_pages((rows, 1, graph.vocab), np.float32)
+        # The last run's binding of its rows' buffers, kept for the next run of the same rows:
+        # decode steps bind the same buffers every step, dozens of them (two per layer).
+        self._binding: tuple[tuple[int, int, KVBuffers], ort.IOBinding] | None = None
 
     @property
     def length(self) -> int:
@@ -243,19 +246,28 @@ class FusedBatch:
         return padded[:1]
 
     def _run_rows(self, first: int, input_ids: np.ndarray, seqlens_k: np.ndarray, total: int) -> np.ndarray:
-        session = self.graph.session
-        binding = session.session.io_binding()
+        count = len(input_ids)
+        binding = self._rows_binding(first, count)
         binding.bind_cpu_input("input_ids", input_ids)
         binding.bind_cpu_input(SEQLENS, seqlens_k)
         binding.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
-        count = len(input_ids)
-        self.bind(binding, first, count)
+        self.graph.session.session.run_with_iobinding(binding)
         logits = self.logits[first : first + count]
-        binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
-        session.session.run_with_iobinding(binding)
         # The caller's own copy (a row's logits are 1 MB for Gemma's vocabulary, a fraction of a
         # run): the buffer is written again by the next run, and callers may keep logits.
         return logits[:, 0].copy()
+
+    def _rows_binding(self, first: int, count: int) -> ort.IOBinding:
+        """A binding of rows [first, first + count)'s buffers and logits: the last run's when it
+        ran the same rows of the same buffers (they move only when the buffers grow)."""
+        key = (first, count, self.buffers)
+        if self._binding is None or self._binding[0] != key:
+            binding = self.graph.session.session.io_binding()
+            self.bind(binding, first, count)
+            logits = self.logits[first : first + count]
+            binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+            self._binding = key, binding
+        return self._binding[1]
 
     def bind(self, binding: ort.IOBinding, first: int, count: int) -> None:
         """Binds what rows [first, first + count) keep between runs (an encoder-decoder's rows
