@@ -252,10 +252,9 @@ class FusedBatch:
         binding.bind_cpu_input(SEQLENS, seqlens_k)
         binding.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
         self.graph.session.session.run_with_iobinding(binding)
-        logits = self.logits[first : first + count]
         # The caller's own copy (a row's logits are 1 MB for Gemma's vocabulary, a fraction of a
         # run): the buffer is written again by the next run, and callers may keep logits.
-        return logits[:, 0].copy()
+        return self.logits[first : first + count, 0].copy()
 
     def _rows_binding(self, first: int, count: int) -> ort.IOBinding:
         """A binding of rows [first, first + count)'s buffers and logits: the last run's when it
